@@ -1,0 +1,25 @@
+//! Audio for AF-Next: decode any common file to mono f32 ([`decode`]), resample to 16 kHz ([`resample`]),
+//! and compute the model's log-mel windows ([`frontend`]) exactly as transformers' processor does.
+//!
+//! Pure functions over slices, no async runtime: the encoder workers call these from their own threads.
+
+pub mod decode;
+pub mod error;
+pub mod frontend;
+pub mod mel;
+pub mod resample;
+
+pub use decode::{decode_bytes, decode_file, DecodedAudio};
+pub use error::{AudioError, Result};
+pub use frontend::{
+    check_finite, conv_len, plan_windows, tokens_for_frames, AudioFeatures, Frontend,
+    FrontendConfig, Overflow, WindowPlan, WindowSpec,
+};
+pub use resample::resample;
+
+/// Decodes a file or in-memory bytes and returns mono samples at `cfg.sampling_rate`, checked for NaN/inf.
+/// A file already at the model rate with one channel passes through bit-exact.
+pub fn load_mono(audio: DecodedAudio, target_hz: u32) -> Result<Vec<f32>> {
+    check_finite(&audio.samples)?;
+    resample(&audio.samples, audio.sample_rate, target_hz)
+}

@@ -1,0 +1,139 @@
+//! Helpers for the end-to-end and golden tests: fixture paths, safetensors loading and float comparison.
+//!
+//! Fixtures come from `tools/fixtures/run.sh` (transformers 5.23 on tiny random checkpoints); see
+//! `tests/fixtures/README.md` for the layout and the index-tensor conventions (`__frames`, `rows750`, ...).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use safetensors::{Dtype, SafeTensors};
+
+/// `tests/fixtures` of this package.
+pub fn fixtures_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+}
+
+/// A tiny random checkpoint (`tiny-a` or `tiny-b`).
+pub fn ckpt(name: &str) -> PathBuf {
+    fixtures_dir().join("ckpt").join(name)
+}
+
+/// One tensor read from a fixture, as plain host data.
+#[derive(Debug, Clone)]
+pub struct Tensor {
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub bytes: Vec<u8>,
+}
+
+impl Tensor {
+    pub fn f32(&self) -> Result<Vec<f32>> {
+        self.expect(Dtype::F32)?;
+        Ok(self
+            .bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect())
+    }
+    pub fn f64(&self) -> Result<Vec<f64>> {
+        self.expect(Dtype::F64)?;
+        Ok(self
+            .bytes
+            .chunks_exact(8)
+            .map(|b| f64::from_le_bytes(b.try_into().unwrap()))
+            .collect())
+    }
+    pub fn i64(&self) -> Result<Vec<i64>> {
+        self.expect(Dtype::I64)?;
+        Ok(self
+            .bytes
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+            .collect())
+    }
+    pub fn i32(&self) -> Result<Vec<i32>> {
+        self.expect(Dtype::I32)?;
+        Ok(self
+            .bytes
+            .chunks_exact(4)
+            .map(|b| i32::from_le_bytes(b.try_into().unwrap()))
+            .collect())
+    }
+    fn expect(&self, d: Dtype) -> Result<()> {
+        if self.dtype != d {
+            bail!("tensor is {:?}, expected {:?}", self.dtype, d);
+        }
+        Ok(())
+    }
+}
+
+/// All tensors of a safetensors file.
+pub fn load_tensors(path: &Path) -> Result<HashMap<String, Tensor>> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| anyhow!("{}: {e:?}", path.display()))?;
+    Ok(st
+        .tensors()
+        .into_iter()
+        .map(|(name, v)| {
+            let t = Tensor {
+                dtype: v.dtype(),
+                shape: v.shape().to_vec(),
+                bytes: v.data().to_vec(),
+            };
+            (name, t)
+        })
+        .collect())
+}
+
+/// The shared processor outputs of one reference case (`ref/<case>.safetensors`).
+pub fn reference(case: &str) -> Result<HashMap<String, Tensor>> {
+    load_tensors(
+        &fixtures_dir()
+            .join("ref")
+            .join(format!("{case}.safetensors")),
+    )
+}
+
+/// The case's metadata (`ref/<case>.json`).
+pub fn reference_meta(case: &str) -> Result<serde_json::Value> {
+    let p = fixtures_dir().join("ref").join(format!("{case}.json"));
+    let text =
+        std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
+    Ok(serde_json::from_str(&text)?)
+}
+
+pub fn get<'a>(m: &'a HashMap<String, Tensor>, name: &str) -> Result<&'a Tensor> {
+    m.get(name)
+        .ok_or_else(|| anyhow!("fixture has no tensor {name}"))
+}
+
+/// Largest absolute difference and where it is; fails on NaN or length mismatch.
+pub fn max_abs_diff(got: &[f32], want: &[f32]) -> Result<(f32, usize)> {
+    if got.len() != want.len() {
+        bail!("length mismatch: got {}, want {}", got.len(), want.len());
+    }
+    let mut worst = (0.0f32, 0usize);
+    for (i, (a, b)) in got.iter().zip(want).enumerate() {
+        let d = (a - b).abs();
+        if d.is_nan() {
+            bail!("NaN at {i}: got {a}, want {b}");
+        }
+        if d > worst.0 {
+            worst = (d, i);
+        }
+    }
+    Ok(worst)
+}
+
+/// Fails with the worst element when `max |got - want| > atol`.
+pub fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32) -> f32 {
+    let (d, i) = max_abs_diff(got, want).unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(
+        d <= atol,
+        "{what}: max abs diff {d} > {atol} at {i} (got {}, want {})",
+        got[i],
+        want[i]
+    );
+    d
+}
