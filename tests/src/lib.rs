@@ -14,6 +14,27 @@ pub fn fixtures_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
 }
 
+/// The `afnext` binary of this build: `$AFNEXT_BIN`, or `afnext` next to the test executable's `deps/`
+/// directory. `cargo test --workspace` builds it (the cli package has integration tests, so cargo builds its
+/// binary before running any test).
+pub fn afnext_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("AFNEXT_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test executable lives in target/<profile>/deps");
+    let bin = dir.join(format!("afnext{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        bin.exists(),
+        "{} does not exist: run the tests with `cargo test --workspace` (or `cargo build -p afnext-cli` first)",
+        bin.display()
+    );
+    bin
+}
+
 /// A tiny random checkpoint (`tiny-a` or `tiny-b`).
 pub fn ckpt(name: &str) -> PathBuf {
     fixtures_dir().join("ckpt").join(name)

@@ -144,6 +144,7 @@ pub fn decode_bytes(bytes: &[u8], format_hint: Option<&str>) -> Result<DecodedAu
     if sample_rate == 0 {
         return Err(AudioError::NoSampleRate);
     }
+    trim_to_stream_length(&mut mono, codec_params.n_frames, codec_params.delay);
     if mono.is_empty() {
         return Err(AudioError::NoSamples);
     }
@@ -160,6 +161,20 @@ fn format_options() -> FormatOptions {
     FormatOptions {
         enable_gapless: true,
         ..FormatOptions::default()
+    }
+}
+
+/// Some readers (ogg/vorbis) report the encoder delay and the true length but leave the trimming to the
+/// player: drop the leading delay and anything past the stated length, as libsndfile does. Streams that
+/// were already trimmed (gapless mp3) or report no length are left alone.
+fn trim_to_stream_length(mono: &mut Vec<f32>, n_frames: Option<u64>, delay: Option<u32>) {
+    let Some(n) = n_frames.and_then(|n| usize::try_from(n).ok()) else {
+        return;
+    };
+    if mono.len() > n {
+        let skip = (delay.unwrap_or(0) as usize).min(mono.len() - n);
+        mono.drain(..skip);
+        mono.truncate(n);
     }
 }
 
