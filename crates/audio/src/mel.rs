@@ -51,47 +51,65 @@ pub fn mel_filter_bank_f64(n_freqs: usize, n_mels: usize, sampling_rate: u32) ->
 /// The bank cast to f32 and stored sparsely: each triangular filter covers one contiguous run of bins.
 #[derive(Debug, Clone)]
 pub struct MelBank {
-    /// For filter `m`: first bin and the weights of its contiguous support.
-    filters: Vec<(usize, Vec<f32>)>,
+    /// For filter `m`: `(first bin, offset into weights, number of bins)`.
+    spans: Vec<(usize, usize, usize)>,
+    weights: Vec<f32>,
     n_freqs: usize,
 }
+
+/// Frames processed together: the filter bank and the log run 8 frames wide, so that every step is a
+/// vector operation and every store into the `[mel, frame]` output is 8 contiguous floats.
+pub const FRAME_BLOCK: usize = 8;
 
 impl MelBank {
     pub fn new(n_fft: usize, n_mels: usize, sampling_rate: u32) -> Self {
         let n_freqs = n_fft / 2 + 1;
         let dense = mel_filter_bank_f64(n_freqs, n_mels, sampling_rate);
-        let filters = (0..n_mels)
-            .map(|m| {
-                let col: Vec<f32> = (0..n_freqs).map(|k| dense[k * n_mels + m] as f32).collect();
-                match (
-                    col.iter().position(|&w| w != 0.0),
-                    col.iter().rposition(|&w| w != 0.0),
-                ) {
-                    (Some(a), Some(b)) => (a, col[a..=b].to_vec()),
-                    // A filter narrower than one FFT bin is all zero (librosa warns); it contributes nothing.
-                    _ => (0, Vec::new()),
+        let mut spans = Vec::with_capacity(n_mels);
+        let mut weights = Vec::new();
+        for m in 0..n_mels {
+            let col: Vec<f32> = (0..n_freqs).map(|k| dense[k * n_mels + m] as f32).collect();
+            match (
+                col.iter().position(|&w| w != 0.0),
+                col.iter().rposition(|&w| w != 0.0),
+            ) {
+                (Some(a), Some(b)) => {
+                    spans.push((a, weights.len(), b + 1 - a));
+                    weights.extend_from_slice(&col[a..=b]);
                 }
-            })
-            .collect();
-        MelBank { filters, n_freqs }
+                // A filter narrower than one FFT bin is all zero (librosa warns); it contributes nothing.
+                _ => spans.push((0, weights.len(), 0)),
+            }
+        }
+        MelBank {
+            spans,
+            weights,
+            n_freqs,
+        }
     }
 
     pub fn n_mels(&self) -> usize {
-        self.filters.len()
+        self.spans.len()
     }
 
     pub fn n_freqs(&self) -> usize {
         self.n_freqs
     }
 
-    /// Applies filter `m` to one frame's power spectrum.
-    #[inline]
-    pub fn apply(&self, m: usize, power: &[f32]) -> f32 {
-        let (start, w) = &self.filters[m];
-        w.iter()
-            .zip(&power[*start..*start + w.len()])
-            .map(|(a, b)| a * b)
-            .sum()
+    /// Filter `m` applied to a block of power spectra stored bin-major (`power[k][frame]`).
+    #[inline(always)]
+    pub fn apply_block(&self, m: usize, power: &[[f32; FRAME_BLOCK]]) -> [f32; FRAME_BLOCK] {
+        let (start, off, len) = self.spans[m];
+        let mut acc = [0.0f32; FRAME_BLOCK];
+        for (w, p) in self.weights[off..off + len]
+            .iter()
+            .zip(&power[start..start + len])
+        {
+            for i in 0..FRAME_BLOCK {
+                acc[i] += w * p[i];
+            }
+        }
+        acc
     }
 }
 
@@ -120,6 +138,6 @@ mod tests {
         assert!(fb.iter().all(|&w| w >= 0.0));
         let bank = MelBank::new(400, 128, 16000);
         assert_eq!(bank.n_mels(), 128);
-        assert!(bank.filters.iter().all(|(_, w)| !w.is_empty()));
+        assert!(bank.spans.iter().all(|&(_, _, len)| len > 0));
     }
 }
