@@ -1,0 +1,331 @@
+//! The Qwen2 decoder (spec 9): RMSNorm, GQA attention with half-split RoPE, SwiGLU MLP, untied lm_head.
+//! Reference: transformers 5.23 `models/qwen2/modeling_qwen2.py`.
+//!
+//! The KV cache here is a plain per-layer concatenation for single-sequence use (CLI, tests); the serving
+//! engine keeps its own paged cache.
+
+use candle_core::{DType, Device, Tensor, D};
+
+use crate::config::TextConfig;
+use crate::error::Result;
+use crate::linear::ParallelLinear;
+use crate::weights::Weights;
+
+/// `x * rsqrt(mean(x^2) + eps)` in f32, cast back to the activation dtype, then times the weight.
+#[derive(Debug, Clone)]
+struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn load(w: &Weights, name: &str, dim: usize, eps: f64) -> Result<Self> {
+        Ok(RmsNorm {
+            weight: w.get(name, &[dim])?,
+            eps,
+        })
+    }
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let xf = x.to_dtype(DType::F32)?;
+        let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = xf
+            .broadcast_div(&(var + self.eps)?.sqrt()?)?
+            .to_dtype(dtype)?;
+        Ok(normed.broadcast_mul(&self.weight)?)
+    }
+}
+
+/// Half-split RoPE with the bit-exact f32 inverse frequencies of spec 9.
+#[derive(Debug, Clone)]
+pub struct Rope {
+    inv: Vec<f32>,
+}
+
+impl Rope {
+    pub fn new(theta: f64, head_dim: usize) -> Self {
+        let theta = theta as f32;
+        let inv = (0..head_dim / 2)
+            .map(|j| 1.0f32 / theta.powf((2 * j) as f32 / head_dim as f32))
+            .collect();
+        Rope { inv }
+    }
+
+    pub fn inv_freq(&self) -> &[f32] {
+        &self.inv
+    }
+
+    /// cos, sin of shape (len, head_dim) for positions `start..start + len`, in `dtype`.
+    fn tables(
+        &self,
+        start: usize,
+        len: usize,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<(Tensor, Tensor)> {
+        let half = self.inv.len();
+        let mut c = Vec::with_capacity(len * 2 * half);
+        let mut s = Vec::with_capacity(len * 2 * half);
+        for p in start..start + len {
+            let pf = p as f32;
+            for _ in 0..2 {
+                for &f in &self.inv {
+                    let a = pf * f;
+                    c.push(a.cos());
+                    s.push(a.sin());
+                }
+            }
+        }
+        let c = Tensor::from_vec(c, (len, 2 * half), dev)?.to_dtype(dtype)?;
+        let s = Tensor::from_vec(s, (len, 2 * half), dev)?.to_dtype(dtype)?;
+        Ok((c, s))
+    }
+
+    /// `x * cos + rotate_half(x) * sin`, `x`: (b, heads, len, head_dim).
+    fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let hd = x.dim(D::Minus1)?;
+        let x1 = x.narrow(D::Minus1, 0, hd / 2)?;
+        let x2 = x.narrow(D::Minus1, hd / 2, hd / 2)?;
+        let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+        Ok((x.broadcast_mul(cos)? + rot.broadcast_mul(sin)?)?)
+    }
+}
+
+/// Keys and values of every layer for one sequence: (1, kv_heads, len, head_dim) each.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    pub fn new(n_layers: usize) -> Self {
+        KvCache {
+            layers: vec![None; n_layers],
+        }
+    }
+    /// Cached positions.
+    pub fn len(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map(|(k, _)| k.dim(2).unwrap_or(0))
+            .unwrap_or(0)
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[derive(Debug, Clone)]
+struct DecoderLayer {
+    input_norm: RmsNorm,
+    q: ParallelLinear,
+    k: ParallelLinear,
+    v: ParallelLinear,
+    o: ParallelLinear,
+    post_norm: RmsNorm,
+    gate: ParallelLinear,
+    up: ParallelLinear,
+    down: ParallelLinear,
+}
+
+impl DecoderLayer {
+    fn load(w: &Weights, p: &str, c: &TextConfig) -> Result<Self> {
+        let (h, hd) = (c.hidden_size, c.head_dim);
+        let (qd, kvd) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
+        Ok(DecoderLayer {
+            input_norm: RmsNorm::load(
+                w,
+                &format!("{p}.input_layernorm.weight"),
+                h,
+                c.rms_norm_eps,
+            )?,
+            q: ParallelLinear::load(w, &format!("{p}.self_attn.q_proj"), h, qd, true)?,
+            k: ParallelLinear::load(w, &format!("{p}.self_attn.k_proj"), h, kvd, true)?,
+            v: ParallelLinear::load(w, &format!("{p}.self_attn.v_proj"), h, kvd, true)?,
+            o: ParallelLinear::load(w, &format!("{p}.self_attn.o_proj"), qd, h, false)?,
+            post_norm: RmsNorm::load(
+                w,
+                &format!("{p}.post_attention_layernorm.weight"),
+                h,
+                c.rms_norm_eps,
+            )?,
+            gate: ParallelLinear::load(
+                w,
+                &format!("{p}.mlp.gate_proj"),
+                h,
+                c.intermediate_size,
+                false,
+            )?,
+            up: ParallelLinear::load(
+                w,
+                &format!("{p}.mlp.up_proj"),
+                h,
+                c.intermediate_size,
+                false,
+            )?,
+            down: ParallelLinear::load(
+                w,
+                &format!("{p}.mlp.down_proj"),
+                c.intermediate_size,
+                h,
+                false,
+            )?,
+        })
+    }
+
+    fn forward(
+        &self,
+        h: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        cache: &mut Option<(Tensor, Tensor)>,
+        c: &TextConfig,
+    ) -> Result<Tensor> {
+        let (b, l, _) = h.dims3()?;
+        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let y = self.input_norm.forward(h)?;
+        let split = |x: Tensor, heads: usize| -> Result<Tensor> {
+            Ok(x.reshape((b, l, heads, hd))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        let q = Rope::apply(&split(self.q.forward(&y)?, nh)?, cos, sin)?;
+        let k = Rope::apply(&split(self.k.forward(&y)?, nkv)?, cos, sin)?;
+        let v = split(self.v.forward(&y)?, nkv)?;
+        let (k, v) = match cache.take() {
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+            None => (k, v),
+        };
+        *cache = Some((k.clone(), v.clone()));
+        let total = k.dim(2)?;
+        let start = total - l;
+        // GQA: query head i uses kv head i / (nh / nkv) (consecutive query heads share a kv head).
+        let group = nh / nkv;
+        let expand = |x: &Tensor| -> Result<Tensor> {
+            if group == 1 {
+                return Ok(x.clone());
+            }
+            Ok(x.unsqueeze(2)?
+                .expand((b, nkv, group, total, hd))?
+                .reshape((b, nh, total, hd))?)
+        };
+        let (k, v) = (expand(&k)?, expand(&v)?);
+        let scores = (q.matmul(&k.t()?)? * (hd as f64).powf(-0.5))?;
+        let scores = if l > 1 {
+            scores.broadcast_add(
+                &causal_mask(l, start, total, scores.device())?.to_dtype(scores.dtype())?,
+            )?
+        } else {
+            scores
+        };
+        // Softmax in f32, as the reference does, then back to the activation dtype.
+        let probs =
+            candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(q.dtype())?;
+        let o = probs
+            .matmul(&v.contiguous()?)?
+            .transpose(1, 2)?
+            .reshape((b, l, nh * hd))?;
+        let h = (h + self.o.forward(&o)?)?;
+        let y = self.post_norm.forward(&h)?;
+        let m = self
+            .down
+            .forward(&(candle_nn::ops::silu(&self.gate.forward(&y)?)? * self.up.forward(&y)?)?)?;
+        Ok((h + m)?)
+    }
+}
+
+/// (l, total) additive mask: query i (position start + i) sees keys 0..=start + i.
+fn causal_mask(l: usize, start: usize, total: usize, dev: &Device) -> Result<Tensor> {
+    let m: Vec<f32> = (0..l)
+        .flat_map(|i| {
+            (0..total).map(move |j| {
+                if j > start + i {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
+        .collect();
+    Ok(Tensor::from_vec(m, (l, total), dev)?)
+}
+
+#[derive(Debug, Clone)]
+pub struct Qwen2 {
+    embed: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: ParallelLinear,
+    rope: Rope,
+    cfg: TextConfig,
+}
+
+impl Qwen2 {
+    pub fn load(w: &Weights, c: &TextConfig) -> Result<Self> {
+        let p = "language_model.model";
+        let embed = w.get(
+            &format!("{p}.embed_tokens.weight"),
+            &[c.vocab_size, c.hidden_size],
+        )?;
+        let lm_head = if c.tie_word_embeddings && !w.contains("language_model.lm_head.weight") {
+            ParallelLinear::from_weight(embed.clone(), None)
+        } else {
+            ParallelLinear::load(
+                w,
+                "language_model.lm_head",
+                c.hidden_size,
+                c.vocab_size,
+                false,
+            )?
+        };
+        Ok(Qwen2 {
+            layers: (0..c.num_hidden_layers)
+                .map(|i| DecoderLayer::load(w, &format!("{p}.layers.{i}"), c))
+                .collect::<Result<_>>()?,
+            norm: RmsNorm::load(
+                w,
+                &format!("{p}.norm.weight"),
+                c.hidden_size,
+                c.rms_norm_eps,
+            )?,
+            embed,
+            lm_head,
+            rope: Rope::new(c.rope_theta, c.head_dim),
+            cfg: c.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &TextConfig {
+        &self.cfg
+    }
+    pub fn rope(&self) -> &Rope {
+        &self.rope
+    }
+
+    /// Token embeddings (1, l, h) of `ids`.
+    pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
+        let idx = Tensor::from_slice(ids, ids.len(), self.embed.device())?;
+        Ok(self.embed.index_select(&idx, 0)?.unsqueeze(0)?)
+    }
+
+    /// Runs `embeds` (1, l, h) at positions `cache.len()..` and returns the hidden states after the final
+    /// norm (1, l, h).
+    pub fn forward(&self, embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (_, l, _) = embeds.dims3()?;
+        let start = cache.len();
+        let (cos, sin) = self
+            .rope
+            .tables(start, l, embeds.dtype(), embeds.device())?;
+        let mut h = embeds.clone();
+        for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            h = layer.forward(&h, &cos, &sin, slot, &self.cfg)?;
+        }
+        self.norm.forward(&h)
+    }
+
+    /// Logits (…, vocab) in f32 of hidden states (…, h).
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(self.lm_head.forward(hidden)?.to_dtype(DType::F32)?)
+    }
+}

@@ -1,0 +1,208 @@
+//! The AF-Whisper audio encoder (spec 5), per 30 s window; windows are independent and batched freely.
+//! Reference: transformers 5.23 `models/audioflamingo3/modeling_audioflamingo3.py` (encoder), as used by
+//! `models/musicflamingo`.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::config::AudioConfig;
+use crate::error::{ModelError, Result};
+use crate::linear::ParallelLinear;
+use crate::weights::Weights;
+
+#[derive(Debug, Clone)]
+struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f32,
+}
+
+impl LayerNorm {
+    fn load(w: &Weights, prefix: &str, dim: usize, eps: f64) -> Result<Self> {
+        Ok(LayerNorm {
+            weight: w.get(&format!("{prefix}.weight"), &[dim])?,
+            bias: w.get(&format!("{prefix}.bias"), &[dim])?,
+            eps: eps as f32,
+        })
+    }
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::layer_norm(
+            x,
+            &self.weight,
+            &self.bias,
+            self.eps,
+        )?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct EncoderLayer {
+    attn_norm: LayerNorm,
+    q: ParallelLinear,
+    k: ParallelLinear,
+    v: ParallelLinear,
+    out: ParallelLinear,
+    ffn_norm: LayerNorm,
+    fc1: ParallelLinear,
+    fc2: ParallelLinear,
+}
+
+impl EncoderLayer {
+    fn load(w: &Weights, p: &str, cfg: &AudioConfig) -> Result<Self> {
+        let d = cfg.hidden_size;
+        Ok(EncoderLayer {
+            attn_norm: LayerNorm::load(
+                w,
+                &format!("{p}.self_attn_layer_norm"),
+                d,
+                cfg.layer_norm_eps,
+            )?,
+            q: ParallelLinear::load(w, &format!("{p}.self_attn.q_proj"), d, d, true)?,
+            // k_proj has no bias (spec quirk 5).
+            k: ParallelLinear::load(w, &format!("{p}.self_attn.k_proj"), d, d, false)?,
+            v: ParallelLinear::load(w, &format!("{p}.self_attn.v_proj"), d, d, true)?,
+            out: ParallelLinear::load(w, &format!("{p}.self_attn.out_proj"), d, d, true)?,
+            ffn_norm: LayerNorm::load(w, &format!("{p}.final_layer_norm"), d, cfg.layer_norm_eps)?,
+            fc1: ParallelLinear::load(w, &format!("{p}.fc1"), d, cfg.intermediate_size, true)?,
+            fc2: ParallelLinear::load(w, &format!("{p}.fc2"), cfg.intermediate_size, d, true)?,
+        })
+    }
+
+    /// `h`: (b, t, d); `mask`: additive (b, 1, 1, t).
+    fn forward(&self, h: &Tensor, mask: &Tensor, heads: usize) -> Result<Tensor> {
+        let (b, t, d) = h.dims3()?;
+        let hd = d / heads;
+        let y = self.attn_norm.forward(h)?;
+        // The scale is applied to q before the dot product, as the reference does.
+        let q = (self.q.forward(&y)? * (hd as f64).powf(-0.5))?;
+        let k = self.k.forward(&y)?;
+        let v = self.v.forward(&y)?;
+        let split = |x: Tensor| -> Result<Tensor> {
+            Ok(x.reshape((b, t, heads, hd))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        let (q, k, v) = (split(q)?, split(k)?, split(v)?);
+        // (b, heads, t, t); softmax in the activation dtype (no f32 up-cast in this encoder).
+        let scores = q.matmul(&k.t()?)?.broadcast_add(mask)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let o = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
+        let h = (h + self.out.forward(&o)?)?;
+        let y = self.ffn_norm.forward(&h)?;
+        let f = self.fc2.forward(&self.fc1.forward(&y)?.gelu_erf()?)?;
+        Ok((h + f)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct AudioEncoder {
+    conv1_w: Tensor,
+    conv1_b: Tensor,
+    conv2_w: Tensor,
+    conv2_b: Tensor,
+    positions: Tensor,
+    layers: Vec<EncoderLayer>,
+    final_norm: LayerNorm,
+    cfg: AudioConfig,
+}
+
+impl AudioEncoder {
+    pub fn load(w: &Weights, cfg: &AudioConfig) -> Result<Self> {
+        let (d, m) = (cfg.hidden_size, cfg.num_mel_bins);
+        let p = "audio_tower";
+        Ok(AudioEncoder {
+            conv1_w: w.get(&format!("{p}.conv1.weight"), &[d, m, 3])?,
+            conv1_b: w.get(&format!("{p}.conv1.bias"), &[d])?,
+            conv2_w: w.get(&format!("{p}.conv2.weight"), &[d, d, 3])?,
+            conv2_b: w.get(&format!("{p}.conv2.bias"), &[d])?,
+            positions: w.get(
+                &format!("{p}.embed_positions.weight"),
+                &[cfg.max_source_positions, d],
+            )?,
+            layers: (0..cfg.num_hidden_layers)
+                .map(|i| EncoderLayer::load(w, &format!("{p}.layers.{i}"), cfg))
+                .collect::<Result<_>>()?,
+            final_norm: LayerNorm::load(w, &format!("{p}.layer_norm"), d, cfg.layer_norm_eps)?,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// Mel frames per window the encoder expects (3000).
+    pub fn frames(&self) -> usize {
+        2 * self.cfg.max_source_positions
+    }
+    /// Output rows per window (750).
+    pub fn rows(&self) -> usize {
+        self.cfg.max_source_positions / 2
+    }
+
+    /// `features`: (b, n_mels, frames); `valid_frames[i]`: frames of window i that carry signal.
+    /// Returns the encoder output (b, rows, d) after avg-pool and the final LayerNorm, all rows computed
+    /// (rows past a window's token count are what the reference computes for padding; callers drop them).
+    pub fn forward(&self, features: &Tensor, valid_frames: &[usize]) -> Result<Tensor> {
+        let (b, m, f) = features.dims3()?;
+        if m != self.cfg.num_mel_bins || f != self.frames() || valid_frames.len() != b {
+            return Err(ModelError::Input(format!(
+                "encoder input is ({b}, {m}, {f}) with {} valid-frame counts; expected (n, {}, {}) and n counts",
+                valid_frames.len(),
+                self.cfg.num_mel_bins,
+                self.frames()
+            )));
+        }
+        let x = features.to_dtype(self.conv1_w.dtype())?;
+        let bias = |t: &Tensor| t.reshape((1, (), 1));
+        let a = x
+            .conv1d(&self.conv1_w, 1, 1, 1, 1)?
+            .broadcast_add(&bias(&self.conv1_b)?)?
+            .gelu_erf()?;
+        let c = a
+            .conv1d(&self.conv2_w, 1, 2, 1, 1)?
+            .broadcast_add(&bias(&self.conv2_b)?)?
+            .gelu_erf()?;
+        // (b, d, t) -> (b, t, d), plus every learned position (no re-basing for partial windows).
+        let mut h = c.transpose(1, 2)?.broadcast_add(&self.positions)?;
+        let t = self.cfg.max_source_positions;
+        let mask = key_mask(valid_frames, t, h.dtype(), h.device())?;
+        for layer in &self.layers {
+            h = layer.forward(&h, &mask, self.cfg.num_attention_heads)?;
+        }
+        // Average-pool pairs of rows (kernel 2, stride 2), then the final LayerNorm (after the pool).
+        let d = self.cfg.hidden_size;
+        let pooled = (h.reshape((b, t / 2, 2, d))?.sum(2)? / 2.0)?;
+        self.final_norm.forward(&pooled)
+    }
+}
+
+/// Additive key mask (b, 1, 1, t): 0 for conv positions `< (F - 1) // 2 + 1`, the dtype's minimum after
+/// (as the reference's `finfo.min`); queries are never masked.
+fn key_mask(valid_frames: &[usize], t: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    let min = match dtype {
+        DType::BF16 => f32::from(half::bf16::MIN),
+        DType::F16 => f32::from(half::f16::MIN),
+        _ => f32::MIN,
+    };
+    let mut m = vec![0f32; valid_frames.len() * t];
+    for (row, &f) in m.chunks_mut(t).zip(valid_frames) {
+        let lc = afnext_conv_len(f);
+        row[lc.min(t)..].fill(min);
+    }
+    Ok(Tensor::from_vec(m, (valid_frames.len(), 1, 1, t), device)?.to_dtype(dtype)?)
+}
+
+/// Valid positions after conv2 (stride 2): `(F - 1) // 2 + 1`.
+pub fn afnext_conv_len(valid_frames: usize) -> usize {
+    if valid_frames == 0 {
+        0
+    } else {
+        (valid_frames - 1) / 2 + 1
+    }
+}
+
+/// Audio tokens a window yields: `(conv_len - 2) // 2 + 1`, floored at 0.
+pub fn tokens_for_frames(valid_frames: usize) -> usize {
+    let c = afnext_conv_len(valid_frames);
+    if c < 2 {
+        0
+    } else {
+        (c - 2) / 2 + 1
+    }
+}

@@ -1,0 +1,23 @@
+//! The AF-Next model in candle, written once for every device: checkpoint loading ([`weights`],
+//! [`config`]), the AF-Whisper encoder ([`encoder`]), rotary time embedding ([`rote`]), the projector and the
+//! prompt merge ([`model`]), the Qwen2 decoder ([`decoder`]), and generation ([`sampling`], [`generate`]).
+//! Every projection is a [`linear::ParallelLinear`].
+
+pub mod config;
+pub mod decoder;
+pub mod encoder;
+pub mod error;
+pub mod generate;
+pub mod linear;
+pub mod model;
+pub mod rote;
+pub mod sampling;
+pub mod weights;
+
+pub use config::AfNextConfig;
+pub use error::{ModelError, Result};
+pub use generate::{
+    generate, FinishReason, Generation, GenerationParams, IncrementalDecoder, StopMatcher,
+};
+pub use model::{AfNext, AudioStages};
+pub use sampling::{Sampler, SamplingParams};

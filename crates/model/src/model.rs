@@ -1,0 +1,201 @@
+//! AF-Next end to end: audio windows -> encoder -> RoTE -> projector -> merged into the prompt -> Qwen2.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::config::AfNextConfig;
+use crate::decoder::{KvCache, Qwen2};
+use crate::encoder::{tokens_for_frames, AudioEncoder};
+use crate::error::{ModelError, Result};
+use crate::linear::ParallelLinear;
+use crate::rote;
+use crate::weights::Weights;
+
+/// The 2-layer projector (spec 7): linear_1 -> GELU(erf) -> linear_2.
+#[derive(Debug, Clone)]
+pub struct Projector {
+    l1: ParallelLinear,
+    l2: ParallelLinear,
+}
+
+impl Projector {
+    pub fn load(w: &Weights, cfg: &AfNextConfig) -> Result<Self> {
+        let (d, h) = (cfg.audio.hidden_size, cfg.text.hidden_size);
+        Ok(Projector {
+            l1: ParallelLinear::load(
+                w,
+                "multi_modal_projector.linear_1",
+                d,
+                h,
+                cfg.projector_bias,
+            )?,
+            l2: ParallelLinear::load(
+                w,
+                "multi_modal_projector.linear_2",
+                h,
+                h,
+                cfg.projector_bias,
+            )?,
+        })
+    }
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.l2.forward(&self.l1.forward(x)?.gelu_erf()?)
+    }
+}
+
+/// One batch of audio windows through the audio path, every intermediate kept (for `inspect` and tests).
+#[derive(Debug, Clone)]
+pub struct AudioStages {
+    /// (n, rows, d) after the encoder's final LayerNorm.
+    pub encoder_output: Tensor,
+    /// (n, rows, d) after RoTE (projector input).
+    pub post_rote: Tensor,
+    /// (n, rows, h) projector output, all rows.
+    pub projected: Tensor,
+    /// Valid rows per window.
+    pub tokens: Vec<usize>,
+}
+
+impl AudioStages {
+    /// The rows that replace the `<sound>` tokens: each window's first `tokens[w]` rows, in order (n_audio, h).
+    pub fn embeddings(&self) -> Result<Tensor> {
+        let parts: Vec<Tensor> = self
+            .tokens
+            .iter()
+            .enumerate()
+            .filter(|(_, &t)| t > 0)
+            .map(|(w, &t)| self.projected.get(w)?.narrow(0, 0, t))
+            .collect::<candle_core::Result<_>>()?;
+        if parts.is_empty() {
+            return Err(ModelError::Input("no audio window yields a token".into()));
+        }
+        Ok(Tensor::cat(&parts, 0)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct AfNext {
+    pub cfg: AfNextConfig,
+    pub encoder: AudioEncoder,
+    pub projector: Projector,
+    pub decoder: Qwen2,
+    dtype: DType,
+    device: Device,
+}
+
+impl AfNext {
+    /// Loads a checkpoint directory in `dtype` on `device`.
+    pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let cfg = AfNextConfig::load(dir)?;
+        let w = Weights::load(dir, dtype, device)?;
+        Ok(AfNext {
+            encoder: AudioEncoder::load(&w, &cfg.audio)?,
+            projector: Projector::load(&w, &cfg)?,
+            decoder: Qwen2::load(&w, &cfg.text)?,
+            cfg,
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Runs windows through encoder, RoTE and projector. `features`: (n, mels, frames) f32 log-mel;
+    /// `valid_frames[i]` and `window_idx[i]` (index of the window within its own audio) per window.
+    pub fn encode_windows(
+        &self,
+        features: &Tensor,
+        valid_frames: &[usize],
+        window_idx: &[usize],
+    ) -> Result<AudioStages> {
+        if window_idx.len() != valid_frames.len() {
+            return Err(ModelError::Input(
+                "one window index per window is needed".into(),
+            ));
+        }
+        let encoder_output = self
+            .encoder
+            .forward(&features.to_device(&self.device)?, valid_frames)?;
+        let rows = self.encoder.rows();
+        let tables = rote::tables(&self.cfg.rote, self.cfg.audio.hidden_size, rows, window_idx);
+        let post_rote = rote::apply(&encoder_output, &tables)?;
+        let projected = self.projector.forward(&post_rote)?;
+        Ok(AudioStages {
+            encoder_output,
+            post_rote,
+            projected,
+            tokens: valid_frames.iter().map(|&f| tokens_for_frames(f)).collect(),
+        })
+    }
+
+    /// Prompt embeddings (1, l, h): token embeddings with every `<sound>` position replaced, in order, by the
+    /// rows of `audio` (n_audio, h).
+    pub fn embed_prompt(&self, ids: &[u32], audio: Option<&Tensor>) -> Result<Tensor> {
+        let positions: Vec<u32> = ids
+            .iter()
+            .enumerate()
+            .filter(|(_, &id)| id == self.cfg.audio_token_id)
+            .map(|(i, _)| i as u32)
+            .collect();
+        let text = self.decoder.embed(ids)?;
+        let n_audio = audio.map(|a| a.dim(0)).transpose()?.unwrap_or(0);
+        if positions.len() != n_audio {
+            return Err(ModelError::Input(format!(
+                "the prompt has {} audio tokens but {n_audio} audio embeddings were given",
+                positions.len()
+            )));
+        }
+        let Some(audio) = audio else { return Ok(text) };
+        // Gather from [text rows; audio rows]: position p takes text row p, or audio row k for its k-th <sound>.
+        let l = ids.len() as u32;
+        let mut idx: Vec<u32> = (0..l).collect();
+        for (k, &p) in positions.iter().enumerate() {
+            idx[p as usize] = l + k as u32;
+        }
+        let all = Tensor::cat(&[&text.squeeze(0)?, &audio.to_dtype(text.dtype())?], 0)?;
+        let idx = Tensor::from_vec(idx, ids.len(), &self.device)?;
+        Ok(all.index_select(&idx, 0)?.unsqueeze(0)?)
+    }
+
+    /// Prefills `embeds` (1, l, h) in chunks of at most `chunk` positions (bounded attention memory), returning
+    /// the hidden states after the final norm of the positions selected by `keep` (all when `None`, else the
+    /// last one only).
+    pub fn prefill(
+        &self,
+        embeds: &Tensor,
+        cache: &mut KvCache,
+        chunk: usize,
+        all: bool,
+    ) -> Result<Tensor> {
+        let l = embeds.dim(1)?;
+        let chunk = chunk.max(1);
+        let mut outs = Vec::new();
+        let mut last = None;
+        for start in (0..l).step_by(chunk) {
+            let len = chunk.min(l - start);
+            let h = self
+                .decoder
+                .forward(&embeds.narrow(1, start, len)?, cache)?;
+            if all {
+                outs.push(h);
+            } else {
+                last = Some(h.narrow(1, len - 1, 1)?);
+            }
+        }
+        if all {
+            Ok(Tensor::cat(&outs, 1)?)
+        } else {
+            last.ok_or_else(|| ModelError::Input("empty prompt".into()))
+        }
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.cfg.text.num_hidden_layers)
+    }
+}

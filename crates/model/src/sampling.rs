@@ -1,0 +1,229 @@
+//! Logits processing and sampling with transformers' semantics (spec 10): repetition penalty over every id
+//! of the sequence (prompt included), then temperature, top-k, top-p, then a seeded categorical draw.
+//! Temperature 0 is greedy (first index wins ties).
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// Per-request sampling parameters.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SamplingParams {
+    /// 0 = greedy.
+    pub temperature: f32,
+    /// 0 = off.
+    pub top_k: usize,
+    /// 1.0 = off.
+    pub top_p: f32,
+    /// 1.0 = off.
+    pub repetition_penalty: f32,
+    pub seed: u64,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            repetition_penalty: 1.0,
+            seed: 0,
+        }
+    }
+}
+
+impl SamplingParams {
+    /// Checks ranges; the message names the parameter and the allowed range.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return Err(format!(
+                "temperature must be >= 0, got {}",
+                self.temperature
+            ));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(format!("top_p must be in (0, 1], got {}", self.top_p));
+        }
+        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
+            return Err(format!(
+                "repetition_penalty must be > 0, got {}",
+                self.repetition_penalty
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Draws tokens for one sequence; owns its RNG so a seed reproduces a sample.
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    params: SamplingParams,
+    rng: StdRng,
+    /// `seen[id]`: the id occurs in the prompt or the output (each id penalised once).
+    seen: Vec<bool>,
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams, vocab: usize, prompt: &[u32]) -> Self {
+        let mut seen = vec![false; vocab];
+        for &id in prompt {
+            if let Some(s) = seen.get_mut(id as usize) {
+                *s = true;
+            }
+        }
+        Sampler {
+            params,
+            rng: StdRng::seed_from_u64(params.seed),
+            seen,
+        }
+    }
+
+    /// Records a generated id (it is penalised from the next step on).
+    pub fn observe(&mut self, id: u32) {
+        if let Some(s) = self.seen.get_mut(id as usize) {
+            *s = true;
+        }
+    }
+
+    /// The processed scores (repetition penalty applied) that the argmax or the draw uses.
+    pub fn penalize(&self, logits: &mut [f32]) {
+        let r = self.params.repetition_penalty;
+        if r == 1.0 {
+            return;
+        }
+        for (l, &s) in logits.iter_mut().zip(&self.seen) {
+            if s {
+                *l = if *l < 0.0 { *l * r } else { *l / r };
+            }
+        }
+    }
+
+    /// Picks the next id from raw logits (modified in place).
+    pub fn sample(&mut self, logits: &mut [f32]) -> u32 {
+        self.penalize(logits);
+        let p = self.params;
+        if p.temperature == 0.0 {
+            return argmax(logits);
+        }
+        for l in logits.iter_mut() {
+            *l /= p.temperature;
+        }
+        if p.top_k > 0 && p.top_k < logits.len() {
+            // Keep every logit >= the k-th largest (ties at the threshold survive, as in torch.topk + `<`).
+            let mut sorted: Vec<f32> = logits.to_vec();
+            sorted.sort_unstable_by(|a, b| b.total_cmp(a));
+            let kth = sorted[p.top_k - 1];
+            logits
+                .iter_mut()
+                .filter(|l| **l < kth)
+                .for_each(|l| *l = f32::NEG_INFINITY);
+        }
+        let mut probs = softmax(logits);
+        if p.top_p < 1.0 {
+            // HF: sort ascending, drop tokens whose cumulative probability is <= 1 - top_p; keep at least one.
+            let mut order: Vec<usize> = (0..probs.len()).collect();
+            order.sort_by(|&a, &b| probs[a].total_cmp(&probs[b]));
+            let mut cum = 0.0f32;
+            let last = order.len() - 1;
+            for (rank, &i) in order.iter().enumerate() {
+                cum += probs[i];
+                if cum <= 1.0 - p.top_p && rank < last {
+                    probs[i] = 0.0;
+                }
+            }
+            let total: f32 = probs.iter().sum();
+            probs.iter_mut().for_each(|x| *x /= total);
+        }
+        let u: f32 = self.rng.random();
+        let mut acc = 0.0f32;
+        let mut pick = argmax(&probs);
+        for (i, &q) in probs.iter().enumerate() {
+            acc += q;
+            if u < acc {
+                pick = i as u32;
+                break;
+            }
+        }
+        pick
+    }
+}
+
+/// Index of the largest value; the first wins ties (torch.argmax).
+pub fn argmax(x: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in x.iter().enumerate() {
+        if v > x[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+fn softmax(x: &[f32]) -> Vec<f32> {
+    let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let e: Vec<f32> = x.iter().map(|&v| (v - m).exp()).collect();
+    let s: f32 = e.iter().sum();
+    e.into_iter().map(|v| v / s).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repetition_penalty_matches_hf() {
+        let s = Sampler::new(
+            SamplingParams {
+                repetition_penalty: 2.0,
+                ..Default::default()
+            },
+            4,
+            &[0, 1, 1],
+        );
+        let mut l = vec![-1.0, 4.0, 3.0, -2.0];
+        s.penalize(&mut l);
+        assert_eq!(l, vec![-2.0, 2.0, 3.0, -2.0]);
+    }
+
+    #[test]
+    fn greedy_first_index_wins_ties() {
+        let mut s = Sampler::new(SamplingParams::default(), 3, &[]);
+        assert_eq!(s.sample(&mut [1.0, 3.0, 3.0]), 1);
+    }
+
+    #[test]
+    fn seeded_sampling_is_reproducible_and_respects_top_k() {
+        let params = SamplingParams {
+            temperature: 1.0,
+            top_k: 2,
+            seed: 7,
+            ..Default::default()
+        };
+        let logits = vec![0.0, 5.0, 4.9, 1.0, -3.0];
+        let draw = |seed| {
+            let mut s = Sampler::new(SamplingParams { seed, ..params }, 5, &[]);
+            (0..200)
+                .map(|_| s.sample(&mut logits.clone()))
+                .collect::<Vec<_>>()
+        };
+        let a = draw(7);
+        assert_eq!(a, draw(7));
+        assert_ne!(a, draw(8));
+        assert!(a.iter().all(|&t| t == 1 || t == 2));
+        assert!(a.contains(&1) && a.contains(&2));
+    }
+
+    #[test]
+    fn top_p_keeps_the_nucleus() {
+        let params = SamplingParams {
+            temperature: 1.0,
+            top_p: 0.5,
+            seed: 1,
+            ..Default::default()
+        };
+        // Probabilities ~[0.64, 0.24, 0.09, 0.03]: top_p 0.5 keeps only the first.
+        let mut s = Sampler::new(params, 4, &[]);
+        for _ in 0..100 {
+            assert_eq!(s.sample(&mut [3.0, 2.0, 1.0, 0.0]), 0);
+        }
+    }
+}
