@@ -44,11 +44,9 @@ pub struct Rope {
 
 impl Rope {
     pub fn new(theta: f64, head_dim: usize) -> Self {
-        let theta = theta as f32;
-        let inv = (0..head_dim / 2)
-            .map(|j| 1.0f32 / theta.powf((2 * j) as f32 / head_dim as f32))
-            .collect();
-        Rope { inv }
+        Rope {
+            inv: crate::inv_freq::inv_freq(theta, head_dim),
+        }
     }
 
     pub fn inv_freq(&self) -> &[f32] {
