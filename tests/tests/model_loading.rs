@@ -47,7 +47,10 @@ fn rewrite(dst: &Path, shards: usize, map: impl Fn(&str, &FxTensor) -> Option<(S
             .iter()
             .map(|n| {
                 let t = &tensors[*n];
-                ((*n).clone(), TensorView::new(t.dtype, t.shape.clone(), &t.bytes).unwrap())
+                (
+                    (*n).clone(),
+                    TensorView::new(t.dtype, t.shape.clone(), &t.bytes).unwrap(),
+                )
             })
             .collect();
         for n in chunk {
@@ -74,7 +77,10 @@ fn in_memory_name(n: &str) -> String {
 
 fn to_bf16(t: &FxTensor) -> FxTensor {
     let v = t.f32().unwrap();
-    let bytes = v.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect();
+    let bytes = v
+        .iter()
+        .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
+        .collect();
     FxTensor {
         dtype: Dtype::BF16,
         shape: t.shape.clone(),
@@ -88,7 +94,13 @@ fn logits(dir: &Path, dtype: DType) -> Vec<f32> {
     let e = m.embed_prompt(&[385, 10, 20, 30, 386], None).unwrap();
     let mut cache = m.new_cache();
     let h = m.prefill(&e, &mut cache, 64, true).unwrap();
-    m.decoder.logits(&h).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+    m.decoder
+        .logits(&h)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
 }
 
 #[test]
@@ -106,7 +118,11 @@ fn bf16_weights_load_in_f32_and_bf16() {
     rewrite(&d, 1, |n, t| Some((n.to_string(), to_bf16(t))));
     let base = logits(&ckpt("tiny-a"), DType::F32);
     let up = logits(&d, DType::F32);
-    let worst = base.iter().zip(&up).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    let worst = base
+        .iter()
+        .zip(&up)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
     // bf16 storage rounds every weight by up to 2^-9 relative; on this 2-layer model that moves logits by
     // a few hundredths, never by whole units.
     eprintln!("bf16-stored weights computed in f32: logits max abs diff {worst:e}");
@@ -118,10 +134,15 @@ fn bf16_weights_load_in_f32_and_bf16() {
 #[test]
 fn missing_tensor_is_named() {
     let d = tempdir("missing");
-    rewrite(&d, 1, |n, t| (n != "language_model.model.norm.weight").then(|| (n.to_string(), t.clone())));
+    rewrite(&d, 1, |n, t| {
+        (n != "language_model.model.norm.weight").then(|| (n.to_string(), t.clone()))
+    });
     let e = AfNext::load(&d, DType::F32, &Device::Cpu).unwrap_err();
     assert!(matches!(e, ModelError::MissingTensor { .. }), "{e}");
-    assert!(e.to_string().contains("language_model.model.norm.weight"), "{e}");
+    assert!(
+        e.to_string().contains("language_model.model.norm.weight"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -135,14 +156,22 @@ fn misshaped_tensor_names_both_shapes() {
         }
         Some((n.to_string(), t))
     });
-    let e = AfNext::load(&d, DType::F32, &Device::Cpu).unwrap_err().to_string();
-    assert!(e.contains("audio_tower.layers.1.fc1.weight") && e.contains("[64, 128]") && e.contains("[128, 64]"), "{e}");
+    let e = AfNext::load(&d, DType::F32, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("audio_tower.layers.1.fc1.weight")
+            && e.contains("[64, 128]")
+            && e.contains("[128, 64]"),
+        "{e}"
+    );
 }
 
 #[test]
 fn flat_rope_theta_spelling_is_accepted() {
     let mut v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(ckpt("tiny-a").join("config.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(ckpt("tiny-a").join("config.json")).unwrap())
+            .unwrap();
     let nested = afnext_model::AfNextConfig::from_json(&v).unwrap();
     let t = v["text_config"].as_object_mut().unwrap();
     t.remove("rope_parameters");
@@ -159,15 +188,24 @@ fn flat_rope_theta_spelling_is_accepted() {
 
 /// The spec's bit-exact tables (copied from the model spec; the model crate builds them in).
 fn spec_table(key: &str) -> Vec<f32> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../crates/model/tables/rope_inv_freq_tables.json");
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../crates/model/tables/rope_inv_freq_tables.json");
     let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
-    v[key]["inv_freq_f32"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+    v[key]["inv_freq_f32"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
 }
 
 #[test]
 fn inverse_frequencies_are_bit_exact() {
     assert_eq!(rote::inv_freq(1200.0, 256), spec_table("rote_audio"));
-    assert_eq!(Rope::new(15_300_000.0, 128).inv_freq(), spec_table("qwen2_decoder").as_slice());
+    assert_eq!(
+        Rope::new(15_300_000.0, 128).inv_freq(),
+        spec_table("qwen2_decoder").as_slice()
+    );
     // The tiny configs' tables (not built in) are computed and matched transformers in the golden tests.
 }
 
@@ -177,16 +215,34 @@ fn inverse_frequencies_are_bit_exact() {
 #[test]
 fn rote_tables_for_sixty_windows() {
     let r = load_tensors(&fixtures_dir().join("ref/rote_60w.safetensors")).unwrap();
-    assert_eq!(rote::inv_freq(1200.0, 256), get(&r, "inv_freq").unwrap().f32().unwrap());
+    assert_eq!(
+        rote::inv_freq(1200.0, 256),
+        get(&r, "inv_freq").unwrap().f32().unwrap()
+    );
     let cfg = RoteConfig {
         theta: 1200.0,
         partial_rotary_factor: 0.2,
         audio_frame_step: 0.01,
     };
     let t = rote::tables(&cfg, 1280, 750, &(0..60).collect::<Vec<_>>());
-    let rows: Vec<usize> = get(&r, "rows").unwrap().i64().unwrap().into_iter().map(|x| x as usize).collect();
-    let cols: Vec<usize> = get(&r, "cols").unwrap().i64().unwrap().into_iter().map(|x| x as usize).collect();
-    let ts: Vec<f32> = (0..60).flat_map(|k| rows.iter().map(move |&t| (k, t))).map(|(k, row)| t.timestamps[k * 750 + row]).collect();
+    let rows: Vec<usize> = get(&r, "rows")
+        .unwrap()
+        .i64()
+        .unwrap()
+        .into_iter()
+        .map(|x| x as usize)
+        .collect();
+    let cols: Vec<usize> = get(&r, "cols")
+        .unwrap()
+        .i64()
+        .unwrap()
+        .into_iter()
+        .map(|x| x as usize)
+        .collect();
+    let ts: Vec<f32> = (0..60)
+        .flat_map(|k| rows.iter().map(move |&t| (k, t)))
+        .map(|(k, row)| t.timestamps[k * 750 + row])
+        .collect();
     assert_eq!(ts, get(&r, "rote_timestamps").unwrap().f32().unwrap());
     for (name, ours) in [("rote_cos", &t.cos), ("rote_sin", &t.sin)] {
         let want = get(&r, name).unwrap().f32().unwrap();
@@ -199,7 +255,10 @@ fn rote_tables_for_sixty_windows() {
                     let b = want[i];
                     i += 1;
                     let ulp = (a.to_bits() as i64 - b.to_bits() as i64).abs();
-                    assert!(ulp <= 2 || (a - b).abs() < 1e-7, "{name} window {k} row {row} col {c}: {a} vs {b}");
+                    assert!(
+                        ulp <= 2 || (a - b).abs() < 1e-7,
+                        "{name} window {k} row {row} col {c}: {a} vs {b}"
+                    );
                     worst = worst.max(ulp);
                 }
             }

@@ -1,50 +1,118 @@
-//! `afnext inspect`: the processor's outputs (and, once the model lands, every model stage) for one
-//! input, written under the tensor names transformers' fixtures use, for parity checks and debugging.
+//! `afnext inspect`: every stage for one input, written under the tensor names of the reference fixtures,
+//! for parity checks and debugging. Processor outputs always; model stages when the checkpoint has weights.
 
-use std::path::PathBuf;
+use std::collections::HashMap;
+use std::sync::atomic::AtomicBool;
 
 use afnext_audio::Frontend;
+use afnext_model::weights::weight_files;
+use afnext_model::{AfNext, GenerationParams, SamplingParams};
 use afnext_prompt::{prepare, PromptProcessor};
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
 use clap::Args;
-use safetensors::tensor::{Dtype, TensorView};
 
 use crate::input::InputArgs;
+use crate::model_args::ModelArgs;
+use crate::pipeline;
 
 #[derive(Debug, Args)]
 pub struct InspectArgs {
-    /// Checkpoint directory (config.json, tokenizer.json, processor_config.json, ...).
-    #[arg(long)]
-    pub model: PathBuf,
+    #[command(flatten)]
+    pub model: ModelArgs,
     #[command(flatten)]
     pub input: InputArgs,
     /// Output safetensors file.
     #[arg(long)]
-    pub out: PathBuf,
+    pub out: std::path::PathBuf,
     /// Threads for the log-mel front end (windows are independent).
     #[arg(long, default_value_t = 2)]
     pub threads: usize,
+    /// Greedy tokens to record as gen_greedy_ids (eos not applied, like the fixtures' min_new_tokens).
+    #[arg(long, default_value_t = 16)]
+    pub greedy_tokens: usize,
 }
 
 pub fn run(args: InspectArgs) -> Result<()> {
-    let proc = PromptProcessor::load(&args.model)
-        .with_context(|| format!("cannot load the processor of {}", args.model.display()))?;
+    let dir = args.model.resolve()?;
+    let proc = PromptProcessor::load(&dir)
+        .with_context(|| format!("cannot load the processor of {}", dir.display()))?;
     let conv = args.input.conversation()?;
-    let prepared = prepare(&proc, &conv, args.input.overflow())?;
-    let frontend = Frontend::new(&proc.config().frontend)?;
+    let mut out: HashMap<String, Tensor> = HashMap::new();
+    let cpu = Device::Cpu;
+    let fcfg = proc.config().frontend.clone();
+    let frames = fcfg.frames_per_window();
 
-    let mut features = Vec::new();
-    let mut mask = Vec::new();
-    let mut windows = 0;
+    let has_weights = weight_files(&dir).is_ok() && dir.join("config.json").exists();
+    let (prepared, model_stages) = if has_weights {
+        let model = AfNext::load(&dir, args.model.dtype.dtype(), &args.model.device()?)?;
+        let enc = pipeline::encode(&proc, &model, &conv, args.input.overflow(), args.threads)?;
+        let mut stages = HashMap::new();
+        if !enc.stages.is_empty() {
+            let cat = |f: fn(&afnext_model::AudioStages) -> &Tensor| -> Result<Tensor> {
+                Ok(
+                    Tensor::cat(&enc.stages.iter().map(f).collect::<Vec<_>>(), 0)?
+                        .to_dtype(DType::F32)?,
+                )
+            };
+            stages.insert("encoder_output".to_string(), cat(|s| &s.encoder_output)?);
+            stages.insert("post_rote_hidden".to_string(), cat(|s| &s.post_rote)?);
+            let rows: Vec<Tensor> = enc
+                .stages
+                .iter()
+                .map(|s| s.embeddings())
+                .collect::<Result<_, _>>()?;
+            stages.insert(
+                "audio_embeds_valid".to_string(),
+                Tensor::cat(&rows, 0)?.to_dtype(DType::F32)?,
+            );
+        }
+        let mut cache = model.new_cache();
+        let hidden = model.prefill(&enc.embeds, &mut cache, 512, true)?;
+        stages.insert("prefill_logits".to_string(), model.decoder.logits(&hidden)?);
+        let params = GenerationParams {
+            max_new_tokens: args.greedy_tokens,
+            eos_token_ids: vec![],
+            stop_strings: vec![],
+            sampling: SamplingParams::default(),
+            prefill_chunk: 512,
+        };
+        let g = afnext_model::generate(
+            &model,
+            proc.tokenizer(),
+            &enc.prepared.prompt.input_ids,
+            &enc.embeds,
+            &params,
+            &AtomicBool::new(false),
+            |_| {},
+        )?;
+        let ids: Vec<i64> = g.token_ids.iter().map(|&i| i64::from(i)).collect();
+        stages.insert(
+            "gen_greedy_ids".to_string(),
+            Tensor::from_vec(ids.clone(), ids.len(), &cpu)?,
+        );
+        (enc.prepared, stages)
+    } else {
+        eprintln!(
+            "{} has no weights: writing the processor outputs only",
+            dir.display()
+        );
+        (
+            prepare(&proc, &conv, args.input.overflow())?,
+            HashMap::new(),
+        )
+    };
+
+    let frontend = Frontend::new(&fcfg)?;
+    let (mut feats, mut mask, mut windows) = (Vec::new(), Vec::new(), 0);
     for (i, audio) in prepared.audios.iter().enumerate() {
         let f = afnext_prompt::prepare::features(&frontend, audio, args.threads)?;
         windows += f.plan.windows.len();
-        features.extend_from_slice(&f.features);
+        feats.extend_from_slice(&f.features);
         mask.extend_from_slice(&f.mask);
-        let sr = proc.config().frontend.sampling_rate;
         eprintln!(
             "audio {i}: {:.3} s ({} Hz, {} ch){}, {} windows, {} tokens",
-            audio.duration_s(sr),
+            audio.duration_s(fcfg.sampling_rate),
             audio.source_rate_hz,
             audio.source_channels,
             if audio.plan.truncated() {
@@ -63,64 +131,25 @@ pub fn run(args: InspectArgs) -> Result<()> {
         .map(|&i| i64::from(i))
         .collect();
     eprintln!("prompt: {} tokens", ids.len());
-    let fcfg = &proc.config().frontend;
-    let frames = fcfg.frames_per_window();
-
-    let mut tensors: Vec<(String, TensorView<'_>)> = Vec::new();
-    let ids_bytes = to_bytes(&ids);
-    let feat_bytes = to_bytes(&features);
-    let mask_bytes = to_bytes(&mask);
-    tensors.push((
+    out.insert(
         "input_ids".into(),
-        view(Dtype::I64, vec![1, ids.len()], &ids_bytes)?,
-    ));
+        Tensor::from_vec(ids.clone(), (1, ids.len()), &cpu)?,
+    );
     if windows > 0 {
-        tensors.push((
+        out.insert(
             "input_features".into(),
-            view(Dtype::F32, vec![windows, fcfg.n_mels, frames], &feat_bytes)?,
-        ));
-        tensors.push((
+            Tensor::from_vec(feats, (windows, fcfg.n_mels, frames), &cpu)?,
+        );
+        out.insert(
             "input_features_mask".into(),
-            view(Dtype::I32, vec![windows, frames], &mask_bytes)?,
-        ));
+            Tensor::from_vec(mask, (windows, frames), &cpu)?,
+        );
     }
-    safetensors::tensor::serialize_to_file(tensors, None, &args.out)
+    for (k, v) in model_stages {
+        out.insert(k, v.to_device(&cpu)?);
+    }
+    candle_core::safetensors::save(&out, &args.out)
         .with_context(|| format!("cannot write {}", args.out.display()))?;
     eprintln!("wrote {}", args.out.display());
     Ok(())
-}
-
-fn view<'a>(dtype: Dtype, shape: Vec<usize>, bytes: &'a [u8]) -> Result<TensorView<'a>> {
-    match TensorView::new(dtype, shape, bytes) {
-        Ok(v) => Ok(v),
-        Err(e) => bail!("internal tensor layout error: {e:?}"),
-    }
-}
-
-/// Little-endian bytes of a plain numeric slice (safetensors is little-endian).
-fn to_bytes<T: ToLe>(v: &[T]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(std::mem::size_of_val(v));
-    for x in v {
-        x.put(&mut out);
-    }
-    out
-}
-
-trait ToLe {
-    fn put(&self, out: &mut Vec<u8>);
-}
-impl ToLe for f32 {
-    fn put(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(&self.to_le_bytes());
-    }
-}
-impl ToLe for i32 {
-    fn put(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(&self.to_le_bytes());
-    }
-}
-impl ToLe for i64 {
-    fn put(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(&self.to_le_bytes());
-    }
 }

@@ -1,8 +1,11 @@
 //! `afnext`: the one binary of the AF-Next serving cluster. Each subcommand composes the typed
 //! configuration of the crates it runs; this crate is the only one that reads flags or the environment.
 
+mod generate;
 mod input;
 mod inspect;
+mod model_args;
+mod pipeline;
 
 use clap::{Parser, Subcommand};
 
@@ -19,13 +22,16 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the front end and prompt processing on one input and write the tensors to a safetensors file.
+    /// Answer one request with the model in this process, streaming the text (or --json).
+    Generate(generate::GenerateArgs),
+    /// Write every stage (processor outputs, encoder, RoTE, projector, logits, greedy ids) for one input.
     Inspect(inspect::InspectArgs),
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Generate(args) => generate::run(args),
         Command::Inspect(args) => inspect::run(args),
     };
     match result {

@@ -129,13 +129,13 @@ impl AfNextConfig {
             max_source_positions: usize_of(a, "audio_config.max_source_positions", Some(1500))?,
             layer_norm_eps: 1e-5,
         };
-        if audio.hidden_size % audio.num_attention_heads != 0 {
+        if !audio.hidden_size.is_multiple_of(audio.num_attention_heads) {
             return Err(bad(
                 "audio_config.num_attention_heads",
                 "must divide hidden_size".into(),
             ));
         }
-        if audio.max_source_positions % 2 != 0 {
+        if !audio.max_source_positions.is_multiple_of(2) {
             return Err(bad(
                 "audio_config.max_source_positions",
                 "must be even (avg-pool by 2)".into(),
@@ -148,7 +148,7 @@ impl AfNextConfig {
             "text_config.num_key_value_heads",
             Some(num_attention_heads),
         )?;
-        if num_attention_heads % num_key_value_heads != 0 {
+        if !num_attention_heads.is_multiple_of(num_key_value_heads) {
             return Err(bad(
                 "text_config.num_key_value_heads",
                 "must divide num_attention_heads".into(),
@@ -313,5 +313,37 @@ fn bad(field: &str, problem: String) -> ModelError {
     ModelError::Config {
         field: field.into(),
         problem,
+    }
+}
+
+/// `generation_config.json`: the stop ids and default length (missing file: the text config's eos id, 2048).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationDefaults {
+    pub eos_token_ids: Vec<u32>,
+    pub max_new_tokens: usize,
+}
+
+impl GenerationDefaults {
+    pub fn load(dir: &Path, text: &TextConfig) -> Result<Self> {
+        let path = dir.join("generation_config.json");
+        let v: Value = match std::fs::read_to_string(&path) {
+            Ok(t) => {
+                serde_json::from_str(&t).map_err(|source| ModelError::Json { path, source })?
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Value::Null,
+            Err(source) => return Err(ModelError::Io { path, source }),
+        };
+        let mut eos = ids_of(v.get("eos_token_id"));
+        if eos.is_empty() {
+            eos = text.eos_token_id.clone();
+        }
+        Ok(GenerationDefaults {
+            eos_token_ids: eos,
+            max_new_tokens: v
+                .get("max_new_tokens")
+                .and_then(Value::as_u64)
+                .map(|n| n as usize)
+                .unwrap_or(2048),
+        })
     }
 }

@@ -28,6 +28,8 @@ pub enum ModelError {
         expected: Vec<usize>,
         got: Vec<usize>,
     },
+    #[error("model {model}: {detail}")]
+    Hub { model: String, detail: String },
     #[error("invalid model input: {0}")]
     Input(String),
     #[error("tensor computation failed: {0}")]

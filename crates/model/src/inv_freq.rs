@@ -13,7 +13,8 @@ const TABLES: &str = include_str!("../tables/rope_inv_freq_tables.json");
 fn known() -> &'static [(f64, usize, Vec<f32>)] {
     static KNOWN: OnceLock<Vec<(f64, usize, Vec<f32>)>> = OnceLock::new();
     KNOWN.get_or_init(|| {
-        let v: serde_json::Value = serde_json::from_str(TABLES).expect("built-in table is valid JSON; this is a bug");
+        let v: serde_json::Value =
+            serde_json::from_str(TABLES).expect("built-in table is valid JSON; this is a bug");
         v.as_object()
             .into_iter()
             .flatten()
@@ -23,7 +24,11 @@ fn known() -> &'static [(f64, usize, Vec<f32>)] {
                 let bits = t.get("inv_freq_f32_bits_hex")?.as_array()?;
                 let vals = bits
                     .iter()
-                    .map(|b| b.as_str().and_then(|s| u32::from_str_radix(s, 16).ok()).map(f32::from_bits))
+                    .map(|b| {
+                        b.as_str()
+                            .and_then(|s| u32::from_str_radix(s, 16).ok())
+                            .map(f32::from_bits)
+                    })
                     .collect::<Option<Vec<f32>>>()?;
                 Some((theta, dim, vals))
             })
@@ -37,7 +42,9 @@ pub fn inv_freq(theta: f64, dim: usize) -> Vec<f32> {
         return v.clone();
     }
     let th = theta as f32;
-    (0..dim.div_ceil(2)).map(|j| 1.0f32 / th.powf((2 * j) as f32 / dim as f32)).collect()
+    (0..dim.div_ceil(2))
+        .map(|j| 1.0f32 / th.powf((2 * j) as f32 / dim as f32))
+        .collect()
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ pub mod decoder;
 pub mod encoder;
 pub mod error;
 pub mod generate;
+pub mod hub;
 pub mod inv_freq;
 pub mod linear;
 pub mod model;

@@ -1,0 +1,96 @@
+//! Flags that choose and place the model: `--model` (directory or hub id), `--dtype`, `--device`, and the
+//! Hugging Face environment (`HF_HOME`, `HF_TOKEN`, `HF_HUB_OFFLINE`), read here and nowhere else.
+
+use std::path::PathBuf;
+
+use afnext_model::hub::{self, HubConfig};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use clap::{Args, ValueEnum};
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum DTypeArg {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl DTypeArg {
+    pub fn dtype(self) -> DType {
+        match self {
+            DTypeArg::F32 => DType::F32,
+            DTypeArg::Bf16 => DType::BF16,
+            DTypeArg::F16 => DType::F16,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct ModelArgs {
+    /// Checkpoint directory, or a Hugging Face repo id such as nvidia/audio-flamingo-next-hf.
+    #[arg(long)]
+    pub model: String,
+    /// Hub revision (branch, tag or commit) when --model is a repo id.
+    #[arg(long)]
+    pub revision: Option<String>,
+    /// Compute dtype (weights are converted at load).
+    #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
+    pub dtype: DTypeArg,
+    /// cpu or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    #[arg(long, env = "HF_HOME", hide_env_values = true)]
+    pub hf_home: Option<PathBuf>,
+    #[arg(long, env = "HF_TOKEN", hide_env_values = true)]
+    pub hf_token: Option<String>,
+    /// Only use the local hub cache.
+    #[arg(long, env = "HF_HUB_OFFLINE", value_parser = parse_flag, default_value = "0")]
+    pub hf_hub_offline: bool,
+}
+
+/// HF-style boolean environment values: 1/true/yes/on.
+fn parse_flag(s: &str) -> Result<bool, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" | "" => Ok(false),
+        other => Err(format!("expected 1/0/true/false, got {other:?}")),
+    }
+}
+
+impl ModelArgs {
+    pub fn hub(&self) -> HubConfig {
+        HubConfig {
+            cache_dir: self.hf_home.as_ref().map(|h| h.join("hub")),
+            token: self.hf_token.clone().filter(|t| !t.is_empty()),
+            offline: self.hf_hub_offline,
+            revision: self.revision.clone(),
+            progress: true,
+        }
+    }
+
+    /// The checkpoint directory (downloading it when --model is a repo id).
+    pub fn resolve(&self) -> Result<PathBuf> {
+        Ok(hub::resolve(&self.model, &self.hub())?)
+    }
+
+    pub fn device(&self) -> Result<Device> {
+        parse_device(&self.device)
+    }
+}
+
+pub fn parse_device(s: &str) -> Result<Device> {
+    if s == "cpu" {
+        return Ok(Device::Cpu);
+    }
+    let Some(n) = s
+        .strip_prefix("cuda:")
+        .or(if s == "cuda" { Some("0") } else { None })
+    else {
+        bail!("--device must be cpu or cuda:N, got {s:?}");
+    };
+    let n: usize = n
+        .parse()
+        .with_context(|| format!("bad CUDA ordinal in {s:?}"))?;
+    Device::new_cuda(n)
+        .with_context(|| format!("cannot open {s} (this build needs the cuda feature and a GPU)"))
+}
