@@ -89,13 +89,23 @@ impl AfNext {
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
         let cfg = AfNextConfig::load(dir)?;
         let w = Weights::load(dir, dtype, device)?;
+        Self::from_weights(cfg, &w)
+    }
+
+    /// The model of `cfg` with random weights (benchmarks at any size without a checkpoint).
+    pub fn random(cfg: AfNextConfig, seed: u64, dtype: DType, device: &Device) -> Result<Self> {
+        let w = Weights::random(seed, cfg.text.tie_word_embeddings, dtype, device);
+        Self::from_weights(cfg, &w)
+    }
+
+    pub fn from_weights(cfg: AfNextConfig, w: &Weights) -> Result<Self> {
         Ok(AfNext {
-            encoder: AudioEncoder::load(&w, &cfg.audio)?,
-            projector: Projector::load(&w, &cfg)?,
-            decoder: Qwen2::load(&w, &cfg.text)?,
+            encoder: AudioEncoder::load(w, &cfg.audio)?,
+            projector: Projector::load(w, &cfg)?,
+            decoder: Qwen2::load(w, &cfg.text)?,
+            dtype: w.dtype(),
+            device: w.device().clone(),
             cfg,
-            dtype,
-            device: device.clone(),
         })
     }
 

@@ -16,16 +16,27 @@ use serde_json::Value;
 use crate::error::{ModelError, Result};
 
 pub struct Weights {
-    st: MmapedSafetensors,
-    names: BTreeSet<String>,
+    source: Source,
     dtype: DType,
     device: Device,
 }
 
+enum Source {
+    /// A checkpoint on disk.
+    Files { st: MmapedSafetensors, names: BTreeSet<String> },
+    /// Random weights of any shape asked for (benchmarks at full size without a checkpoint): matrices
+    /// N(0, 1/fan_in), norm weights 1, biases 0; the lm_head is absent when the embeddings are tied.
+    Random { seed: u64, tied_lm_head: bool },
+}
+
 impl std::fmt::Debug for Weights {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let tensors = match &self.source {
+            Source::Files { names, .. } => names.len().to_string(),
+            Source::Random { seed, .. } => format!("random (seed {seed})"),
+        };
         f.debug_struct("Weights")
-            .field("tensors", &self.names.len())
+            .field("tensors", &tensors)
             .field("dtype", &self.dtype)
             .field("device", &self.device)
             .finish()
@@ -83,11 +94,19 @@ impl Weights {
         let st = unsafe { MmapedSafetensors::multi(&files)? };
         let names = st.tensors().into_iter().map(|(n, _)| n).collect();
         Ok(Weights {
-            st,
-            names,
+            source: Source::Files { st, names },
             dtype,
             device: device.clone(),
         })
+    }
+
+    /// Random weights for any configuration, created on `device` in `dtype` as they are asked for.
+    pub fn random(seed: u64, tied_lm_head: bool, dtype: DType, device: &Device) -> Self {
+        Weights {
+            source: Source::Random { seed, tied_lm_head },
+            dtype,
+            device: device.clone(),
+        }
     }
 
     pub fn dtype(&self) -> DType {
@@ -99,10 +118,22 @@ impl Weights {
 
     /// The stored name of a legacy-layout name, trying every accepted layout.
     fn resolve(&self, name: &str) -> Result<String> {
+        let names = match &self.source {
+            Source::Files { names, .. } => names,
+            Source::Random { tied_lm_head, .. } => {
+                if *tied_lm_head && name == "language_model.lm_head.weight" {
+                    return Err(ModelError::MissingTensor {
+                        name: name.into(),
+                        looked_for: "random weights with tied embeddings".into(),
+                    });
+                }
+                return Ok(name.to_string());
+            }
+        };
         let candidates = candidates(name);
         candidates
             .iter()
-            .find(|c| self.names.contains(c.as_str()))
+            .find(|c| names.contains(c.as_str()))
             .cloned()
             .ok_or_else(|| ModelError::MissingTensor {
                 name: name.to_string(),
@@ -122,7 +153,11 @@ impl Weights {
     /// Loads `name` with the expected `shape` in `dtype`.
     pub fn get_dtype(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
         let stored = self.resolve(name)?;
-        let view = self.st.get(&stored)?;
+        let st = match &self.source {
+            Source::Files { st, .. } => st,
+            Source::Random { seed, .. } => return random_tensor(*seed, name, shape, dtype, &self.device),
+        };
+        let view = st.get(&stored)?;
         if view.shape() != shape {
             return Err(ModelError::ShapeMismatch {
                 name: stored,
@@ -130,8 +165,36 @@ impl Weights {
                 got: view.shape().to_vec(),
             });
         }
-        Ok(self.st.load(&stored, &self.device)?.to_dtype(dtype)?)
+        Ok(st.load(&stored, &self.device)?.to_dtype(dtype)?)
     }
+}
+
+fn random_tensor(seed: u64, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+    let is_norm = name.ends_with("norm.weight") || name.ends_with("layernorm.weight");
+    if is_norm {
+        return Ok(Tensor::ones(shape, dtype, device)?);
+    }
+    if name.ends_with(".bias") {
+        return Ok(Tensor::zeros(shape, dtype, device)?);
+    }
+    // Per-tensor seed: the same name gives the same tensor whatever the load order.
+    let h = name.bytes().fold(seed ^ 0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+    let fan_in: usize = shape.iter().skip(1).product::<usize>().max(1);
+    let std = (1.0 / fan_in as f64).sqrt() as f32;
+    let n: usize = shape.iter().product();
+    // A cheap xorshift uniform in [-sqrt(3) std, sqrt(3) std] (same variance as the normal): generating
+    // billions of values for full-size benchmarks must not take minutes.
+    let mut x = h | 1;
+    let a = std * 3f32.sqrt();
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            ((x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * a
+        })
+        .collect();
+    Ok(Tensor::from_vec(v, shape, &Device::Cpu)?.to_dtype(dtype)?.to_device(device)?)
 }
 
 fn candidates(name: &str) -> Vec<String> {
