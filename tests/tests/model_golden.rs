@@ -342,7 +342,15 @@ fn edge_30_01s_runs_where_transformers_crashes() {
     assert_eq!(r.stages.embeddings().unwrap().dims(), &[750, 64]);
     let mut cache = r.model.new_cache();
     let h = r.model.prefill(&r.embeds, &mut cache, 512, false).unwrap();
-    let logits: Vec<f32> = r.model.decoder.logits(&h).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let logits: Vec<f32> = r
+        .model
+        .decoder
+        .logits(&h)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     assert!(logits.iter().all(|x| x.is_finite()));
 }
 
@@ -357,7 +365,12 @@ fn windows_encode_independently() {
     };
     let wl = f.n_mels * f.frames;
     let w = &f.plan.windows[2];
-    let x = Tensor::from_vec(f.features[2 * wl..3 * wl].to_vec(), (1, f.n_mels, f.frames), &Device::Cpu).unwrap();
+    let x = Tensor::from_vec(
+        f.features[2 * wl..3 * wl].to_vec(),
+        (1, f.n_mels, f.frames),
+        &Device::Cpu,
+    )
+    .unwrap();
     let alone = r.model.encode_windows(&x, &[w.valid_frames], &[2]).unwrap();
     let batched = r.stages.projected.get(2).unwrap();
     let d = host(&alone.projected.squeeze(0).unwrap())

@@ -3,7 +3,7 @@
 //! the machine's memory bandwidth (the decode-at-batch-1 limit). `cargo bench -p afnext-model --bench model`
 //!
 //! Env: AFNEXT_REF_PYTHON / AFNEXT_REF_VENV (the fixture venv of tools/fixtures/run.sh), AFNEXT_BENCH_THREADS
-//! (default 2), AFNEXT_BENCH_QUICK=1 (fewer iterations).
+//! (default 2), AFNEXT_BENCH_QUICK=1 (fewer iterations), AFNEXT_BENCH_SKIP_ENCODER=1 (decoder rows only).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -38,28 +38,18 @@ fn config() -> AfNextConfig {
     AfNextConfig::from_json(&v).expect("bench config")
 }
 
-/// Read bandwidth of this machine: `threads` threads summing a 1 GiB buffer.
-fn bandwidth_gb_s(threads: usize) -> f64 {
-    let n = 1usize << 28;
-    let buf: Vec<f32> = (0..n).map(|i| (i & 7) as f32).collect();
+/// Weight-streaming bandwidth of this machine: the decode kernel's own matrix-vector product over a 1 GiB
+/// f32 matrix (what a decode step does, without anything else around it).
+fn bandwidth_gb_s() -> f64 {
+    let (rows, cols) = (1usize << 14, 1usize << 14);
+    let w = Tensor::ones((rows, cols), DType::F32, &Device::Cpu).unwrap();
+    let x = Tensor::ones((1, cols), DType::F32, &Device::Cpu).unwrap();
     let t = best(3, || {
-        std::thread::scope(|s| {
-            let hs: Vec<_> = buf.chunks(n.div_ceil(threads)).map(|c| s.spawn(move || sum_wide(c))).collect();
-            hs.into_iter().map(|h| h.join().unwrap()).sum::<f32>()
-        })
+        afnext_model::cpu_gemv::try_forward(&x, &w, None)
+            .unwrap()
+            .unwrap()
     });
-    (n * 4) as f64 / t / 1e9
-}
-
-/// A sum with 16 independent accumulators, so the loop is bound by memory, not by one add chain.
-fn sum_wide(x: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    for c in x.chunks_exact(16) {
-        for i in 0..16 {
-            acc[i] += c[i];
-        }
-    }
-    acc.iter().sum()
+    (rows * cols * 4) as f64 / t / 1e9
 }
 
 fn prefill_tok_s(dec: &Qwen2, n: usize, dtype: DType) -> f64 {
@@ -70,10 +60,14 @@ fn prefill_tok_s(dec: &Qwen2, n: usize, dtype: DType) -> f64 {
         let mut last = None;
         for start in (0..n).step_by(512) {
             let len = 512.min(n - start);
-            last = Some(dec.forward(&e.narrow(1, start, len).unwrap(), &mut cache).unwrap());
+            last = Some(
+                dec.forward(&e.narrow(1, start, len).unwrap(), &mut cache)
+                    .unwrap(),
+            );
         }
         let h = last.unwrap();
-        dec.logits(&h.narrow(1, h.dim(1).unwrap() - 1, 1).unwrap()).unwrap()
+        dec.logits(&h.narrow(1, h.dim(1).unwrap() - 1, 1).unwrap())
+            .unwrap()
     });
     n as f64 / secs
 }
@@ -82,12 +76,32 @@ fn decode_tok_s(dec: &Qwen2, steps: usize) -> f64 {
     let prompt: Vec<u32> = (0..100u32).collect();
     let run = || {
         let mut cache = KvCache::new(dec.config().num_hidden_layers);
-        let h = dec.forward(&dec.embed(&prompt).unwrap(), &mut cache).unwrap();
-        let mut tok: u32 = dec.logits(&h.narrow(1, 99, 1).unwrap()).unwrap().argmax(D::Minus1).unwrap().flatten_all().unwrap().to_vec1::<u32>().unwrap()[0];
+        let h = dec
+            .forward(&dec.embed(&prompt).unwrap(), &mut cache)
+            .unwrap();
+        let mut tok: u32 = dec
+            .logits(&h.narrow(1, 99, 1).unwrap())
+            .unwrap()
+            .argmax(D::Minus1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<u32>()
+            .unwrap()[0];
         let t = Instant::now();
         for _ in 0..steps {
-            let h = dec.forward(&dec.embed(&[tok]).unwrap(), &mut cache).unwrap();
-            tok = dec.logits(&h).unwrap().argmax(D::Minus1).unwrap().flatten_all().unwrap().to_vec1::<u32>().unwrap()[0];
+            let h = dec
+                .forward(&dec.embed(&[tok]).unwrap(), &mut cache)
+                .unwrap();
+            tok = dec
+                .logits(&h)
+                .unwrap()
+                .argmax(D::Minus1)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<u32>()
+                .unwrap()[0];
         }
         t.elapsed().as_secs_f64()
     };
@@ -101,24 +115,35 @@ fn ref_python() -> Option<PathBuf> {
     }
     let venv = std::env::var_os("AFNEXT_REF_VENV")
         .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/afnext/ref-venv")))?;
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/afnext/ref-venv"))
+        })?;
     let p = venv.join("bin/python");
     p.exists().then_some(p)
 }
 
 fn main() {
-    let threads: usize = std::env::var("AFNEXT_BENCH_THREADS").ok().and_then(|s| s.parse().ok()).unwrap_or(2);
+    let threads: usize = std::env::var("AFNEXT_BENCH_THREADS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2);
     let quick = std::env::var("AFNEXT_BENCH_QUICK").is_ok();
-    let (enc_iters, n_prefill, n_decode) = if quick { (1, 256, 8) } else { (2, 1000, 32) };
+    let (mut enc_iters, n_prefill, n_decode) = if quick { (1, 256, 8) } else { (2, 1000, 32) };
+    if std::env::var("AFNEXT_BENCH_SKIP_ENCODER").is_ok() {
+        enc_iters = 0;
+    }
     let cfg = config();
     let cpu = Device::Cpu;
     println!("threads {threads} (candle uses all cores it is given: run with RAYON_NUM_THREADS={threads})");
 
     let w = Weights::random(0, true, DType::F32, &cpu);
-    let enc = AudioEncoder::load(&w, &cfg.audio).unwrap();
-    let x = Tensor::randn(0f32, 1.0, (1, 128, 3000), &cpu).unwrap();
-    let enc_s = best(enc_iters, || enc.forward(&x, &[3000]).unwrap());
-    drop(enc);
+    let enc_s = if enc_iters > 0 {
+        let enc = AudioEncoder::load(&w, &cfg.audio).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (1, 128, 3000), &cpu).unwrap();
+        best(enc_iters, || enc.forward(&x, &[3000]).unwrap())
+    } else {
+        f64::NAN
+    };
     let dec32 = Qwen2::load(&w, &cfg.text).unwrap();
     let pre32 = prefill_tok_s(&dec32, n_prefill, DType::F32);
     let dec_tok32 = decode_tok_s(&dec32, n_decode);
@@ -128,13 +153,14 @@ fn main() {
     let pre16 = prefill_tok_s(&dec16, n_prefill, DType::BF16);
     let dec_tok16 = decode_tok_s(&dec16, n_decode);
     drop(dec16);
-    let bw = bandwidth_gb_s(threads);
+    let bw = bandwidth_gb_s();
 
     // Decoder weights read per decode step: every matrix once (the tied embedding as lm_head included).
     let t = &cfg.text;
-    let per_layer = t.hidden_size * (t.num_attention_heads + 2 * t.num_key_value_heads) * t.head_dim
-        + t.num_attention_heads * t.head_dim * t.hidden_size
-        + 3 * t.hidden_size * t.intermediate_size;
+    let per_layer =
+        t.hidden_size * (t.num_attention_heads + 2 * t.num_key_value_heads) * t.head_dim
+            + t.num_attention_heads * t.head_dim * t.hidden_size
+            + 3 * t.hidden_size * t.intermediate_size;
     let params = (t.num_hidden_layers * per_layer + t.vocab_size * t.hidden_size) as f64;
     let roof32 = bw * 1e9 / (params * 4.0);
     let roof16 = bw * 1e9 / (params * 2.0);
@@ -142,7 +168,10 @@ fn main() {
     let a = &cfg.audio;
     let (tpos, dd) = (a.max_source_positions as f64, a.hidden_size as f64);
     let enc_flops = 2.0 * (3000.0 * 128.0 * 3.0 * dd + tpos * dd * 3.0 * dd)
-        + a.num_hidden_layers as f64 * 2.0 * tpos * (4.0 * dd * dd + 2.0 * dd * a.intermediate_size as f64 + 2.0 * tpos * dd);
+        + a.num_hidden_layers as f64
+            * 2.0
+            * tpos
+            * (4.0 * dd * dd + 2.0 * dd * a.intermediate_size as f64 + 2.0 * tpos * dd);
 
     let reference = ref_python().and_then(|py| {
         let o = Command::new(py)
@@ -159,7 +188,9 @@ fn main() {
     let r = |k: &str| reference.as_ref().and_then(|v| v[k].as_f64());
     let fmt = |x: Option<f64>| x.map(|v| format!("{v:.2}")).unwrap_or_else(|| "-".into());
     let ratio = |ours: f64, theirs: Option<f64>, higher_better: bool| {
-        theirs.map(|t| format!("{:.2}x", if higher_better { ours / t } else { t / ours })).unwrap_or_else(|| "-".into())
+        theirs
+            .map(|t| format!("{:.2}x", if higher_better { ours / t } else { t / ours }))
+            .unwrap_or_else(|| "-".into())
     };
     println!("\n| stage | afnext | transformers | afnext speed-up | limit |");
     println!("|---|---:|---:|---:|---|");
@@ -172,8 +203,16 @@ fn main() {
         peak.map(|p| format!("{:.0} %", enc_flops / enc_s / 1e9 / p * 100.0)).unwrap_or_else(|| "-".into()),
         fmt(peak)
     );
-    println!("| prefill {n_prefill} tokens, f32 (tok/s) | {pre32:.1} | {} | {} | compute |", fmt(r("prefill_f32_tok_s")), ratio(pre32, r("prefill_f32_tok_s"), true));
-    println!("| prefill {n_prefill} tokens, bf16 (tok/s) | {pre16:.1} | {} | {} | compute |", fmt(r("prefill_bf16_tok_s")), ratio(pre16, r("prefill_bf16_tok_s"), true));
+    println!(
+        "| prefill {n_prefill} tokens, f32 (tok/s) | {pre32:.1} | {} | {} | compute |",
+        fmt(r("prefill_f32_tok_s")),
+        ratio(pre32, r("prefill_f32_tok_s"), true)
+    );
+    println!(
+        "| prefill {n_prefill} tokens, bf16 (tok/s) | {pre16:.1} | {} | {} | compute |",
+        fmt(r("prefill_bf16_tok_s")),
+        ratio(pre16, r("prefill_bf16_tok_s"), true)
+    );
     println!(
         "| decode batch 1, f32 (tok/s) | {dec_tok32:.2} | {} | {} | {roof32:.1} tok/s roofline ({:.0} % reached) |",
         fmt(r("decode_f32_tok_s")),
@@ -187,12 +226,15 @@ fn main() {
         dec_tok16 / roof16 * 100.0
     );
     println!(
-        "\nmemory read bandwidth {bw:.1} GB/s ({threads} threads); decoder weights {:.2} G params; encoder {:.2} TFLOP/window",
+        "\nweight-streaming bandwidth {bw:.1} GB/s (1 GiB f32 GEMV, {threads} threads); decoder weights {:.2} G params; encoder {:.2} TFLOP/window",
         params / 1e9,
         enc_flops / 1e12
     );
     if let Some(v) = &reference {
-        println!("reference: transformers {}, torch {}, {} threads", v["transformers"], v["torch"], v["threads"]);
+        println!(
+            "reference: transformers {}, torch {}, {} threads",
+            v["transformers"], v["torch"], v["threads"]
+        );
     } else {
         println!("reference not run (no Python with transformers found)");
     }

@@ -209,6 +209,15 @@ impl DecoderLayer {
                 .reshape((b, nh, total, hd))?)
         };
         let (k, v) = (expand(&k)?, expand(&v)?);
+        // On the CPU, bf16 matmuls are far slower than f32 ones: compute attention in f32 there (f32
+        // accumulation, as torch's bf16 matmul does) and round the output back to the activation dtype.
+        let act = q.dtype();
+        let work = if q.device().is_cpu() && act == DType::BF16 {
+            DType::F32
+        } else {
+            act
+        };
+        let (q, k, v) = (q.to_dtype(work)?, k.to_dtype(work)?, v.to_dtype(work)?);
         let scores = (q.matmul(&k.t()?)? * (hd as f64).powf(-0.5))?;
         let scores = if l > 1 {
             scores.broadcast_add(
@@ -217,13 +226,14 @@ impl DecoderLayer {
         } else {
             scores
         };
-        // Softmax in f32, as the reference does, then back to the activation dtype.
+        // Softmax in f32, as the reference does, then back to the working dtype.
         let probs =
-            candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(q.dtype())?;
+            candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(work)?;
         let o = probs
             .matmul(&v.contiguous()?)?
             .transpose(1, 2)?
-            .reshape((b, l, nh * hd))?;
+            .reshape((b, l, nh * hd))?
+            .to_dtype(act)?;
         let h = (h + self.o.forward(&o)?)?;
         let y = self.post_norm.forward(&h)?;
         let m = self

@@ -23,7 +23,10 @@ pub struct Weights {
 
 enum Source {
     /// A checkpoint on disk.
-    Files { st: MmapedSafetensors, names: BTreeSet<String> },
+    Files {
+        st: MmapedSafetensors,
+        names: BTreeSet<String>,
+    },
     /// Random weights of any shape asked for (benchmarks at full size without a checkpoint): matrices
     /// N(0, 1/fan_in), norm weights 1, biases 0; the lm_head is absent when the embeddings are tied.
     Random { seed: u64, tied_lm_head: bool },
@@ -155,7 +158,9 @@ impl Weights {
         let stored = self.resolve(name)?;
         let st = match &self.source {
             Source::Files { st, .. } => st,
-            Source::Random { seed, .. } => return random_tensor(*seed, name, shape, dtype, &self.device),
+            Source::Random { seed, .. } => {
+                return random_tensor(*seed, name, shape, dtype, &self.device)
+            }
         };
         let view = st.get(&stored)?;
         if view.shape() != shape {
@@ -169,7 +174,13 @@ impl Weights {
     }
 }
 
-fn random_tensor(seed: u64, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+fn random_tensor(
+    seed: u64,
+    name: &str,
+    shape: &[usize],
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
     let is_norm = name.ends_with("norm.weight") || name.ends_with("layernorm.weight");
     if is_norm {
         return Ok(Tensor::ones(shape, dtype, device)?);
@@ -178,7 +189,9 @@ fn random_tensor(seed: u64, name: &str, shape: &[usize], dtype: DType, device: &
         return Ok(Tensor::zeros(shape, dtype, device)?);
     }
     // Per-tensor seed: the same name gives the same tensor whatever the load order.
-    let h = name.bytes().fold(seed ^ 0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+    let h = name.bytes().fold(seed ^ 0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
     let fan_in: usize = shape.iter().skip(1).product::<usize>().max(1);
     let std = (1.0 / fan_in as f64).sqrt() as f32;
     let n: usize = shape.iter().product();
@@ -194,7 +207,9 @@ fn random_tensor(seed: u64, name: &str, shape: &[usize], dtype: DType, device: &
             ((x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * a
         })
         .collect();
-    Ok(Tensor::from_vec(v, shape, &Device::Cpu)?.to_dtype(dtype)?.to_device(device)?)
+    Ok(Tensor::from_vec(v, shape, &Device::Cpu)?
+        .to_dtype(dtype)?
+        .to_device(device)?)
 }
 
 fn candidates(name: &str) -> Vec<String> {
