@@ -40,11 +40,11 @@ pub fn try_forward(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Option<
     match w.dtype() {
         DType::F32 => {
             let ws = &cpu.as_slice::<f32>()?[start..start + out_dim * in_dim];
-            gemv(ws, &xs, rows, in_dim, out_dim, &mut y, dot_f32);
+            gemv(ws, &xs, rows, in_dim, out_dim, &mut y, dot::<f32>);
         }
         DType::BF16 => {
             let ws = &cpu.as_slice::<bf16>()?[start..start + out_dim * in_dim];
-            gemv(ws, &xs, rows, in_dim, out_dim, &mut y, dot_bf16);
+            gemv(ws, &xs, rows, in_dim, out_dim, &mut y, dot::<bf16>);
         }
         _ => return Ok(None),
     }
@@ -90,69 +90,50 @@ fn gemv<T: Sync>(
     }
 }
 
-fn dot_f32(w: &[f32], x: &[f32]) -> f32 {
+/// A weight element the kernel can stream: widened to f32 for the multiply-add.
+trait Weight: Copy + Sync {
+    fn widen(self) -> f32;
+}
+
+impl Weight for f32 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+}
+
+impl Weight for bf16 {
+    /// bf16 is the top half of an f32: widening is a 16-bit shift.
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        f32::from_bits(u32::from(self.to_bits()) << 16)
+    }
+}
+
+fn dot<T: Weight>(w: &[T], x: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
         // SAFETY: AVX2 and FMA are present (checked just above).
-        return unsafe { dot_f32_avx2(w, x) };
+        return unsafe { dot_avx2(w, x) };
     }
-    dot_f32_impl(w, x)
+    dot_impl(w, x)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn dot_f32_avx2(w: &[f32], x: &[f32]) -> f32 {
-    dot_f32_impl(w, x)
+unsafe fn dot_avx2<T: Weight>(w: &[T], x: &[f32]) -> f32 {
+    dot_impl(w, x)
 }
 
+/// 16 independent accumulators so the loop is bound by memory, not by one chain of adds.
 #[inline(always)]
-fn dot_f32_impl(w: &[f32], x: &[f32]) -> f32 {
+fn dot_impl<T: Weight>(w: &[T], x: &[f32]) -> f32 {
     let mut acc = [0f32; 16];
     let (wc, xc) = (w.chunks_exact(16), x.chunks_exact(16));
-    let tail: f32 = wc
-        .remainder()
-        .iter()
-        .zip(xc.remainder())
-        .map(|(a, b)| a * b)
-        .sum();
+    let tail: f32 = wc.remainder().iter().zip(xc.remainder()).map(|(a, b)| a.widen() * b).sum();
     for (a, b) in wc.zip(xc) {
         for i in 0..16 {
-            acc[i] = a[i].mul_add(b[i], acc[i]);
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
-fn dot_bf16(w: &[bf16], x: &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: AVX2 and FMA are present (checked just above).
-        return unsafe { dot_bf16_avx2(w, x) };
-    }
-    dot_bf16_impl(w, x)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_bf16_avx2(w: &[bf16], x: &[f32]) -> f32 {
-    dot_bf16_impl(w, x)
-}
-
-#[inline(always)]
-fn dot_bf16_impl(w: &[bf16], x: &[f32]) -> f32 {
-    // bf16 is the top half of an f32: widening is a 16-bit shift.
-    let widen = |v: bf16| f32::from_bits(u32::from(v.to_bits()) << 16);
-    let mut acc = [0f32; 16];
-    let (wc, xc) = (w.chunks_exact(16), x.chunks_exact(16));
-    let tail: f32 = wc
-        .remainder()
-        .iter()
-        .zip(xc.remainder())
-        .map(|(a, b)| widen(*a) * b)
-        .sum();
-    for (a, b) in wc.zip(xc) {
-        for i in 0..16 {
-            acc[i] = widen(a[i]).mul_add(b[i], acc[i]);
+            acc[i] = a[i].widen().mul_add(b[i], acc[i]);
         }
     }
     acc.iter().sum::<f32>() + tail
