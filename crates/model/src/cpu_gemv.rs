@@ -130,7 +130,12 @@ unsafe fn dot_avx2<T: Weight>(w: &[T], x: &[f32]) -> f32 {
 fn dot_impl<T: Weight>(w: &[T], x: &[f32]) -> f32 {
     let mut acc = [0f32; 16];
     let (wc, xc) = (w.chunks_exact(16), x.chunks_exact(16));
-    let tail: f32 = wc.remainder().iter().zip(xc.remainder()).map(|(a, b)| a.widen() * b).sum();
+    let tail: f32 = wc
+        .remainder()
+        .iter()
+        .zip(xc.remainder())
+        .map(|(a, b)| a.widen() * b)
+        .sum();
     for (a, b) in wc.zip(xc) {
         for i in 0..16 {
             acc[i] = a[i].widen().mul_add(b[i], acc[i]);
