@@ -4,6 +4,8 @@
 
 use candle_core::{DType, Device, Tensor};
 
+pub use afnext_audio::{conv_len, tokens_for_frames};
+
 use crate::config::AudioConfig;
 use crate::error::{ModelError, Result};
 use crate::linear::ParallelLinear;
@@ -182,27 +184,8 @@ fn key_mask(valid_frames: &[usize], t: usize, dtype: DType, device: &Device) -> 
     };
     let mut m = vec![0f32; valid_frames.len() * t];
     for (row, &f) in m.chunks_mut(t).zip(valid_frames) {
-        let lc = afnext_conv_len(f);
+        let lc = conv_len(f);
         row[lc.min(t)..].fill(min);
     }
     Ok(Tensor::from_vec(m, (valid_frames.len(), 1, 1, t), device)?.to_dtype(dtype)?)
-}
-
-/// Valid positions after conv2 (stride 2): `(F - 1) // 2 + 1`.
-pub fn afnext_conv_len(valid_frames: usize) -> usize {
-    if valid_frames == 0 {
-        0
-    } else {
-        (valid_frames - 1) / 2 + 1
-    }
-}
-
-/// Audio tokens a window yields: `(conv_len - 2) // 2 + 1`, floored at 0.
-pub fn tokens_for_frames(valid_frames: usize) -> usize {
-    let c = afnext_conv_len(valid_frames);
-    if c < 2 {
-        0
-    } else {
-        (c - 2) / 2 + 1
-    }
 }
