@@ -3,7 +3,9 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use afnext_audio::{decode_bytes, AudioError, Frontend, FrontendConfig, Overflow};
+use afnext_audio::{
+    decode_bytes, encode_wav, AudioError, Frontend, FrontendConfig, Overflow, WavFormat,
+};
 use afnext_e2e::{ckpt, fixtures_dir};
 use afnext_prompt::{prepare, AudioSource, Conversation, PromptError, PromptProcessor};
 
@@ -32,31 +34,18 @@ fn audio_error(data: Vec<u8>, hint: Option<&str>) -> (AudioError, String) {
     }
 }
 
-/// A 16-bit or float32 PCM wav in memory.
+/// A 16-bit or float32 mono wav in memory.
 fn wav(samples: &[f32], rate: u32, float: bool) -> Vec<u8> {
-    let bps: u16 = if float { 32 } else { 16 };
-    let data_len = samples.len() as u32 * u32::from(bps / 8);
-    let mut v = Vec::with_capacity(44 + data_len as usize);
-    v.extend_from_slice(b"RIFF");
-    v.extend_from_slice(&(36 + data_len).to_le_bytes());
-    v.extend_from_slice(b"WAVEfmt ");
-    v.extend_from_slice(&16u32.to_le_bytes());
-    v.extend_from_slice(&(if float { 3u16 } else { 1u16 }).to_le_bytes());
-    v.extend_from_slice(&1u16.to_le_bytes());
-    v.extend_from_slice(&rate.to_le_bytes());
-    v.extend_from_slice(&(rate * u32::from(bps / 8)).to_le_bytes());
-    v.extend_from_slice(&(bps / 8).to_le_bytes());
-    v.extend_from_slice(&bps.to_le_bytes());
-    v.extend_from_slice(b"data");
-    v.extend_from_slice(&data_len.to_le_bytes());
-    for &s in samples {
+    encode_wav(
+        samples,
+        rate,
+        1,
         if float {
-            v.extend_from_slice(&s.to_le_bytes());
+            WavFormat::Float32
         } else {
-            v.extend_from_slice(&((s * 32767.0) as i16).to_le_bytes());
-        }
-    }
-    v
+            WavFormat::Pcm16
+        },
+    )
 }
 
 #[test]

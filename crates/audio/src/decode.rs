@@ -202,32 +202,15 @@ fn codec_name(codec: symphonia::core::codecs::CodecType) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wav::{encode_wav, WavFormat};
 
-    /// A minimal PCM wav writer for tests (16-bit or float32).
     fn wav(samples: &[f32], rate: u32, channels: u16, float: bool) -> Vec<u8> {
-        let bps: u16 = if float { 32 } else { 16 };
-        let data_len = samples.len() as u32 * u32::from(bps / 8);
-        let mut v = Vec::new();
-        v.extend_from_slice(b"RIFF");
-        v.extend_from_slice(&(36 + data_len).to_le_bytes());
-        v.extend_from_slice(b"WAVEfmt ");
-        v.extend_from_slice(&16u32.to_le_bytes());
-        v.extend_from_slice(&(if float { 3u16 } else { 1u16 }).to_le_bytes());
-        v.extend_from_slice(&channels.to_le_bytes());
-        v.extend_from_slice(&rate.to_le_bytes());
-        v.extend_from_slice(&(rate * u32::from(channels) * u32::from(bps / 8)).to_le_bytes());
-        v.extend_from_slice(&(channels * bps / 8).to_le_bytes());
-        v.extend_from_slice(&bps.to_le_bytes());
-        v.extend_from_slice(b"data");
-        v.extend_from_slice(&data_len.to_le_bytes());
-        for &s in samples {
-            if float {
-                v.extend_from_slice(&s.to_le_bytes());
-            } else {
-                v.extend_from_slice(&((s * 32768.0) as i16).to_le_bytes());
-            }
-        }
-        v
+        let f = if float {
+            WavFormat::Float32
+        } else {
+            WavFormat::Pcm16
+        };
+        encode_wav(samples, rate, channels, f)
     }
 
     #[test]

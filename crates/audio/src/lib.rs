@@ -8,6 +8,7 @@ pub mod error;
 pub mod frontend;
 pub mod mel;
 pub mod resample;
+pub mod wav;
 
 pub use decode::{decode_bytes, decode_file, DecodedAudio};
 pub use error::{AudioError, Result};
@@ -16,6 +17,7 @@ pub use frontend::{
     FrontendConfig, Overflow, WindowPlan, WindowSpec,
 };
 pub use resample::resample;
+pub use wav::{encode_wav, WavFormat};
 
 /// Decodes a file or in-memory bytes and returns mono samples at `cfg.sampling_rate`, checked for NaN/inf.
 /// A file already at the model rate with one channel passes through bit-exact.
