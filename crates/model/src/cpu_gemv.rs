@@ -112,6 +112,13 @@ impl Weight for bf16 {
 
 fn dot<T: Weight>(w: &[T], x: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+    {
+        // SAFETY: AVX-512 F and BW are present (checked just above).
+        return unsafe { dot_avx512(w, x) };
+    }
+    #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
         // SAFETY: AVX2 and FMA are present (checked just above).
         return unsafe { dot_avx2(w, x) };
@@ -122,6 +129,13 @@ fn dot<T: Weight>(w: &[T], x: &[f32]) -> f32 {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dot_avx2<T: Weight>(w: &[T], x: &[f32]) -> f32 {
+    dot_impl(w, x)
+}
+
+/// The same loop in 512-bit registers: one widening load and one FMA per 16 weights.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,fma")]
+unsafe fn dot_avx512<T: Weight>(w: &[T], x: &[f32]) -> f32 {
     dot_impl(w, x)
 }
 
