@@ -35,6 +35,15 @@ pub fn afnext_bin() -> PathBuf {
     bin
 }
 
+/// A fresh, empty directory for one test (`tag` keeps concurrent tests apart; the process id keeps
+/// concurrent test binaries apart). Left behind for inspection; the next run of the same test replaces it.
+pub fn tempdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("afnext-e2e-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("create a temporary directory");
+    d
+}
+
 /// A tiny random checkpoint (`tiny-a` or `tiny-b`).
 pub fn ckpt(name: &str) -> PathBuf {
     fixtures_dir().join("ckpt").join(name)

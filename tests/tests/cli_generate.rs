@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use afnext_e2e::{afnext_bin, ckpt, fixtures_dir, get, load_tensors};
+use afnext_e2e::{afnext_bin, ckpt, fixtures_dir, get, load_tensors, tempdir};
 
 fn afnext(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
     let mut c = Command::new(afnext_bin());
@@ -136,8 +136,7 @@ fn streamed_text_equals_json_text_and_sampling_is_seeded() {
 /// A hub id resolves from the standard cache layout with HF_HUB_OFFLINE=1 (no network here).
 #[test]
 fn hub_id_from_offline_cache() {
-    let home = std::env::temp_dir().join(format!("afnext-hf-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&home);
+    let home = tempdir("hf-home");
     let repo = home.join("hub/models--afnext-test--tiny-a");
     let rev = "0123456789abcdef0123456789abcdef01234567";
     let snap = repo.join("snapshots").join(rev);

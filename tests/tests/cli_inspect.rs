@@ -3,7 +3,9 @@
 
 use std::process::Command;
 
-use afnext_e2e::{afnext_bin, assert_close, ckpt, fixtures_dir, get, load_tensors, reference};
+use afnext_e2e::{
+    afnext_bin, assert_close, ckpt, fixtures_dir, get, load_tensors, reference, tempdir,
+};
 
 fn inspect(args: &[&str]) -> std::process::Output {
     Command::new(afnext_bin())
@@ -15,7 +17,7 @@ fn inspect(args: &[&str]) -> std::process::Output {
 
 #[test]
 fn conversation_file_gives_reference_tensors() {
-    let dir = tempdir();
+    let dir = tempdir("inspect-conv");
     let out = dir.join("speech_40s.safetensors");
     let conv = fixtures_dir().join("speech_40s.conversation.json");
     let o = inspect(&[
@@ -61,7 +63,7 @@ fn conversation_file_gives_reference_tensors() {
 
 #[test]
 fn audio_and_prompt_flags_equal_the_conversation() {
-    let dir = tempdir();
+    let dir = tempdir("inspect-flags");
     let out = dir.join("speech_7s.safetensors");
     let o = inspect(&[
         "--model",
@@ -89,7 +91,7 @@ fn audio_and_prompt_flags_equal_the_conversation() {
 
 #[test]
 fn bad_inputs_exit_non_zero_with_a_message() {
-    let dir = tempdir();
+    let dir = tempdir("inspect-bad");
     let junk = dir.join("junk.wav");
     std::fs::write(&junk, b"RIFF\x10\x00\x00\x00WAVEfmt garbage").unwrap();
     let bad_conv = dir.join("bad.json");
@@ -129,16 +131,4 @@ fn bad_inputs_exit_non_zero_with_a_message() {
         assert!(stderr.contains(want), "{args:?}: {stderr}");
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
-}
-
-/// A fresh directory under the target dir (no extra crate needed; removed at the next run).
-fn tempdir() -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!(
-        "afnext-e2e-{}-{:?}",
-        std::process::id(),
-        std::thread::current().id()
-    ));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
 }

@@ -2,22 +2,15 @@
 //! mis-shaped tensor; RoTE and RoPE tables against transformers and the spec's bit-exact tables.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use afnext_e2e::{ckpt, fixtures_dir, get, load_tensors, Tensor as FxTensor};
+use afnext_e2e::{ckpt, fixtures_dir, get, load_tensors, tempdir, Tensor as FxTensor};
 use afnext_model::config::RoteConfig;
 use afnext_model::decoder::Rope;
 use afnext_model::{rote, AfNext, ModelError};
 use candle_core::{DType, Device, Tensor};
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
-
-fn tempdir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("afnext-load-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 /// Copies tiny-a into `dst`, rewriting its weights through `map` (return None to drop a tensor) into `shards`
 /// files (with an index when more than one).
@@ -106,7 +99,7 @@ fn logits(dir: &Path, dtype: DType) -> Vec<f32> {
 #[test]
 fn sharded_in_memory_layout_equals_single_file() {
     let base = logits(&ckpt("tiny-a"), DType::F32);
-    let d = tempdir("sharded");
+    let d = tempdir("load-sharded");
     rewrite(&d, 3, |n, t| Some((in_memory_name(n), t.clone())));
     assert!(d.join("model-00002-of-00003.safetensors").exists());
     assert_eq!(logits(&d, DType::F32), base);
@@ -114,7 +107,7 @@ fn sharded_in_memory_layout_equals_single_file() {
 
 #[test]
 fn bf16_weights_load_in_f32_and_bf16() {
-    let d = tempdir("bf16");
+    let d = tempdir("load-bf16");
     rewrite(&d, 1, |n, t| Some((n.to_string(), to_bf16(t))));
     let base = logits(&ckpt("tiny-a"), DType::F32);
     let up = logits(&d, DType::F32);
@@ -133,7 +126,7 @@ fn bf16_weights_load_in_f32_and_bf16() {
 
 #[test]
 fn missing_tensor_is_named() {
-    let d = tempdir("missing");
+    let d = tempdir("load-missing");
     rewrite(&d, 1, |n, t| {
         (n != "language_model.model.norm.weight").then(|| (n.to_string(), t.clone()))
     });
@@ -147,7 +140,7 @@ fn missing_tensor_is_named() {
 
 #[test]
 fn misshaped_tensor_names_both_shapes() {
-    let d = tempdir("shape");
+    let d = tempdir("load-shape");
     rewrite(&d, 1, |n, t| {
         let mut t = t.clone();
         if n == "audio_tower.layers.1.fc1.weight" {

@@ -3,14 +3,12 @@
 
 use std::path::{Path, PathBuf};
 
-use afnext_e2e::ckpt;
+use afnext_e2e::{ckpt, tempdir};
 use afnext_prompt::{Conversation, PromptProcessor};
 
 /// tiny-a's processor files without its `chat_template.jinja`.
 fn checkpoint_without_template(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("afnext-template-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
+    let d = tempdir(&format!("template-{tag}"));
     for f in [
         "tokenizer.json",
         "tokenizer_config.json",

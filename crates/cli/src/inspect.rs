@@ -44,7 +44,7 @@ pub fn run(args: InspectArgs) -> Result<()> {
     let frames = fcfg.frames_per_window();
 
     let has_weights = weight_files(&dir).is_ok() && dir.join("config.json").exists();
-    let (prepared, model_stages) = if has_weights {
+    let (prepared, features, model_stages) = if has_weights {
         let model = AfNext::load(&dir, args.model.dtype.dtype(), &args.model.device()?)?;
         let enc = pipeline::encode(&proc, &model, &conv, args.input.overflow(), args.threads)?;
         let mut stages = HashMap::new();
@@ -91,22 +91,24 @@ pub fn run(args: InspectArgs) -> Result<()> {
             "gen_greedy_ids".to_string(),
             Tensor::from_vec(ids.clone(), ids.len(), &cpu)?,
         );
-        (enc.prepared, stages)
+        (enc.prepared, enc.features, stages)
     } else {
         eprintln!(
             "{} has no weights: writing the processor outputs only",
             dir.display()
         );
-        (
-            prepare(&proc, &conv, args.input.overflow())?,
-            HashMap::new(),
-        )
+        let prepared = prepare(&proc, &conv, args.input.overflow())?;
+        let frontend = Frontend::new(&fcfg)?;
+        let features = prepared
+            .audios
+            .iter()
+            .map(|a| afnext_prompt::prepare::features(&frontend, a, args.threads))
+            .collect::<Result<Vec<_>, _>>()?;
+        (prepared, features, HashMap::new())
     };
 
-    let frontend = Frontend::new(&fcfg)?;
     let (mut feats, mut mask, mut windows) = (Vec::new(), Vec::new(), 0);
-    for (i, audio) in prepared.audios.iter().enumerate() {
-        let f = afnext_prompt::prepare::features(&frontend, audio, args.threads)?;
+    for (i, (audio, f)) in prepared.audios.iter().zip(&features).enumerate() {
         windows += f.plan.windows.len();
         feats.extend_from_slice(&f.features);
         mask.extend_from_slice(&f.mask);

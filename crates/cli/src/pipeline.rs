@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use afnext_audio::{Frontend, Overflow};
+use afnext_audio::{AudioFeatures, Frontend, Overflow};
 use afnext_model::{AfNext, AudioStages};
 use afnext_prompt::{prepare, Conversation, PreparedPrompt, PromptProcessor};
 use anyhow::Result;
@@ -18,6 +18,8 @@ pub struct Encoded {
     pub stages: Vec<AudioStages>,
     /// (1, l, h).
     pub embeds: Tensor,
+    /// Log-mel features of each audio part (what the encoder was given).
+    pub features: Vec<AudioFeatures>,
     pub frontend_time: Duration,
     pub encode_time: Duration,
 }
@@ -82,6 +84,7 @@ pub fn encode(
         prepared,
         stages,
         embeds,
+        features: feats,
         frontend_time,
         encode_time: t1.elapsed(),
     })
