@@ -118,15 +118,15 @@ fn streaming_never_splits_a_multibyte_character() {
     let ids = tok.encode(text, false).unwrap().get_ids().to_vec();
     // The tiny BPE has few merges: the em dash, é and the emoji are several byte tokens each.
     assert!(ids.len() > text.chars().count(), "{ids:?}");
-    let mut d = IncrementalDecoder::new(tok);
+    let mut d = IncrementalDecoder::new();
     let mut out = String::new();
     for &id in &ids {
-        if let Some(delta) = d.push(id).unwrap() {
+        if let Some(delta) = d.push(tok, id).unwrap() {
             assert!(!delta.contains('\u{FFFD}'), "split character in {delta:?}");
             out.push_str(&delta);
         }
     }
-    out.push_str(&d.finish().unwrap());
+    out.push_str(&d.finish(tok).unwrap());
     assert_eq!(out, text);
 }
 

@@ -14,7 +14,7 @@ use rayon::prelude::*;
 use crate::error::Result;
 
 /// Largest number of activation rows handled here (decode steps of a few sequences).
-pub const MAX_ROWS: usize = 4;
+pub const MAX_ROWS: usize = 16;
 /// Output rows per rayon task: enough work per task to hide scheduling, small enough to balance two cores.
 const BLOCK: usize = 64;
 

@@ -9,6 +9,7 @@ use candle_core::{DType, Device, Tensor, D};
 use crate::config::TextConfig;
 use crate::error::Result;
 use crate::linear::ParallelLinear;
+use crate::paged::{self, PagedKv, SeqStep, StepIndex};
 use crate::weights::Weights;
 
 /// `x * rsqrt(mean(x^2) + eps)` in f32, cast back to the activation dtype, then times the weight.
@@ -61,10 +62,21 @@ impl Rope {
         dtype: DType,
         dev: &Device,
     ) -> Result<(Tensor, Tensor)> {
+        self.tables_at(start..start + len, dtype, dev)
+    }
+
+    /// cos, sin of shape (n, head_dim) for the given positions, in `dtype`.
+    fn tables_at(
+        &self,
+        positions: impl ExactSizeIterator<Item = usize>,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<(Tensor, Tensor)> {
         let half = self.inv.len();
+        let len = positions.len();
         let mut c = Vec::with_capacity(len * 2 * half);
         let mut s = Vec::with_capacity(len * 2 * half);
-        for p in start..start + len {
+        for p in positions {
             let pf = p as f32;
             for _ in 0..2 {
                 for &f in &self.inv {
@@ -79,7 +91,8 @@ impl Rope {
         Ok((c, s))
     }
 
-    /// `x * cos + rotate_half(x) * sin`, `x`: (b, heads, len, head_dim).
+    /// `x * cos + rotate_half(x) * sin`, `x`: (b, heads, len, head_dim) with cos/sin (len, head_dim), or
+    /// (rows, heads, head_dim) with cos/sin (rows, 1, head_dim).
     fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         let hd = x.dim(D::Minus1)?;
         let x1 = x.narrow(D::Minus1, 0, hd / 2)?;
@@ -243,6 +256,44 @@ impl DecoderLayer {
     }
 }
 
+impl DecoderLayer {
+    /// One layer over the rows `h` `[T, hidden]` of a batched step (see [`crate::paged`]).
+    fn forward_paged(
+        &self,
+        h: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        seqs: &[SeqStep],
+        index: &StepIndex,
+        kv: (&Tensor, &Tensor),
+        c: &TextConfig,
+    ) -> Result<Tensor> {
+        let t = h.dim(0)?;
+        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let y = self.input_norm.forward(h)?;
+        let q = Rope::apply(&self.q.forward(&y)?.reshape((t, nh, hd))?, cos, sin)?;
+        let k = Rope::apply(&self.k.forward(&y)?.reshape((t, nkv, hd))?, cos, sin)?;
+        let v = self.v.forward(&y)?;
+        kv.0
+            .scatter_set(&index.write, &k.reshape((t, nkv * hd))?.contiguous()?, 0)?;
+        kv.1.scatter_set(&index.write, &v.contiguous()?, 0)?;
+        let mut outs = Vec::with_capacity(seqs.len());
+        let mut row = 0;
+        for (s, chunks) in seqs.iter().zip(&index.read) {
+            let qs = q.narrow(0, row, s.len)?.transpose(0, 1)?.contiguous()?;
+            outs.push(paged::attend(&qs, s.start, chunks, kv, c)?);
+            row += s.len;
+        }
+        let o = Tensor::cat(&outs, 0)?;
+        let h = (h + self.o.forward(&o)?)?;
+        let y = self.post_norm.forward(&h)?;
+        let m = self
+            .down
+            .forward(&(candle_nn::ops::silu(&self.gate.forward(&y)?)? * self.up.forward(&y)?)?)?;
+        Ok((h + m)?)
+    }
+}
+
 /// (l, total) additive mask: query i (position start + i) sees keys 0..=start + i.
 fn causal_mask(l: usize, start: usize, total: usize, dev: &Device) -> Result<Tensor> {
     let m: Vec<f32> = (0..l)
@@ -330,6 +381,47 @@ impl Qwen2 {
             h = layer.forward(&h, &cos, &sin, slot, &self.cfg)?;
         }
         self.norm.forward(&h)
+    }
+
+    /// A batched step over the paged cache: `embeds` `[T, hidden]` holds the new rows of every sequence of
+    /// `seqs`, in order. Writes their keys and values into `kv` and returns the hidden states after the final
+    /// norm, `[T, hidden]`.
+    pub fn forward_paged(
+        &self,
+        embeds: &Tensor,
+        seqs: &[SeqStep],
+        kv: &PagedKv,
+    ) -> Result<Tensor> {
+        let t = embeds.dim(0)?;
+        let rows: usize = seqs.iter().map(|s| s.len).sum();
+        if rows != t {
+            return Err(crate::ModelError::Input(format!(
+                "step has {t} rows but its sequences cover {rows}"
+            )));
+        }
+        let c = &self.cfg;
+        let positions: Vec<usize> = seqs.iter().flat_map(|s| s.start..s.context_len()).collect();
+        let (cos, sin) = self
+            .rope
+            .tables_at(positions.into_iter(), embeds.dtype(), embeds.device())?;
+        let (cos, sin) = (cos.unsqueeze(1)?, sin.unsqueeze(1)?);
+        let index = StepIndex::new(
+            seqs,
+            kv,
+            c.num_key_value_heads * c.head_dim,
+            embeds.device(),
+        )?;
+        let mut h = embeds.clone();
+        for (i, layer) in self.layers.iter().enumerate() {
+            h = layer.forward_paged(&h, &cos, &sin, seqs, &index, kv.layer(i), c)?;
+        }
+        self.norm.forward(&h)
+    }
+
+    /// Token embeddings `[n, hidden]` (no batch dimension).
+    pub fn embed_rows(&self, ids: &[u32]) -> Result<Tensor> {
+        let idx = Tensor::from_slice(ids, ids.len(), self.embed.device())?;
+        Ok(self.embed.index_select(&idx, 0)?)
     }
 
     /// Logits (…, vocab) in f32 of hidden states (…, h).

@@ -57,35 +57,30 @@ pub struct Generation {
 
 /// Turns ids into text incrementally: a delta is released only when it does not end in an incomplete
 /// UTF-8 sequence (the tokenizer's byte-level decoder yields U+FFFD for those).
-#[derive(Debug)]
-pub struct IncrementalDecoder<'a> {
-    tok: &'a Tokenizer,
+///
+/// It holds no tokenizer (the caller passes it to each call), so a server can keep one per request.
+#[derive(Debug, Default, Clone)]
+pub struct IncrementalDecoder {
     ids: Vec<u32>,
     prefix: usize,
     read: usize,
 }
 
-impl<'a> IncrementalDecoder<'a> {
-    pub fn new(tok: &'a Tokenizer) -> Self {
-        IncrementalDecoder {
-            tok,
-            ids: Vec::new(),
-            prefix: 0,
-            read: 0,
-        }
-    }
+fn decode(tok: &Tokenizer, ids: &[u32]) -> Result<String> {
+    tok.decode(ids, true)
+        .map_err(|e| ModelError::Tokenizer(e.to_string()))
+}
 
-    fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.tok
-            .decode(ids, true)
-            .map_err(|e| ModelError::Tokenizer(e.to_string()))
+impl IncrementalDecoder {
+    pub fn new() -> Self {
+        Self::default()
     }
 
     /// Adds one id; returns the newly complete text, if any.
-    pub fn push(&mut self, id: u32) -> Result<Option<String>> {
+    pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Result<Option<String>> {
         self.ids.push(id);
-        let before = self.decode(&self.ids[self.prefix..self.read])?;
-        let now = self.decode(&self.ids[self.prefix..])?;
+        let before = decode(tok, &self.ids[self.prefix..self.read])?;
+        let now = decode(tok, &self.ids[self.prefix..])?;
         if now.len() > before.len() && !now.ends_with('\u{FFFD}') && now.starts_with(&before) {
             let delta = now[before.len()..].to_string();
             self.prefix = self.read;
@@ -97,9 +92,9 @@ impl<'a> IncrementalDecoder<'a> {
     }
 
     /// Whatever is still held back (an incomplete character at the very end is emitted as U+FFFD).
-    pub fn finish(&mut self) -> Result<String> {
-        let before = self.decode(&self.ids[self.prefix..self.read])?;
-        let now = self.decode(&self.ids[self.prefix..])?;
+    pub fn finish(&mut self, tok: &Tokenizer) -> Result<String> {
+        let before = decode(tok, &self.ids[self.prefix..self.read])?;
+        let now = decode(tok, &self.ids[self.prefix..])?;
         self.prefix = self.ids.len();
         self.read = self.ids.len();
         Ok(now.get(before.len()..).unwrap_or("").to_string())
@@ -179,7 +174,7 @@ pub fn generate(
     let mut logits = model.decoder.logits(&last)?.squeeze(0)?.squeeze(0)?;
     let prefill_time = t0.elapsed();
     let t1 = Instant::now();
-    let mut detok = IncrementalDecoder::new(tokenizer);
+    let mut detok = IncrementalDecoder::new();
     let mut stops = StopMatcher::new(&params.stop_strings);
     let mut text = String::new();
     let mut ids = Vec::new();
@@ -197,7 +192,7 @@ pub fn generate(
         }
         ids.push(id);
         sampler.observe(id);
-        if let Some(delta) = detok.push(id)? {
+        if let Some(delta) = detok.push(tokenizer, id)? {
             let (out, hit) = stops.push(&delta);
             if !out.is_empty() {
                 on_text(&out);
@@ -216,7 +211,7 @@ pub fn generate(
         logits = model.decoder.logits(&h)?.squeeze(0)?.squeeze(0)?;
     }
     if finish != FinishReason::StopString {
-        let (out, hit) = stops.push(&detok.finish()?);
+        let (out, hit) = stops.push(&detok.finish(tokenizer)?);
         let mut tail = out;
         if hit {
             finish = FinishReason::StopString;

@@ -13,6 +13,7 @@ pub mod hub;
 pub mod inv_freq;
 pub mod linear;
 pub mod model;
+pub mod paged;
 pub mod rote;
 pub mod sampling;
 pub mod weights;

@@ -173,6 +173,42 @@ impl AfNext {
         Ok(all.index_select(&idx, 0)?.unsqueeze(0)?)
     }
 
+    /// Embeddings `[n, h]` of prompt ids where the k-th `<sound>` of `ids` takes row `first_audio_row + k` of
+    /// `audio` (the engine embeds a prompt chunk by chunk).
+    pub fn embed_rows_with_audio(
+        &self,
+        ids: &[u32],
+        audio: Option<&Tensor>,
+        first_audio_row: usize,
+    ) -> Result<Tensor> {
+        let text = self.decoder.embed_rows(ids)?;
+        let n = ids.iter().filter(|&&id| id == self.cfg.audio_token_id).count();
+        if n == 0 {
+            return Ok(text);
+        }
+        let audio = match audio {
+            Some(a) if first_audio_row + n <= a.dim(0)? => a,
+            _ => {
+                return Err(ModelError::Input(format!(
+                    "{n} audio positions from audio row {first_audio_row} have no embeddings"
+                )))
+            }
+        };
+        let l = ids.len() as u32;
+        let mut idx: Vec<u32> = (0..l).collect();
+        let mut k = 0u32;
+        for (p, &id) in ids.iter().enumerate() {
+            if id == self.cfg.audio_token_id {
+                idx[p] = l + k;
+                k += 1;
+            }
+        }
+        let rows = audio.narrow(0, first_audio_row, n)?.to_dtype(text.dtype())?;
+        let all = Tensor::cat(&[&text, &rows], 0)?;
+        let idx = Tensor::from_vec(idx, ids.len(), &self.device)?;
+        Ok(all.index_select(&idx, 0)?)
+    }
+
     /// Prefills `embeds` (1, l, h) in chunks of at most `chunk` positions (bounded attention memory), returning
     /// the hidden states after the final norm of the positions selected by `keep` (all when `None`, else the
     /// last one only).

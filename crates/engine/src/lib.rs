@@ -1,0 +1,4 @@
+//! The serving engine.
+
+pub mod block;
+pub mod scheduler;
