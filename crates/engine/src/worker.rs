@@ -1,0 +1,380 @@
+//! The step loop: one thread that owns the scheduler and the paged KV cache, runs one batched forward per
+//! step, samples, and streams events. Commands (new requests, cancellation wake-ups, shutdown) arrive on a
+//! channel and are drained between steps, so cancellation frees blocks before the next forward.
+
+use std::collections::HashMap;
+use std::sync::mpsc as std_mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use afnext_model::paged::{PagedKv, SeqStep};
+use afnext_model::{AfNext, FinishReason, IncrementalDecoder, Sampler, StopMatcher};
+use afnext_prompt::PromptProcessor;
+use candle_core::Tensor;
+
+use crate::engine::{Event, Job, Shared, Summary, Timings};
+use crate::error::{EngineError, Result};
+use crate::scheduler::{AddError, Scheduler, SeqSpec, Step};
+
+/// A request whose audio is encoded, ready for the scheduler.
+#[derive(Debug)]
+pub(crate) struct Ready {
+    pub job: Job,
+    pub audio: Option<Tensor>,
+}
+
+#[derive(Debug)]
+pub(crate) enum Command {
+    Add(Box<Ready>),
+    /// Something changed (a cancellation flag): look again.
+    Wake,
+    /// Fail everything in flight (end of the shutdown grace period).
+    CancelAll,
+    Stop,
+}
+
+struct Active {
+    job: Job,
+    audio: Option<Tensor>,
+    /// `audio_before[p]`: `<sound>` positions in `prompt_ids[..p]` (the audio row of the next one).
+    audio_before: Vec<u32>,
+    generated: Vec<u32>,
+    sampler: Sampler,
+    detok: IncrementalDecoder,
+    stops: StopMatcher,
+    ready_at: Instant,
+    admitted_at: Option<Instant>,
+    first_token_at: Option<Instant>,
+}
+
+pub(crate) struct Worker {
+    model: Arc<AfNext>,
+    proc: Arc<PromptProcessor>,
+    eos: Vec<u32>,
+    sched: Scheduler,
+    kv: PagedKv,
+    shared: Arc<Shared>,
+    active: HashMap<u64, Active>,
+}
+
+impl Worker {
+    pub fn new(
+        model: Arc<AfNext>,
+        proc: Arc<PromptProcessor>,
+        eos: Vec<u32>,
+        sched: Scheduler,
+        kv: PagedKv,
+        shared: Arc<Shared>,
+    ) -> Self {
+        Worker {
+            model,
+            proc,
+            eos,
+            sched,
+            kv,
+            shared,
+            active: HashMap::new(),
+        }
+    }
+
+    pub fn run(mut self, rx: std_mpsc::Receiver<Command>) {
+        loop {
+            // Block while idle; otherwise only drain what is already there.
+            let first = if self.active.is_empty() {
+                match rx.recv() {
+                    Ok(c) => Some(c),
+                    Err(_) => return,
+                }
+            } else {
+                None
+            };
+            for cmd in first.into_iter().chain(rx.try_iter()) {
+                match cmd {
+                    Command::Add(r) => self.add(*r),
+                    Command::Wake => {}
+                    Command::CancelAll => {
+                        let ids: Vec<u64> = self.active.keys().copied().collect();
+                        for id in ids {
+                            self.fail(id, EngineError::ShuttingDown);
+                        }
+                    }
+                    Command::Stop => return,
+                }
+            }
+            self.reap_cancelled();
+            if self.active.is_empty() {
+                self.publish(false);
+                continue;
+            }
+            let step = self.sched.schedule(Instant::now());
+            for id in &step.expired {
+                self.fail(*id, EngineError::DeadlineExceeded);
+            }
+            if step.items.is_empty() {
+                self.publish(false);
+                // Nothing runnable (e.g. waiting for blocks held by nobody runnable): avoid spinning.
+                std::thread::sleep(Duration::from_millis(2));
+                continue;
+            }
+            if let Err(e) = self.run_step(&step) {
+                for it in &step.items {
+                    self.fail(it.id, EngineError::Internal(format!("step failed: {e}")));
+                }
+            }
+            self.publish(true);
+        }
+    }
+
+    fn add(&mut self, r: Ready) {
+        let job = r.job;
+        if job.cancelled() {
+            let _ = job.tx.send(Event::Failed(EngineError::Cancelled));
+            return;
+        }
+        let spec = SeqSpec {
+            id: job.id,
+            keys: job.keys.clone(),
+            max_new_tokens: job.max_new_tokens,
+            arrival: job.submitted,
+            deadline: job.deadline,
+        };
+        if let Err(e) = self.sched.add(spec) {
+            let err = match e {
+                AddError::QueueFull { limit } => EngineError::QueueFull { limit },
+                AddError::TooLarge { needed, capacity } => EngineError::TooLong {
+                    what: "prompt tokens + max_new_tokens",
+                    got: needed,
+                    limit: capacity,
+                },
+                AddError::Duplicate(id) => EngineError::Internal(format!("duplicate request {id}")),
+            };
+            let _ = job.tx.send(Event::Failed(err));
+            return;
+        }
+        let mut audio_before = Vec::with_capacity(job.prompt_ids.len() + 1);
+        let mut n = 0u32;
+        audio_before.push(0);
+        for &t in &job.prompt_ids {
+            if t == self.model.cfg.audio_token_id {
+                n += 1;
+            }
+            audio_before.push(n);
+        }
+        let vocab = self.model.cfg.text.vocab_size;
+        let active = Active {
+            sampler: Sampler::new(job.sampling, vocab, &job.prompt_ids),
+            stops: StopMatcher::new(&job.stop),
+            detok: IncrementalDecoder::new(),
+            audio: r.audio,
+            audio_before,
+            generated: Vec::new(),
+            ready_at: Instant::now(),
+            admitted_at: None,
+            first_token_at: None,
+            job,
+        };
+        self.active.insert(active.job.id, active);
+    }
+
+    fn reap_cancelled(&mut self) {
+        let gone: Vec<u64> = self
+            .active
+            .iter()
+            .filter(|(_, a)| a.job.cancelled() || a.job.tx.is_closed())
+            .map(|(&id, _)| id)
+            .collect();
+        for id in gone {
+            self.fail(id, EngineError::Cancelled);
+        }
+    }
+
+    /// Ends a request with an error and frees its blocks.
+    fn fail(&mut self, id: u64, e: EngineError) {
+        self.sched.remove(id);
+        if let Some(a) = self.active.remove(&id) {
+            let _ = a.job.tx.send(Event::Failed(e));
+        }
+    }
+
+    fn run_step(&mut self, step: &Step) -> Result<()> {
+        let now = Instant::now();
+        for (id, cached) in &step.admitted {
+            if let Some(a) = self.active.get_mut(id) {
+                a.admitted_at = Some(now);
+                a.job.usage.cached_tokens = *cached;
+                let _ = a.job.tx.send(Event::Started {
+                    prompt_tokens: a.job.usage.prompt_tokens,
+                    audio_tokens: a.job.usage.audio_tokens,
+                    cached_tokens: *cached,
+                });
+            }
+        }
+        let mut rows = Vec::with_capacity(step.items.len());
+        let mut seqs = Vec::with_capacity(step.items.len());
+        for it in &step.items {
+            let a = self
+                .active
+                .get(&it.id)
+                .ok_or_else(|| EngineError::Internal(format!("unknown sequence {}", it.id)))?;
+            rows.push(self.embed(a, it.start, it.start + it.len)?);
+            seqs.push(SeqStep {
+                start: it.start,
+                len: it.len,
+                block_table: it.block_table.clone(),
+            });
+        }
+        let embeds = Tensor::cat(&rows, 0).map_err(model_err)?;
+        let hidden = self
+            .model
+            .decoder
+            .forward_paged(&embeds, &seqs, &self.kv)?;
+        self.sched.complete(&step.items);
+        // Logits only for the rows that produce a token.
+        let mut last_rows = Vec::new();
+        let mut row = 0u32;
+        for it in &step.items {
+            row += it.len as u32;
+            if it.sample {
+                last_rows.push(row - 1);
+            }
+        }
+        if last_rows.is_empty() {
+            return Ok(());
+        }
+        let n = last_rows.len();
+        let idx = Tensor::from_vec(last_rows, n, hidden.device()).map_err(model_err)?;
+        let logits = self
+            .model
+            .decoder
+            .logits(&hidden.index_select(&idx, 0).map_err(model_err)?)?;
+        let logits: Vec<Vec<f32>> = logits.to_vec2().map_err(model_err)?;
+        for (it, mut row) in step.items.iter().filter(|i| i.sample).zip(logits) {
+            self.on_logits(it.id, &mut row)?;
+        }
+        Ok(())
+    }
+
+    /// Input embeddings of positions `from..to` of a sequence (prompt rows with audio, then generated ids).
+    fn embed(&self, a: &Active, from: usize, to: usize) -> Result<Tensor> {
+        let pl = a.job.prompt_ids.len();
+        let mut parts = Vec::new();
+        if from < pl {
+            let end = to.min(pl);
+            parts.push(self.model.embed_rows_with_audio(
+                &a.job.prompt_ids[from..end],
+                a.audio.as_ref(),
+                a.audio_before[from] as usize,
+            )?);
+        }
+        if to > pl {
+            let gen = &a.generated[from.max(pl) - pl..to - pl];
+            parts.push(self.model.decoder.embed_rows(gen)?);
+        }
+        if parts.len() == 1 {
+            return Ok(parts.pop().expect("one part"));
+        }
+        Tensor::cat(&parts, 0).map_err(model_err)
+    }
+
+    fn on_logits(&mut self, id: u64, logits: &mut [f32]) -> Result<()> {
+        let tok = self.proc.tokenizer();
+        let Some(a) = self.active.get_mut(&id) else {
+            return Ok(());
+        };
+        let now = Instant::now();
+        if a.first_token_at.is_none() {
+            a.first_token_at = Some(now);
+        }
+        let t = a.sampler.sample(logits);
+        let mut finish = None;
+        if !a.job.ignore_eos && self.eos.contains(&t) {
+            finish = Some(FinishReason::Eos);
+        } else {
+            a.generated.push(t);
+            a.sampler.observe(t);
+            let mut text = String::new();
+            if let Some(delta) = a.detok.push(tok, t)? {
+                let (out, hit) = a.stops.push(&delta);
+                text = out;
+                if hit {
+                    finish = Some(FinishReason::StopString);
+                }
+            }
+            if finish.is_none() && a.generated.len() >= a.job.max_new_tokens {
+                finish = Some(FinishReason::Length);
+            }
+            if finish.is_some() && finish != Some(FinishReason::StopString) {
+                // Flush what the detokenizer and the stop matcher still hold.
+                let (out, hit) = a.stops.push(&a.detok.finish(tok)?);
+                text.push_str(&out);
+                if hit {
+                    finish = Some(FinishReason::StopString);
+                } else {
+                    text.push_str(&a.stops.finish());
+                }
+            }
+            let _ = a.job.tx.send(Event::Delta {
+                text,
+                token_ids: vec![t],
+            });
+        }
+        match finish {
+            None => self.sched.append(id, t),
+            Some(reason) => {
+                if reason == FinishReason::Eos {
+                    // Anything still held back is released at the end of the text.
+                    let (out, _) = a.stops.push(&a.detok.finish(tok)?);
+                    let rest = out + &a.stops.finish();
+                    if !rest.is_empty() {
+                        let _ = a.job.tx.send(Event::Delta {
+                            text: rest,
+                            token_ids: Vec::new(),
+                        });
+                    }
+                }
+                let preemptions = self.sched.preemptions_of(id);
+                self.sched.remove(id);
+                let a = self.active.remove(&id).expect("present above");
+                let mut usage = a.job.usage;
+                usage.completion_tokens = a.generated.len();
+                let first = a.first_token_at.unwrap_or(now);
+                let admitted = a.admitted_at.unwrap_or(a.ready_at);
+                let timings = Timings {
+                    prepare: a.job.prepare_time,
+                    encode: a.job.encode_time,
+                    queue: admitted.saturating_duration_since(a.ready_at),
+                    prefill: first.saturating_duration_since(admitted),
+                    time_to_first_token: first.saturating_duration_since(a.job.submitted),
+                    total: now.saturating_duration_since(a.job.submitted),
+                };
+                let _ = a.job.tx.send(Event::Finished(Summary {
+                    finish_reason: reason,
+                    usage,
+                    timings,
+                    preemptions,
+                }));
+                let mut s = self.shared.stats.lock().unwrap_or_else(|p| p.into_inner());
+                s.requests_finished += 1;
+            }
+        }
+        let mut s = self.shared.stats.lock().unwrap_or_else(|p| p.into_inner());
+        s.tokens_generated += 1;
+        Ok(())
+    }
+
+    fn publish(&self, stepped: bool) {
+        let st = self.sched.stats();
+        let mut s = self.shared.stats.lock().unwrap_or_else(|p| p.into_inner());
+        s.running = st.running;
+        s.waiting = st.waiting;
+        s.kv = st.blocks;
+        s.preemptions = st.preemptions;
+        if stepped {
+            s.steps += 1;
+        }
+    }
+}
+
+fn model_err(e: candle_core::Error) -> EngineError {
+    EngineError::Model(e.into())
+}

@@ -1,0 +1,399 @@
+//! The serving engine on the tiny checkpoints: batching does not change answers, cancellation frees blocks,
+//! follow-up turns reuse the embedding and prefix caches, and preemption under a tiny KV cache resumes
+//! exactly.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use afnext_audio::Overflow;
+use afnext_e2e::{ckpt, fixtures_dir};
+use afnext_engine::{Engine, EngineConfig, EngineError, Event, GenerateRequest, SchedulerConfig, Summary};
+use afnext_model::config::GenerationDefaults;
+use afnext_model::{AfNext, SamplingParams};
+use afnext_prompt::{AudioSource, Conversation, PromptProcessor};
+use candle_core::{DType, Device, Tensor};
+
+fn engine(ck: &str, cfg: EngineConfig) -> Engine {
+    let dir = ckpt(ck);
+    let model = AfNext::load(&dir, DType::F32, &Device::Cpu).unwrap();
+    let gen = GenerationDefaults::load(&dir, &model.cfg.text).unwrap();
+    let proc = PromptProcessor::load(&dir).unwrap();
+    Engine::start(Arc::new(model), Arc::new(proc), gen, cfg).unwrap()
+}
+
+fn audio(name: &str) -> AudioSource {
+    let data = std::fs::read(fixtures_dir().join("audio").join(name)).unwrap();
+    AudioSource::Bytes {
+        data: Arc::new(data),
+        format_hint: None,
+    }
+}
+
+fn request(conv: Conversation, max_new: usize, rp: f32) -> GenerateRequest {
+    GenerateRequest {
+        conversation: conv,
+        max_new_tokens: Some(max_new),
+        sampling: SamplingParams {
+            repetition_penalty: rp,
+            ..SamplingParams::default()
+        },
+        stop: vec![],
+        truncate_audio: false,
+        ignore_eos: false,
+        deadline: None,
+    }
+}
+
+/// 16 different requests: several clips (one 75 s, one exactly over a window boundary), text only, multi-turn,
+/// repetition penalty on some.
+fn sixteen() -> Vec<GenerateRequest> {
+    let clips = [
+        "speech_7s.flac",
+        "speech_40s.flac",
+        "mix_75s.flac",
+        "edge_30_01s.flac",
+        "stereo_44k_7s.mp3",
+    ];
+    let prompts = [
+        "Transcribe the audio.",
+        "What is happening here?",
+        "Describe the sound in detail.",
+    ];
+    (0..16)
+        .map(|i| {
+            let conv = if i % 8 == 7 {
+                Conversation::single_turn(Some("You are terse."), None, prompts[i % 3])
+            } else {
+                Conversation::single_turn(None, Some(audio(clips[i % clips.len()])), prompts[i % 3])
+            };
+            request(conv, 12 + i % 5 * 4, if i % 3 == 0 { 1.2 } else { 1.0 })
+        })
+        .collect()
+}
+
+struct Outcome {
+    ids: Vec<u32>,
+    text: String,
+    summary: Summary,
+    progress: usize,
+}
+
+fn collect(mut h: afnext_engine::RequestHandle) -> Result<Outcome, EngineError> {
+    let mut ids = Vec::new();
+    let mut text = String::new();
+    let mut progress = 0;
+    while let Some(ev) = h.blocking_recv() {
+        match ev {
+            Event::EncodeProgress { .. } => progress += 1,
+            Event::Started { .. } => {}
+            Event::Delta { text: t, token_ids } => {
+                ids.extend(token_ids);
+                text.push_str(&t);
+            }
+            Event::Finished(summary) => {
+                return Ok(Outcome {
+                    ids,
+                    text,
+                    summary,
+                    progress,
+                })
+            }
+            Event::Failed(e) => return Err(e),
+        }
+    }
+    panic!("the event stream ended without Finished or Failed");
+}
+
+fn wait_idle(e: &Engine) {
+    let end = Instant::now() + Duration::from_secs(10);
+    while e.stats().in_flight > 0 || e.stats().running > 0 {
+        assert!(Instant::now() < end, "engine did not become idle: {:?}", e.stats());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Logits after `prompt + generated` through the single-sequence path (the one the golden tests hold to
+/// transformers), to judge a divergence between batched and lone runs.
+fn lone_logits(model: &AfNext, proc: &PromptProcessor, conv: &Conversation, generated: &[u32]) -> Vec<f32> {
+    let p = afnext_prompt::prepare(proc, conv, Overflow::Reject).unwrap();
+    let fe = afnext_audio::Frontend::new(&proc.config().frontend).unwrap();
+    let mut rows = Vec::new();
+    for a in &p.audios {
+        let f = afnext_prompt::prepare::features(&fe, a, 1).unwrap();
+        let n = f.plan.windows.len();
+        let x = Tensor::from_vec(f.features.clone(), (n, f.n_mels, f.frames), &Device::Cpu).unwrap();
+        let valid: Vec<usize> = f.plan.windows.iter().map(|w| w.valid_frames).collect();
+        let idx: Vec<usize> = (0..n).collect();
+        rows.push(model.encode_windows(&x, &valid, &idx).unwrap().embeddings().unwrap());
+    }
+    let audio = (!rows.is_empty()).then(|| Tensor::cat(&rows, 0).unwrap());
+    let mut ids = p.prompt.input_ids.clone();
+    ids.extend_from_slice(generated);
+    let prompt = model.embed_prompt(&p.prompt.input_ids, audio.as_ref()).unwrap();
+    let gen = model.decoder.embed(generated).unwrap();
+    let all = Tensor::cat(&[&prompt, &gen], 1).unwrap();
+    let mut cache = model.new_cache();
+    let h = model.prefill(&all, &mut cache, 4096, false).unwrap();
+    model.decoder.logits(&h).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+}
+
+fn top2_gap(l: &[f32]) -> f32 {
+    let mut v = l.to_vec();
+    v.sort_by(|a, b| b.total_cmp(a));
+    v[0] - v[1]
+}
+
+#[test]
+fn sixteen_concurrent_requests_match_each_request_run_alone() {
+    let e = engine("tiny-a", EngineConfig::default());
+    let reqs = sixteen();
+    let alone: Vec<Outcome> = reqs
+        .iter()
+        .map(|r| collect(e.submit(r.clone()).unwrap()).unwrap())
+        .collect();
+    wait_idle(&e);
+    let handles: Vec<_> = reqs.iter().map(|r| e.submit(r.clone()).unwrap()).collect();
+    let together: Vec<Outcome> = handles.into_iter().map(|h| collect(h).unwrap()).collect();
+    wait_idle(&e);
+    let s = e.stats();
+    assert_eq!(s.kv.used, 0, "blocks leaked: {s:?}");
+    let model = AfNext::load(&ckpt("tiny-a"), DType::F32, &Device::Cpu).unwrap();
+    let proc = PromptProcessor::load(&ckpt("tiny-a")).unwrap();
+    let mut divergences = 0;
+    for (i, (a, t)) in alone.iter().zip(&together).enumerate() {
+        if a.ids == t.ids {
+            assert_eq!(a.text, t.text);
+            continue;
+        }
+        // Batching may only change a token where the top two logits are within 1e-4.
+        let k = a.ids.iter().zip(&t.ids).take_while(|(x, y)| x == y).count();
+        let l = lone_logits(&model, &proc, &reqs[i].conversation, &a.ids[..k]);
+        let gap = top2_gap(&l);
+        assert!(
+            gap <= 1e-4,
+            "request {i}: batched and lone runs differ at token {k} where the top-2 gap is {gap}"
+        );
+        divergences += 1;
+    }
+    eprintln!("16 concurrent requests: {divergences} diverged at a near-tie");
+    // The follow-up statistics: identical audio in the concurrent pass came from the embedding cache.
+    assert!(together.iter().all(|o| o.progress == 0 || o.summary.usage.audio_cache_hits == 0));
+}
+
+#[test]
+fn batched_engine_matches_the_single_sequence_generator() {
+    let e = engine("tiny-b", EngineConfig::default());
+    let dir = ckpt("tiny-b");
+    let model = AfNext::load(&dir, DType::F32, &Device::Cpu).unwrap();
+    let proc = PromptProcessor::load(&dir).unwrap();
+    let gen = GenerationDefaults::load(&dir, &model.cfg.text).unwrap();
+    let conv = Conversation::single_turn(None, Some(audio("speech_40s.flac")), "Transcribe the audio.");
+    let out = collect(e.submit(request(conv.clone(), 20, 1.0)).unwrap()).unwrap();
+    // Re-derive each token with the lone path: greedy means argmax of its logits (or a near-tie).
+    for k in 0..out.ids.len() {
+        let l = lone_logits(&model, &proc, &conv, &out.ids[..k]);
+        let best = afnext_model::sampling::argmax(&l);
+        if best != out.ids[k] {
+            assert!(top2_gap(&l) <= 1e-4, "token {k}: engine {} lone {best}", out.ids[k]);
+        }
+        assert!(!gen.eos_token_ids.contains(&out.ids[k]));
+    }
+}
+
+#[test]
+fn cancelling_a_stream_frees_its_blocks() {
+    let e = engine("tiny-a", EngineConfig::default());
+    let mut req = request(
+        Conversation::single_turn(None, Some(audio("speech_40s.flac")), "Describe."),
+        2000,
+        1.0,
+    );
+    // No eos: the request would run for 2000 tokens.
+    req.ignore_eos = true;
+    let e = Arc::new(e);
+    let mut h = e.submit(req).unwrap();
+    let mut deltas = 0;
+    while deltas < 3 {
+        match h.blocking_recv().unwrap() {
+            Event::Delta { .. } => deltas += 1,
+            Event::Finished(s) => panic!("finished before it could be cancelled: {s:?}"),
+            Event::Failed(err) => panic!("{err}"),
+            _ => {}
+        }
+    }
+    assert!(e.stats().kv.used > 0, "a running request holds blocks");
+    drop(h);
+    let end = Instant::now() + Duration::from_secs(10);
+    while e.stats().kv.used > 0 {
+        assert!(Instant::now() < end, "blocks were not freed: {:?}", e.stats());
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert_eq!(e.stats().running, 0);
+}
+
+#[test]
+fn a_follow_up_turn_reuses_the_audio_embeddings_and_the_prefix() {
+    let e = engine("tiny-a", EngineConfig::default());
+    let first = Conversation::single_turn(None, Some(audio("speech_40s.flac")), "Transcribe the audio.");
+    let a = collect(e.submit(request(first.clone(), 8, 1.0)).unwrap()).unwrap();
+    assert!(a.progress > 0, "the first turn runs the encoder");
+    assert_eq!(a.summary.usage.cached_tokens, 0);
+    let windows = e.stats().windows_encoded;
+    // The follow-up: the same audio, the first answer, a new question.
+    let mut follow = first.clone();
+    follow.messages.push(afnext_prompt::Message {
+        role: afnext_prompt::Role::Assistant,
+        content: Some(afnext_prompt::Content::Text(a.text.clone())),
+    });
+    follow.messages.push(afnext_prompt::Message {
+        role: afnext_prompt::Role::User,
+        content: Some(afnext_prompt::Content::Text("And the speaker?".into())),
+    });
+    let b = collect(e.submit(request(follow, 8, 1.0)).unwrap()).unwrap();
+    assert_eq!(e.stats().windows_encoded, windows, "the encoder ran again");
+    assert_eq!(b.progress, 0);
+    assert_eq!(b.summary.usage.audio_cache_hits, 1);
+    let bs = e.config().block_size;
+    // Everything up to the end of the first prompt's last full block is shared.
+    let shared = (a.summary.usage.prompt_tokens - 1) / bs * bs;
+    assert!(
+        b.summary.usage.cached_tokens >= shared,
+        "cached {} < {shared}",
+        b.summary.usage.cached_tokens
+    );
+}
+
+#[test]
+fn preemption_under_a_tiny_kv_cache_gives_identical_tokens() {
+    // Six requests without the 75 s clip (2 000 positions alone would not fit the tight cache below).
+    let reqs: Vec<GenerateRequest> = sixteen()
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| i % 5 != 2)
+        .map(|(_, r)| r)
+        .take(6)
+        .collect();
+    let roomy = engine("tiny-a", EngineConfig::default());
+    let expected: Vec<Vec<u32>> = reqs
+        .iter()
+        .map(|r| collect(roomy.submit(r.clone()).unwrap()).unwrap().ids)
+        .collect();
+    // The tiny-a KV cache: 2 layers x 2 x 2 kv heads x 16 dims x 4 bytes = 512 bytes per position.
+    // 1400 positions: each request fits alone, six together do not.
+    let cfg = EngineConfig {
+        kv_cache_bytes: 1400 * 512,
+        scheduler: SchedulerConfig {
+            max_batch_tokens: 256,
+            max_running: 6,
+            max_waiting: 64,
+            prefill_chunk: 128,
+        },
+        ..EngineConfig::default()
+    };
+    let tight = engine("tiny-a", cfg);
+    let handles: Vec<_> = reqs.iter().map(|r| tight.submit(r.clone())).collect();
+    let mut preempted = 0;
+    for (h, want) in handles.into_iter().zip(&expected) {
+        match h {
+            Ok(h) => {
+                let o = collect(h).unwrap();
+                preempted += o.summary.preemptions;
+                assert_eq!(&o.ids, want);
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(preempted > 0, "the tight cache must force preemption");
+    wait_idle(&tight);
+    assert_eq!(tight.stats().kv.used, 0);
+}
+
+#[test]
+fn deadlines_and_queue_limits() {
+    let cfg = EngineConfig {
+        scheduler: SchedulerConfig {
+            max_batch_tokens: 64,
+            max_running: 1,
+            max_waiting: 1,
+            prefill_chunk: 64,
+        },
+        ..EngineConfig::default()
+    };
+    let e = engine("tiny-a", cfg);
+    let conv = Conversation::single_turn(None, None, "Hello there.");
+    let long = || GenerateRequest {
+        ignore_eos: true,
+        ..request(conv.clone(), 2000, 1.0)
+    };
+    let a = e.submit(long()).unwrap();
+    let b = e.submit(long()).unwrap();
+    match e.submit(request(conv.clone(), 5, 1.0)) {
+        Err(EngineError::QueueFull { limit: 2 }) => {}
+        other => panic!("expected QueueFull, got {other:?}"),
+    }
+    drop((a, b));
+    wait_idle(&e);
+    let mut r = long();
+    r.deadline = Some(Instant::now() + Duration::from_millis(50));
+    match collect(e.submit(r).unwrap()) {
+        Err(EngineError::DeadlineExceeded) => {}
+        other => panic!("expected DeadlineExceeded, got {:?}", other.map(|o| o.summary)),
+    }
+    wait_idle(&e);
+    assert_eq!(e.stats().kv.used, 0);
+}
+
+/// The paged path with a key chunk of 7 (online softmax over many chunks), scattered blocks, a prompt split
+/// over two steps and two sequences in one step, against the contiguous single-sequence cache.
+#[test]
+fn paged_attention_in_key_chunks_matches_the_contiguous_cache() {
+    use afnext_model::paged::{PagedKv, SeqStep};
+    let model = AfNext::load(&ckpt("tiny-b"), DType::F32, &Device::Cpu).unwrap();
+    let v = model.cfg.text.vocab_size as u32;
+    let ids: Vec<u32> = (0..100u32).map(|i| (i * 37 + 11) % v).collect();
+    let emb = model.decoder.embed_rows(&ids).unwrap();
+    let mut cache = model.new_cache();
+    let want = model
+        .prefill(&emb.unsqueeze(0).unwrap(), &mut cache, 4096, true)
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    let kv = PagedKv::new(&model.cfg.text, 64, 4, DType::F32, &Device::Cpu)
+        .unwrap()
+        .with_key_chunk(7);
+    // Sequence A uses blocks 63, 61, 59, ... ; sequence B (the same tokens) blocks 0, 2, 4, ...
+    let table_a: Vec<u32> = (0..25).map(|i| 63 - 2 * i).collect();
+    let table_b: Vec<u32> = (0..25).map(|i| 2 * i).collect();
+    let step = |seqs: &[SeqStep], rows: &[Tensor]| {
+        model
+            .decoder
+            .forward_paged(&Tensor::cat(rows, 0).unwrap(), seqs, &kv)
+            .unwrap()
+    };
+    let s = |start, len, t: &Vec<u32>| SeqStep {
+        start,
+        len,
+        block_table: t.clone(),
+    };
+    let h1 = step(
+        &[s(0, 37, &table_a), s(0, 10, &table_b)],
+        &[emb.narrow(0, 0, 37).unwrap(), emb.narrow(0, 0, 10).unwrap()],
+    );
+    let h2 = step(
+        &[s(10, 90, &table_b), s(37, 63, &table_a)],
+        &[emb.narrow(0, 10, 90).unwrap(), emb.narrow(0, 37, 63).unwrap()],
+    );
+    let got_a = Tensor::cat(&[h1.narrow(0, 0, 37).unwrap(), h2.narrow(0, 90, 63).unwrap()], 0).unwrap();
+    let got_b = Tensor::cat(&[h1.narrow(0, 37, 10).unwrap(), h2.narrow(0, 0, 90).unwrap()], 0).unwrap();
+    for got in [got_a, got_b] {
+        let d: f32 = (got - &want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(d < 1e-5, "paged hidden states differ by {d}");
+    }
+}
