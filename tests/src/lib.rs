@@ -167,3 +167,58 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32) -> f32 {
     );
     d
 }
+
+/// Logits after `prompt + generated` through the single-sequence path (the one the golden tests hold to
+/// transformers), to judge a divergence between batched and lone runs.
+pub fn lone_logits(
+    model: &afnext_model::AfNext,
+    proc: &afnext_prompt::PromptProcessor,
+    conv: &afnext_prompt::Conversation,
+    generated: &[u32],
+) -> Vec<f32> {
+    use candle_core::{Device, Tensor as T};
+    let p = afnext_prompt::prepare(proc, conv, afnext_audio::Overflow::Reject).unwrap();
+    let fe = afnext_audio::Frontend::new(&proc.config().frontend).unwrap();
+    let mut rows = Vec::new();
+    for a in &p.audios {
+        let f = afnext_prompt::prepare::features(&fe, a, 1).unwrap();
+        let n = f.plan.windows.len();
+        let x = T::from_vec(f.features.clone(), (n, f.n_mels, f.frames), &Device::Cpu).unwrap();
+        let valid: Vec<usize> = f.plan.windows.iter().map(|w| w.valid_frames).collect();
+        let idx: Vec<usize> = (0..n).collect();
+        rows.push(
+            model
+                .encode_windows(&x, &valid, &idx)
+                .unwrap()
+                .embeddings()
+                .unwrap(),
+        );
+    }
+    let audio = (!rows.is_empty()).then(|| T::cat(&rows, 0).unwrap());
+    let prompt = model
+        .embed_prompt(&p.prompt.input_ids, audio.as_ref())
+        .unwrap();
+    let all = if generated.is_empty() {
+        prompt
+    } else {
+        let gen = model.decoder.embed(generated).unwrap();
+        T::cat(&[&prompt, &gen], 1).unwrap()
+    };
+    let mut cache = model.new_cache();
+    let h = model.prefill(&all, &mut cache, 4096, false).unwrap();
+    model
+        .decoder
+        .logits(&h)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+/// Difference between the two largest values.
+pub fn top2_gap(l: &[f32]) -> f32 {
+    let mut v = l.to_vec();
+    v.sort_by(|a, b| b.total_cmp(a));
+    v[0] - v[1]
+}

@@ -5,9 +5,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use afnext_audio::Overflow;
-use afnext_e2e::{ckpt, fixtures_dir};
-use afnext_engine::{Engine, EngineConfig, EngineError, Event, GenerateRequest, SchedulerConfig, Summary};
+use afnext_e2e::{ckpt, fixtures_dir, lone_logits, top2_gap};
+use afnext_engine::{
+    Engine, EngineConfig, EngineError, Event, GenerateRequest, SchedulerConfig, Summary,
+};
 use afnext_model::config::GenerationDefaults;
 use afnext_model::{AfNext, SamplingParams};
 use afnext_prompt::{AudioSource, Conversation, PromptProcessor};
@@ -107,40 +108,13 @@ fn collect(mut h: afnext_engine::RequestHandle) -> Result<Outcome, EngineError> 
 fn wait_idle(e: &Engine) {
     let end = Instant::now() + Duration::from_secs(10);
     while e.stats().in_flight > 0 || e.stats().running > 0 {
-        assert!(Instant::now() < end, "engine did not become idle: {:?}", e.stats());
+        assert!(
+            Instant::now() < end,
+            "engine did not become idle: {:?}",
+            e.stats()
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
-}
-
-/// Logits after `prompt + generated` through the single-sequence path (the one the golden tests hold to
-/// transformers), to judge a divergence between batched and lone runs.
-fn lone_logits(model: &AfNext, proc: &PromptProcessor, conv: &Conversation, generated: &[u32]) -> Vec<f32> {
-    let p = afnext_prompt::prepare(proc, conv, Overflow::Reject).unwrap();
-    let fe = afnext_audio::Frontend::new(&proc.config().frontend).unwrap();
-    let mut rows = Vec::new();
-    for a in &p.audios {
-        let f = afnext_prompt::prepare::features(&fe, a, 1).unwrap();
-        let n = f.plan.windows.len();
-        let x = Tensor::from_vec(f.features.clone(), (n, f.n_mels, f.frames), &Device::Cpu).unwrap();
-        let valid: Vec<usize> = f.plan.windows.iter().map(|w| w.valid_frames).collect();
-        let idx: Vec<usize> = (0..n).collect();
-        rows.push(model.encode_windows(&x, &valid, &idx).unwrap().embeddings().unwrap());
-    }
-    let audio = (!rows.is_empty()).then(|| Tensor::cat(&rows, 0).unwrap());
-    let mut ids = p.prompt.input_ids.clone();
-    ids.extend_from_slice(generated);
-    let prompt = model.embed_prompt(&p.prompt.input_ids, audio.as_ref()).unwrap();
-    let gen = model.decoder.embed(generated).unwrap();
-    let all = Tensor::cat(&[&prompt, &gen], 1).unwrap();
-    let mut cache = model.new_cache();
-    let h = model.prefill(&all, &mut cache, 4096, false).unwrap();
-    model.decoder.logits(&h).unwrap().flatten_all().unwrap().to_vec1().unwrap()
-}
-
-fn top2_gap(l: &[f32]) -> f32 {
-    let mut v = l.to_vec();
-    v.sort_by(|a, b| b.total_cmp(a));
-    v[0] - v[1]
 }
 
 #[test]
@@ -177,7 +151,9 @@ fn sixteen_concurrent_requests_match_each_request_run_alone() {
     }
     eprintln!("16 concurrent requests: {divergences} diverged at a near-tie");
     // The follow-up statistics: identical audio in the concurrent pass came from the embedding cache.
-    assert!(together.iter().all(|o| o.progress == 0 || o.summary.usage.audio_cache_hits == 0));
+    assert!(together
+        .iter()
+        .all(|o| o.progress == 0 || o.summary.usage.audio_cache_hits == 0));
 }
 
 #[test]
@@ -187,14 +163,22 @@ fn batched_engine_matches_the_single_sequence_generator() {
     let model = AfNext::load(&dir, DType::F32, &Device::Cpu).unwrap();
     let proc = PromptProcessor::load(&dir).unwrap();
     let gen = GenerationDefaults::load(&dir, &model.cfg.text).unwrap();
-    let conv = Conversation::single_turn(None, Some(audio("speech_40s.flac")), "Transcribe the audio.");
+    let conv = Conversation::single_turn(
+        None,
+        Some(audio("speech_40s.flac")),
+        "Transcribe the audio.",
+    );
     let out = collect(e.submit(request(conv.clone(), 20, 1.0)).unwrap()).unwrap();
     // Re-derive each token with the lone path: greedy means argmax of its logits (or a near-tie).
     for k in 0..out.ids.len() {
         let l = lone_logits(&model, &proc, &conv, &out.ids[..k]);
         let best = afnext_model::sampling::argmax(&l);
         if best != out.ids[k] {
-            assert!(top2_gap(&l) <= 1e-4, "token {k}: engine {} lone {best}", out.ids[k]);
+            assert!(
+                top2_gap(&l) <= 1e-4,
+                "token {k}: engine {} lone {best}",
+                out.ids[k]
+            );
         }
         assert!(!gen.eos_token_ids.contains(&out.ids[k]));
     }
@@ -225,7 +209,11 @@ fn cancelling_a_stream_frees_its_blocks() {
     drop(h);
     let end = Instant::now() + Duration::from_secs(10);
     while e.stats().kv.used > 0 {
-        assert!(Instant::now() < end, "blocks were not freed: {:?}", e.stats());
+        assert!(
+            Instant::now() < end,
+            "blocks were not freed: {:?}",
+            e.stats()
+        );
         std::thread::sleep(Duration::from_millis(2));
     }
     assert_eq!(e.stats().running, 0);
@@ -234,7 +222,11 @@ fn cancelling_a_stream_frees_its_blocks() {
 #[test]
 fn a_follow_up_turn_reuses_the_audio_embeddings_and_the_prefix() {
     let e = engine("tiny-a", EngineConfig::default());
-    let first = Conversation::single_turn(None, Some(audio("speech_40s.flac")), "Transcribe the audio.");
+    let first = Conversation::single_turn(
+        None,
+        Some(audio("speech_40s.flac")),
+        "Transcribe the audio.",
+    );
     let a = collect(e.submit(request(first.clone(), 8, 1.0)).unwrap()).unwrap();
     assert!(a.progress > 0, "the first turn runs the encoder");
     assert_eq!(a.summary.usage.cached_tokens, 0);
@@ -337,7 +329,10 @@ fn deadlines_and_queue_limits() {
     r.deadline = Some(Instant::now() + Duration::from_millis(50));
     match collect(e.submit(r).unwrap()) {
         Err(EngineError::DeadlineExceeded) => {}
-        other => panic!("expected DeadlineExceeded, got {:?}", other.map(|o| o.summary)),
+        other => panic!(
+            "expected DeadlineExceeded, got {:?}",
+            other.map(|o| o.summary)
+        ),
     }
     wait_idle(&e);
     assert_eq!(e.stats().kv.used, 0);
@@ -381,10 +376,21 @@ fn paged_attention_in_key_chunks_matches_the_contiguous_cache() {
     );
     let h2 = step(
         &[s(10, 90, &table_b), s(37, 63, &table_a)],
-        &[emb.narrow(0, 10, 90).unwrap(), emb.narrow(0, 37, 63).unwrap()],
+        &[
+            emb.narrow(0, 10, 90).unwrap(),
+            emb.narrow(0, 37, 63).unwrap(),
+        ],
     );
-    let got_a = Tensor::cat(&[h1.narrow(0, 0, 37).unwrap(), h2.narrow(0, 90, 63).unwrap()], 0).unwrap();
-    let got_b = Tensor::cat(&[h1.narrow(0, 37, 10).unwrap(), h2.narrow(0, 0, 90).unwrap()], 0).unwrap();
+    let got_a = Tensor::cat(
+        &[h1.narrow(0, 0, 37).unwrap(), h2.narrow(0, 90, 63).unwrap()],
+        0,
+    )
+    .unwrap();
+    let got_b = Tensor::cat(
+        &[h1.narrow(0, 37, 10).unwrap(), h2.narrow(0, 0, 90).unwrap()],
+        0,
+    )
+    .unwrap();
     for got in [got_a, got_b] {
         let d: f32 = (got - &want)
             .unwrap()

@@ -6,6 +6,7 @@ mod input;
 mod inspect;
 mod model_args;
 mod pipeline;
+mod serve;
 
 use clap::{Parser, Subcommand};
 
@@ -26,6 +27,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Write every stage (processor outputs, encoder, RoTE, projector, logits, greedy ids) for one input.
     Inspect(inspect::InspectArgs),
+    /// Serve the gRPC API with the whole model in this process (the embedded single-process mode).
+    Serve(serve::ServeArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -33,6 +36,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Inspect(args) => inspect::run(args),
+        Command::Serve(args) => serve::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

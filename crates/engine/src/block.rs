@@ -211,7 +211,10 @@ mod tests {
         let a = BlockKey::new(None, &[1, 2]);
         let b = BlockKey::new(Some(&a), &[3, 4]);
         let c = BlockKey::new(Some(&BlockKey::new(None, &[1, 5])), &[3, 4]);
-        assert_ne!(b, c, "same tokens after a different prefix are different content");
+        assert_ne!(
+            b, c,
+            "same tokens after a different prefix are different content"
+        );
         assert_eq!(b, BlockKey::new(Some(&a), &[3, 4]));
     }
 }

@@ -29,7 +29,9 @@ impl EncoderThread {
             match self.encode(&mut job) {
                 Ok(audio) => {
                     job.encode_time = t0.elapsed();
-                    let _ = self.loop_tx.send(Command::Add(Box::new(Ready { job, audio })));
+                    let _ = self
+                        .loop_tx
+                        .send(Command::Add(Box::new(Ready { job, audio })));
                 }
                 Err(e) => {
                     let _ = job.tx.send(Event::Failed(e));
@@ -44,9 +46,12 @@ impl EncoderThread {
             .audios
             .iter()
             .map(|a| match a {
-                AudioInput::Pending { features, .. } => {
-                    features.plan.windows.iter().filter(|w| w.tokens > 0).count()
-                }
+                AudioInput::Pending { features, .. } => features
+                    .plan
+                    .windows
+                    .iter()
+                    .filter(|w| w.tokens > 0)
+                    .count(),
                 AudioInput::Cached(_) => 0,
             })
             .sum();
@@ -72,7 +77,13 @@ impl EncoderThread {
             let mut parts = Vec::new();
             let wl = f.n_mels * f.frames;
             // Only the last window can yield no token (spec quirk 7); it adds no row, so it is not encoded.
-            let windows: Vec<_> = f.plan.windows.iter().filter(|w| w.tokens > 0).copied().collect();
+            let windows: Vec<_> = f
+                .plan
+                .windows
+                .iter()
+                .filter(|w| w.tokens > 0)
+                .copied()
+                .collect();
             for chunk in windows.chunks(self.batch) {
                 self.check(job)?;
                 let first = chunk[0].index;
@@ -94,7 +105,9 @@ impl EncoderThread {
             }
             let audio = Tensor::cat(&parts, 0).map_err(|e| EngineError::Internal(e.to_string()))?;
             let e = Arc::new(AudioEmbeds {
-                tokens: audio.dim(0).map_err(|e| EngineError::Internal(e.to_string()))?,
+                tokens: audio
+                    .dim(0)
+                    .map_err(|e| EngineError::Internal(e.to_string()))?,
                 rows: audio.clone(),
                 windows: f.plan.windows.len(),
                 seconds,

@@ -443,15 +443,14 @@ impl Engine {
             let key = match src {
                 AudioSource::Bytes { data, .. } => AudioKey::of(data, req.truncate_audio),
                 AudioSource::Path(p) => {
-                    let data = std::fs::read(p).map_err(|source| {
-                        afnext_prompt::PromptError::Audio {
+                    let data =
+                        std::fs::read(p).map_err(|source| afnext_prompt::PromptError::Audio {
                             location: format!("audio {i} ({})", p.display()),
                             source: afnext_audio::AudioError::Io {
                                 path: p.clone(),
                                 source,
                             },
-                        }
-                    })?;
+                        })?;
                     AudioKey::of(&data, req.truncate_audio)
                 }
             };
@@ -467,7 +466,8 @@ impl Engine {
                 AudioSource::Path(p) => format!("audio {i} ({})", p.display()),
                 AudioSource::Bytes { data, .. } => format!("audio {i} ({} bytes)", data.len()),
             };
-            let prepared = afnext_prompt::prepare::prepare_audio(&self.proc, src, overflow, &location)?;
+            let prepared =
+                afnext_prompt::prepare::prepare_audio(&self.proc, src, overflow, &location)?;
             let features = afnext_prompt::prepare::features(
                 &self.frontend,
                 &prepared,

@@ -18,7 +18,9 @@ pub enum EngineError {
         got: usize,
         limit: usize,
     },
-    #[error("the server is at capacity: {limit} requests are already queued or running; retry later")]
+    #[error(
+        "the server is at capacity: {limit} requests are already queued or running; retry later"
+    )]
     QueueFull { limit: usize },
     #[error("the request's deadline passed before it finished")]
     DeadlineExceeded,

@@ -33,7 +33,8 @@ pub struct SchedulerConfig {
     pub max_batch_tokens: usize,
     /// Sequences running at once.
     pub max_running: usize,
-    /// Requests waiting for admission; more are refused.
+    /// Requests waiting beyond `max_running`; more are refused (the queue holds at most
+    /// `max_running + max_waiting` requests in all).
     pub max_waiting: usize,
     /// Largest prefill chunk of one sequence in one step.
     pub prefill_chunk: usize,
@@ -80,7 +81,9 @@ pub struct SeqSpec {
 pub enum AddError {
     #[error("the queue is full ({limit} requests waiting)")]
     QueueFull { limit: usize },
-    #[error("the request needs up to {needed} positions of KV cache but the cache holds {capacity}")]
+    #[error(
+        "the request needs up to {needed} positions of KV cache but the cache holds {capacity}"
+    )]
     TooLarge { needed: usize, capacity: usize },
     #[error("sequence {0} is already scheduled")]
     Duplicate(SeqId),
@@ -199,10 +202,9 @@ impl Scheduler {
         if self.seqs.contains_key(&spec.id) {
             return Err(AddError::Duplicate(spec.id));
         }
-        if self.waiting.len() >= self.cfg.max_waiting {
-            return Err(AddError::QueueFull {
-                limit: self.cfg.max_waiting,
-            });
+        let limit = self.cfg.max_waiting + self.cfg.max_running;
+        if self.seqs.len() >= limit {
+            return Err(AddError::QueueFull { limit });
         }
         let needed = spec.keys.len() + spec.max_new_tokens;
         if needed > self.capacity() {

@@ -31,7 +31,9 @@ struct Outcome {
 }
 
 fn prompt(seed: u64, len: usize) -> Vec<u64> {
-    (0..len as u64).map(|i| (seed * 7919 + i * 31) % 997).collect()
+    (0..len as u64)
+        .map(|i| (seed * 7919 + i * 31) % 997)
+        .collect()
 }
 
 fn run(cfg: SchedulerConfig, blocks: usize, bs: usize, reqs: &[Req]) -> Outcome {
@@ -88,7 +90,10 @@ fn run(cfg: SchedulerConfig, blocks: usize, bs: usize, reqs: &[Req]) -> Outcome 
                 view.extend_from_slice(&keys[..it.start]);
             }
             view.extend_from_slice(&keys[it.start..it.start + it.len]);
-            assert!(it.block_table.len() * bs >= it.start + it.len, "table too short");
+            assert!(
+                it.block_table.len() * bs >= it.start + it.len,
+                "table too short"
+            );
         }
         s.complete(&step.items);
         for it in step.items.iter().filter(|it| it.sample) {
@@ -154,7 +159,10 @@ fn preemption_and_resume_give_identical_tokens() {
     let roomy = run(cfg(64, 8, 32), 1000, 4, &reqs);
     // 40 blocks of 4 cannot hold 8 sequences of up to ~140 positions: sequences get preempted.
     let tight = run(cfg(64, 8, 32), 40, 4, &reqs);
-    assert!(tight.preemptions > 0, "the tight cache must force preemption");
+    assert!(
+        tight.preemptions > 0,
+        "the tight cache must force preemption"
+    );
     assert_eq!(roomy.outputs, tight.outputs);
 }
 
@@ -255,8 +263,8 @@ fn deadlines_expire_and_free_blocks() {
 
 #[test]
 fn queue_limit_size_limit_and_removal() {
-    let mut c = cfg(64, 4, 64);
-    c.max_waiting = 2;
+    let mut c = cfg(64, 1, 64);
+    c.max_waiting = 1;
     let mut s = Scheduler::new(c, BlockManager::new(10, 4));
     let t0 = Instant::now();
     let spec = |id, len, max_new| SeqSpec {
@@ -277,7 +285,8 @@ fn queue_limit_size_limit_and_removal() {
     s.add(spec(2, 10, 5)).unwrap();
     assert_eq!(s.add(spec(3, 10, 5)), Err(AddError::QueueFull { limit: 2 }));
     let step = s.schedule(t0);
-    assert_eq!(step.items.len(), 2);
+    assert_eq!(step.items.len(), 1, "one running, one waiting");
+    assert_eq!(s.stats().waiting, 1);
     assert!(s.stats().blocks.used > 0);
     assert!(s.remove(1));
     assert!(s.remove(2));

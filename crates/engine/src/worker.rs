@@ -224,10 +224,7 @@ impl Worker {
             });
         }
         let embeds = Tensor::cat(&rows, 0).map_err(model_err)?;
-        let hidden = self
-            .model
-            .decoder
-            .forward_paged(&embeds, &seqs, &self.kv)?;
+        let hidden = self.model.decoder.forward_paged(&embeds, &seqs, &self.kv)?;
         self.sched.complete(&step.items);
         // Logits only for the rows that produce a token.
         let mut last_rows = Vec::new();

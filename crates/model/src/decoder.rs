@@ -274,8 +274,7 @@ impl DecoderLayer {
         let q = Rope::apply(&self.q.forward(&y)?.reshape((t, nh, hd))?, cos, sin)?;
         let k = Rope::apply(&self.k.forward(&y)?.reshape((t, nkv, hd))?, cos, sin)?;
         let v = self.v.forward(&y)?;
-        kv.0
-            .scatter_set(&index.write, &k.reshape((t, nkv * hd))?.contiguous()?, 0)?;
+        kv.0.scatter_set(&index.write, &k.reshape((t, nkv * hd))?.contiguous()?, 0)?;
         kv.1.scatter_set(&index.write, &v.contiguous()?, 0)?;
         let mut outs = Vec::with_capacity(seqs.len());
         let mut row = 0;
@@ -386,12 +385,7 @@ impl Qwen2 {
     /// A batched step over the paged cache: `embeds` `[T, hidden]` holds the new rows of every sequence of
     /// `seqs`, in order. Writes their keys and values into `kv` and returns the hidden states after the final
     /// norm, `[T, hidden]`.
-    pub fn forward_paged(
-        &self,
-        embeds: &Tensor,
-        seqs: &[SeqStep],
-        kv: &PagedKv,
-    ) -> Result<Tensor> {
+    pub fn forward_paged(&self, embeds: &Tensor, seqs: &[SeqStep], kv: &PagedKv) -> Result<Tensor> {
         let t = embeds.dim(0)?;
         let rows: usize = seqs.iter().map(|s| s.len).sum();
         if rows != t {
@@ -401,9 +395,9 @@ impl Qwen2 {
         }
         let c = &self.cfg;
         let positions: Vec<usize> = seqs.iter().flat_map(|s| s.start..s.context_len()).collect();
-        let (cos, sin) = self
-            .rope
-            .tables_at(positions.into_iter(), embeds.dtype(), embeds.device())?;
+        let (cos, sin) =
+            self.rope
+                .tables_at(positions.into_iter(), embeds.dtype(), embeds.device())?;
         let (cos, sin) = (cos.unsqueeze(1)?, sin.unsqueeze(1)?);
         let index = StepIndex::new(
             seqs,

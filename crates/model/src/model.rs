@@ -182,7 +182,10 @@ impl AfNext {
         first_audio_row: usize,
     ) -> Result<Tensor> {
         let text = self.decoder.embed_rows(ids)?;
-        let n = ids.iter().filter(|&&id| id == self.cfg.audio_token_id).count();
+        let n = ids
+            .iter()
+            .filter(|&&id| id == self.cfg.audio_token_id)
+            .count();
         if n == 0 {
             return Ok(text);
         }
@@ -203,7 +206,9 @@ impl AfNext {
                 k += 1;
             }
         }
-        let rows = audio.narrow(0, first_audio_row, n)?.to_dtype(text.dtype())?;
+        let rows = audio
+            .narrow(0, first_audio_row, n)?
+            .to_dtype(text.dtype())?;
         let all = Tensor::cat(&[&text, &rows], 0)?;
         let idx = Tensor::from_vec(idx, ids.len(), &self.device)?;
         Ok(all.index_select(&idx, 0)?)

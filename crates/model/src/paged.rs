@@ -229,10 +229,7 @@ pub(crate) fn attend(
             };
             let p = s.broadcast_sub(&m_new)?.exp()?;
             let ps = p.sum_keepdim(D::Minus1)?;
-            let pv = p
-                .to_dtype(work)?
-                .matmul(&v)?
-                .to_dtype(DType::F32)?;
+            let pv = p.to_dtype(work)?.matmul(&v)?.to_dtype(DType::F32)?;
             (l, acc) = match (&m, l, acc) {
                 (Some(m_old), Some(l_old), Some(a_old)) => {
                     let alpha = (m_old - &m_new)?.exp()?;

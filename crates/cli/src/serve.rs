@@ -1,0 +1,165 @@
+//! `afnext serve`: the embedded server. Front end, encoder, decoder and the gRPC API in one process.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use afnext_engine::{Engine, EngineConfig, SchedulerConfig};
+use afnext_model::config::GenerationDefaults;
+use afnext_model::AfNext;
+use afnext_prompt::PromptProcessor;
+use afnext_server::ServerConfig;
+use anyhow::{Context, Result};
+use clap::Args;
+
+use crate::model_args::ModelArgs;
+
+const MIB: usize = 1 << 20;
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// gRPC address (port 0 picks a free port; the bound address is printed).
+    #[arg(long, default_value = "0.0.0.0:50051")]
+    pub listen: SocketAddr,
+    /// HTTP address for /metrics, /live and /ready (off when absent).
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Seconds in-flight streams may run after SIGTERM/SIGINT before they are cancelled.
+    #[arg(long, default_value_t = 30)]
+    pub grace_period_s: u64,
+    /// Memory for the paged KV cache, MiB.
+    #[arg(long, default_value_t = 2048)]
+    pub kv_cache_mib: usize,
+    /// Positions per KV block.
+    #[arg(long, default_value_t = 16)]
+    pub block_size: usize,
+    /// Positions computed per step over all requests (the continuous-batching budget).
+    #[arg(long, default_value_t = 512)]
+    pub max_batch_tokens: usize,
+    /// Requests decoded at once.
+    #[arg(long, default_value_t = 32)]
+    pub max_running: usize,
+    /// Requests waiting beyond the running ones; more get RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = 256)]
+    pub max_waiting: usize,
+    /// Largest prefill chunk of one request per step.
+    #[arg(long, default_value_t = 512)]
+    pub prefill_chunk: usize,
+    /// Memory for cached audio embeddings, MiB.
+    #[arg(long, default_value_t = 512)]
+    pub embedding_cache_mib: usize,
+    /// Windows per encoder forward.
+    #[arg(long, default_value_t = 4)]
+    pub encoder_batch: usize,
+    /// Largest max_new_tokens a request may ask for (default: generation_config.json's max_new_tokens).
+    #[arg(long)]
+    pub max_new_tokens_limit: Option<usize>,
+    /// Largest prompt in tokens (default: the model's max_position_embeddings).
+    #[arg(long)]
+    pub max_prompt_tokens: Option<usize>,
+    /// Largest request message (inline audio included), MiB.
+    #[arg(long, default_value_t = 64)]
+    pub max_message_mib: usize,
+    /// Largest single audio upload, MiB.
+    #[arg(long, default_value_t = 512)]
+    pub max_upload_mib: usize,
+    /// Memory for pending uploads, MiB.
+    #[arg(long, default_value_t = 2048)]
+    pub upload_store_mib: usize,
+    /// Seconds an upload stays usable.
+    #[arg(long, default_value_t = 3600)]
+    pub upload_ttl_s: u64,
+}
+
+impl ServeArgs {
+    fn engine_config(&self) -> EngineConfig {
+        EngineConfig {
+            scheduler: SchedulerConfig {
+                max_batch_tokens: self.max_batch_tokens,
+                max_running: self.max_running,
+                max_waiting: self.max_waiting,
+                prefill_chunk: self.prefill_chunk,
+            },
+            block_size: self.block_size,
+            kv_cache_bytes: self.kv_cache_mib * MIB,
+            embedding_cache_bytes: self.embedding_cache_mib * MIB,
+            encoder_batch: self.encoder_batch,
+            max_new_tokens_limit: self.max_new_tokens_limit,
+            max_prompt_tokens: self.max_prompt_tokens,
+            frontend_threads: 1,
+        }
+    }
+}
+
+pub fn run(args: ServeArgs) -> Result<()> {
+    let dir = args.model.resolve()?;
+    let device = args.model.device()?;
+    let dtype = args.model.dtype.dtype();
+    let model = AfNext::load(&dir, dtype, &device)
+        .with_context(|| format!("loading the model from {}", dir.display()))?;
+    let gen = GenerationDefaults::load(&dir, &model.cfg.text)?;
+    let proc = PromptProcessor::load(&dir)?;
+    let engine = Arc::new(Engine::start(
+        Arc::new(model),
+        Arc::new(proc),
+        gen,
+        args.engine_config(),
+    )?);
+    let cfg = ServerConfig {
+        max_message_bytes: args.max_message_mib * MIB,
+        max_upload_bytes: args.max_upload_mib * MIB,
+        upload_store_bytes: args.upload_store_mib * MIB,
+        upload_ttl: Duration::from_secs(args.upload_ttl_s),
+        grace_period: Duration::from_secs(args.grace_period_s),
+        model_name: args.model.model.clone(),
+        revision: args.model.revision.clone().unwrap_or_default(),
+        device: args.model.device.clone(),
+        dtype: format!("{:?}", args.model.dtype).to_lowercase(),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("binding {}", args.listen))?;
+        if let Some(addr) = args.metrics_listen {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding {addr}"))?;
+            println!("metrics on http://{}", l.local_addr()?);
+            tokio::spawn(afnext_server::metrics::serve_metrics(l, engine.clone()));
+        }
+        // Tests and scripts read this line to find a port-0 server.
+        println!("afnext serving on {}", listener.local_addr()?);
+        let out = afnext_server::serve(engine, cfg, listener, shutdown_signal())
+            .await
+            .map_err(|e| anyhow::anyhow!("server failed: {e}"))?;
+        eprintln!(
+            "afnext: shut down ({} in-flight request(s) cancelled after the grace period)",
+            out.cancelled_at_shutdown
+        );
+        Ok(())
+    })
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("install the SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    eprintln!("afnext: shutdown requested; draining");
+}

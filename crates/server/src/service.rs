@@ -1,0 +1,314 @@
+//! The `afnext.v1.AfNext` service and the server around it.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use afnext_engine::{Engine, Event, RequestHandle, Summary};
+use afnext_model::FinishReason;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::config::ServerConfig;
+use crate::convert;
+use crate::pb;
+use crate::pb::af_next_server::{AfNext, AfNextServer};
+use crate::status::{engine_status, ApiError};
+use crate::uploads::UploadStore;
+
+pub struct Service {
+    engine: Arc<Engine>,
+    cfg: ServerConfig,
+    uploads: Arc<Mutex<UploadStore>>,
+}
+
+impl Service {
+    pub fn new(engine: Arc<Engine>, cfg: ServerConfig) -> Self {
+        Service {
+            uploads: Arc::new(Mutex::new(UploadStore::new(
+                cfg.upload_store_bytes,
+                cfg.upload_ttl,
+            ))),
+            engine,
+            cfg,
+        }
+    }
+
+    fn uploads(&self) -> std::sync::MutexGuard<'_, UploadStore> {
+        self.uploads.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AfNext for Service {
+    type GenerateStream = EventStream;
+
+    async fn generate(
+        &self,
+        request: Request<pb::GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStream>, Status> {
+        let deadline = match request.metadata().get("grpc-timeout") {
+            None => None,
+            Some(v) => {
+                let s = v.to_str().unwrap_or("");
+                let d = convert::grpc_timeout(s).ok_or_else(|| ApiError::BadTimeout(s.into()))?;
+                Some(Instant::now() + d)
+            }
+        };
+        let now = Instant::now();
+        let req = convert::generate_request(request.into_inner(), deadline, |id| {
+            self.uploads().get(id, now).map(|u| (u.data, u.format_hint))
+        })?;
+        let engine = self.engine.clone();
+        let handle = tokio::task::spawn_blocking(move || engine.submit(req))
+            .await
+            .map_err(|e| Status::internal(format!("request preparation failed: {e}")))?
+            .map_err(engine_status)?;
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(pump(handle, tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn upload_audio(
+        &self,
+        request: Request<Streaming<pb::UploadAudioRequest>>,
+    ) -> Result<Response<pb::UploadAudioResponse>, Status> {
+        let mut stream = request.into_inner();
+        let mut data = Vec::new();
+        let mut hint = None;
+        let mut first = true;
+        while let Some(msg) = stream.next().await {
+            let msg = msg?;
+            if first {
+                hint = convert::format_hint(msg.format);
+                first = false;
+            }
+            if data.len() + msg.chunk.len() > self.cfg.max_upload_bytes {
+                return Err(ApiError::TooLarge {
+                    what: "the upload",
+                    got: data.len() + msg.chunk.len(),
+                    limit: self.cfg.max_upload_bytes,
+                }
+                .into());
+            }
+            data.extend_from_slice(&msg.chunk);
+        }
+        if data.is_empty() {
+            return Err(ApiError::BadRequest {
+                location: "upload".into(),
+                problem: "no bytes were sent".into(),
+            }
+            .into());
+        }
+        let size = data.len() as u64;
+        let id =
+            self.uploads()
+                .put(data, hint, Instant::now())
+                .ok_or(ApiError::UploadStoreFull {
+                    limit: self.cfg.upload_store_bytes,
+                })?;
+        Ok(Response::new(pb::UploadAudioResponse {
+            upload_id: id,
+            size_bytes: size,
+        }))
+    }
+
+    async fn get_model_info(
+        &self,
+        _: Request<pb::GetModelInfoRequest>,
+    ) -> Result<Response<pb::ModelInfo>, Status> {
+        let e = &self.engine;
+        let m = e.model();
+        Ok(Response::new(pb::ModelInfo {
+            model: self.cfg.model_name.clone(),
+            revision: self.cfg.revision.clone(),
+            dtype: self.cfg.dtype.clone(),
+            device: self.cfg.device.clone(),
+            limits: Some(pb::Limits {
+                max_audio_seconds: e.max_audio_seconds(),
+                max_prompt_tokens: e.max_prompt_tokens() as u32,
+                max_new_tokens: e.max_new_tokens_limit() as u32,
+                kv_cache_tokens: e.kv_capacity_tokens() as u64,
+                max_message_bytes: self.cfg.max_message_bytes as u64,
+                max_upload_bytes: self.cfg.max_upload_bytes as u64,
+                upload_ttl_seconds: self.cfg.upload_ttl.as_secs(),
+                max_in_flight_requests: e.max_in_flight() as u32,
+            }),
+            vocab_size: m.cfg.text.vocab_size as u32,
+            decoder_layers: m.cfg.text.num_hidden_layers as u32,
+            decoder_hidden_size: m.cfg.text.hidden_size as u32,
+            encoder_layers: m.cfg.audio.num_hidden_layers as u32,
+        }))
+    }
+
+    async fn get_server_stats(
+        &self,
+        _: Request<pb::GetServerStatsRequest>,
+    ) -> Result<Response<pb::ServerStats>, Status> {
+        let s = self.engine.stats();
+        let (n, bytes) = {
+            let u = self.uploads();
+            (u.len(), u.bytes())
+        };
+        Ok(Response::new(pb::ServerStats {
+            running_requests: s.running as u32,
+            waiting_requests: s.waiting as u32,
+            in_flight_requests: s.in_flight as u32,
+            kv_blocks_total: s.kv.total as u32,
+            kv_blocks_used: s.kv.used as u32,
+            kv_blocks_cached: s.kv.cached as u32,
+            kv_blocks_free: s.kv.free as u32,
+            kv_block_size_tokens: s.block_size as u32,
+            prefix_cache_queries_blocks: s.kv.prefix_queries,
+            prefix_cache_hits_blocks: s.kv.prefix_hits,
+            embedding_cache_hits: s.embeddings.hits,
+            embedding_cache_misses: s.embeddings.misses,
+            embedding_cache_bytes: s.embeddings.bytes as u64,
+            windows_encoded: s.windows_encoded,
+            tokens_generated: s.tokens_generated,
+            requests_finished: s.requests_finished,
+            preemptions: s.preemptions,
+            uploads_stored: n as u32,
+            uploads_bytes: bytes as u64,
+        }))
+    }
+}
+
+/// Forwards engine events to the client until the last one, or until the client goes away (then dropping
+/// the handle cancels the request).
+async fn pump(mut h: RequestHandle, tx: mpsc::Sender<Result<pb::GenerateResponse, Status>>) {
+    use pb::generate_response::Event as E;
+    loop {
+        let ev = tokio::select! {
+            _ = tx.closed() => return,
+            ev = h.recv() => ev,
+        };
+        let (msg, last) = match ev {
+            None => (
+                Err(Status::internal(
+                    "the engine dropped the request without a result",
+                )),
+                true,
+            ),
+            Some(Event::EncodeProgress {
+                windows_done,
+                windows_total,
+            }) => (
+                Ok(E::Progress(pb::EncodeProgress {
+                    windows_done: windows_done as u32,
+                    windows_total: windows_total as u32,
+                })),
+                false,
+            ),
+            Some(Event::Started {
+                prompt_tokens,
+                audio_tokens,
+                cached_tokens,
+            }) => (
+                Ok(E::Started(pb::Started {
+                    prompt_tokens: prompt_tokens as u32,
+                    audio_tokens: audio_tokens as u32,
+                    cached_tokens: cached_tokens as u32,
+                })),
+                false,
+            ),
+            Some(Event::Delta { text, token_ids }) => {
+                (Ok(E::Delta(pb::Delta { text, token_ids })), false)
+            }
+            Some(Event::Finished(s)) => (Ok(E::Finished(finished(&s))), true),
+            Some(Event::Failed(e)) => (Err(engine_status(e)), true),
+        };
+        let msg = msg.map(|e| pb::GenerateResponse { event: Some(e) });
+        if tx.send(msg).await.is_err() || last {
+            return;
+        }
+    }
+}
+
+fn finished(s: &Summary) -> pb::Finished {
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let u = &s.usage;
+    let t = &s.timings;
+    pb::Finished {
+        reason: match s.finish_reason {
+            FinishReason::Eos => pb::FinishReason::Stop,
+            FinishReason::StopString => pb::FinishReason::StopString,
+            FinishReason::Length => pb::FinishReason::Length,
+            FinishReason::Cancelled => pb::FinishReason::Unspecified,
+        } as i32,
+        usage: Some(pb::Usage {
+            prompt_tokens: u.prompt_tokens as u32,
+            audio_tokens: u.audio_tokens as u32,
+            cached_tokens: u.cached_tokens as u32,
+            completion_tokens: u.completion_tokens as u32,
+            audio_seconds: u.audio_seconds,
+            audio_cache_hits: u.audio_cache_hits as u32,
+        }),
+        timings: Some(pb::Timings {
+            prepare_ms: ms(t.prepare),
+            encode_ms: ms(t.encode),
+            queue_ms: ms(t.queue),
+            prefill_ms: ms(t.prefill),
+            time_to_first_token_ms: ms(t.time_to_first_token),
+            total_ms: ms(t.total),
+        }),
+        preemptions: s.preemptions,
+    }
+}
+
+/// How a server run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServeOutcome {
+    /// Requests still in flight when the grace period ended (they got UNAVAILABLE).
+    pub cancelled_at_shutdown: usize,
+}
+
+/// Serves the API, health and reflection on `listener` until `shutdown` resolves; then stops accepting
+/// connections, lets in-flight streams finish for the grace period, cancels the rest and returns.
+pub async fn serve(
+    engine: Arc<Engine>,
+    cfg: ServerConfig,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<ServeOutcome, Box<dyn std::error::Error + Send + Sync>> {
+    let (health, health_svc) = tonic_health::server::health_reporter();
+    health.set_serving::<AfNextServer<Service>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let max = cfg.max_message_bytes;
+    let grace = cfg.grace_period;
+    let api = AfNextServer::new(Service::new(engine.clone(), cfg))
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
+    let (drained_tx, drained_rx) = tokio::sync::oneshot::channel();
+    let signal = {
+        let engine = engine.clone();
+        async move {
+            shutdown.await;
+            health.set_not_serving::<AfNextServer<Service>>().await;
+            // Drain in the background; the server stops accepting as soon as this future returns.
+            let task = tokio::task::spawn_blocking(move || engine.shutdown(grace));
+            tokio::spawn(async move {
+                let n = task.await.unwrap_or(0);
+                let _ = drained_tx.send(n);
+            });
+        }
+    };
+    tonic::transport::Server::builder()
+        .add_service(health_svc)
+        .add_service(reflection)
+        .add_service(api)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal)
+        .await?;
+    let cancelled = drained_rx.await.unwrap_or(0);
+    Ok(ServeOutcome {
+        cancelled_at_shutdown: cancelled,
+    })
+}
