@@ -4,7 +4,10 @@
 //! `tests/fixtures/README.md` for the layout and the index-tensor conventions (`__frames`, `rows750`, ...).
 
 use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use safetensors::{Dtype, SafeTensors};
@@ -221,4 +224,75 @@ pub fn top2_gap(l: &[f32]) -> f32 {
     let mut v = l.to_vec();
     v.sort_by(|a, b| b.total_cmp(a));
     v[0] - v[1]
+}
+
+/// `afnext serve` on the tiny-a checkpoint as a child process on a free loopback port; killed on drop.
+pub struct Server {
+    pub child: Child,
+    pub addr: String,
+}
+
+impl Server {
+    pub fn start(extra: &[&str]) -> Server {
+        let mut child = Command::new(afnext_bin())
+            .args(["serve", "--model"])
+            .arg(ckpt("tiny-a"))
+            .args(["--listen", "127.0.0.1:0"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start afnext serve");
+        let out = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(out).lines();
+        let addr = loop {
+            let line = lines
+                .next()
+                .expect("afnext serve exited before listening")
+                .unwrap();
+            if let Some(a) = line.strip_prefix("afnext serving on ") {
+                break a.to_string();
+            }
+        };
+        // Keep draining stdout so the server never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Server { child, addr }
+    }
+
+    pub async fn client(
+        &self,
+    ) -> afnext_server::pb::af_next_client::AfNextClient<tonic::transport::Channel> {
+        afnext_server::pb::af_next_client::AfNextClient::connect(format!("http://{}", self.addr))
+            .await
+            .unwrap()
+            .max_decoding_message_size(256 << 20)
+            .max_encoding_message_size(256 << 20)
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+    }
+
+    pub fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let end = Instant::now() + within;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(Instant::now() < end, "server did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

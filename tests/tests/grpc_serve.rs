@@ -1,84 +1,14 @@
 //! `afnext serve` as a real process, used over real gRPC on loopback: concurrency, cancellation, follow-up
 //! caching, bad input, queue limits, deadlines, uploads, health, reflection and SIGTERM draining.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use afnext_e2e::{afnext_bin, ckpt, fixtures_dir, lone_logits, top2_gap};
+use afnext_e2e::{ckpt, fixtures_dir, lone_logits, top2_gap, Server};
 use afnext_server::pb;
 use afnext_server::pb::af_next_client::AfNextClient;
 use pb::generate_response::Event as E;
 use tonic::transport::Channel;
 use tonic::Code;
-
-struct Server {
-    child: Child,
-    addr: String,
-}
-
-impl Server {
-    fn start(extra: &[&str]) -> Server {
-        let mut child = Command::new(afnext_bin())
-            .args(["serve", "--model"])
-            .arg(ckpt("tiny-a"))
-            .args(["--listen", "127.0.0.1:0"])
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start afnext serve");
-        let out = child.stdout.take().unwrap();
-        let mut lines = BufReader::new(out).lines();
-        let addr = loop {
-            let line = lines
-                .next()
-                .expect("afnext serve exited before listening")
-                .unwrap();
-            if let Some(a) = line.strip_prefix("afnext serving on ") {
-                break a.to_string();
-            }
-        };
-        // Keep draining stdout so the server never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        Server { child, addr }
-    }
-
-    async fn client(&self) -> AfNextClient<Channel> {
-        AfNextClient::connect(format!("http://{}", self.addr))
-            .await
-            .unwrap()
-            .max_decoding_message_size(256 << 20)
-            .max_encoding_message_size(256 << 20)
-    }
-
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok);
-    }
-
-    fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
-        let end = Instant::now() + within;
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st;
-            }
-            assert!(Instant::now() < end, "server did not exit");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn clip(name: &str) -> Vec<u8> {
     std::fs::read(fixtures_dir().join("audio").join(name)).unwrap()

@@ -261,8 +261,7 @@ impl DecoderLayer {
     fn forward_paged(
         &self,
         h: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
+        (cos, sin): (&Tensor, &Tensor),
         seqs: &[SeqStep],
         index: &StepIndex,
         kv: (&Tensor, &Tensor),
@@ -407,7 +406,7 @@ impl Qwen2 {
         )?;
         let mut h = embeds.clone();
         for (i, layer) in self.layers.iter().enumerate() {
-            h = layer.forward_paged(&h, &cos, &sin, seqs, &index, kv.layer(i), c)?;
+            h = layer.forward_paged(&h, (&cos, &sin), seqs, &index, kv.layer(i), c)?;
         }
         self.norm.forward(&h)
     }

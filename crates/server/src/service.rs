@@ -278,10 +278,14 @@ pub async fn serve(
 ) -> Result<ServeOutcome, Box<dyn std::error::Error + Send + Sync>> {
     let (health, health_svc) = tonic_health::server::health_reporter();
     health.set_serving::<AfNextServer<Service>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    // Both reflection versions: grpcurl and older tools still ask v1alpha.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
     let max = cfg.max_message_bytes;
     let grace = cfg.grace_period;
     let api = AfNextServer::new(Service::new(engine.clone(), cfg))
@@ -303,7 +307,8 @@ pub async fn serve(
     };
     tonic::transport::Server::builder()
         .add_service(health_svc)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(api)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal)
         .await?;
