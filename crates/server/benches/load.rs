@@ -1,0 +1,326 @@
+//! Load benchmark (not a test): the embedded server over real gRPC on loopback, driven by a bounded Rust load
+//! generator, with a Qwen2.5-0.5B-shaped random decoder (24 layers, 896 wide, 14 heads, 2 kv heads, vocab
+//! 151 672, tied embeddings) behind tiny-a's small encoder, tokenizer and template. The decoder is what this
+//! measures; the real-size encoder is timed by `cargo bench -p afnext-model --bench model`.
+//!
+//! For each dtype: throughput and time-to-first-token / inter-token latency (p50, p99) at concurrency 1, 4 and
+//! 16 (each client sends its requests back to back; every request generates exactly NEW tokens), a follow-up
+//! turn on a 5-minute clip against its first turn, and, in the same run, transformers' static batch of 16 on
+//! the same shapes (`tools/bench/load_ref.py`, in the venv of `tools/fixtures/run.sh` or `$AFNEXT_REF_PYTHON`).
+//!
+//! `cargo bench -p afnext-server --bench load` (env: AFNEXT_BENCH_THREADS=2, AFNEXT_BENCH_DTYPES=f32,bf16,
+//! AFNEXT_BENCH_NEW=48, AFNEXT_BENCH_QUICK=1 for a smoke run).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use afnext_engine::{Engine, EngineConfig};
+use afnext_model::config::GenerationDefaults;
+use afnext_model::{AfNext, AfNextConfig};
+use afnext_prompt::PromptProcessor;
+use afnext_server::pb;
+use afnext_server::pb::af_next_client::AfNextClient;
+use afnext_server::ServerConfig;
+use candle_core::{DType, Device};
+use tonic::transport::Channel;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn config() -> AfNextConfig {
+    let dir = fixtures().join("ckpt/tiny-a");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    v["text_config"] = serde_json::json!({
+        "vocab_size": 151672, "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+        "num_attention_heads": 14, "num_key_value_heads": 2, "rms_norm_eps": 1e-6,
+        "rope_parameters": {"rope_theta": 1000000.0}, "tie_word_embeddings": true,
+        "max_position_embeddings": 32768, "eos_token_id": 386, "pad_token_id": 384,
+    });
+    AfNextConfig::from_json(&v).expect("bench config")
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+struct ReqStats {
+    ttft: f64,
+    gaps: Vec<f64>,
+    tokens: usize,
+}
+
+async fn one(c: &mut AfNextClient<Channel>, r: pb::GenerateRequest) -> ReqStats {
+    let t0 = Instant::now();
+    let mut s = c.generate(r).await.expect("generate").into_inner();
+    let mut ttft = f64::NAN;
+    let mut last = t0;
+    let mut gaps = Vec::new();
+    let mut tokens = 0;
+    while let Some(m) = s.message().await.expect("stream") {
+        if let Some(pb::generate_response::Event::Delta(d)) = m.event {
+            let now = Instant::now();
+            if tokens == 0 {
+                ttft = (now - t0).as_secs_f64();
+            } else {
+                gaps.push((now - last).as_secs_f64());
+            }
+            last = now;
+            tokens += d.token_ids.len();
+        }
+    }
+    ReqStats { ttft, gaps, tokens }
+}
+
+fn text_request(prompt: String, new: u32) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        messages: vec![pb::Message {
+            role: pb::Role::User as i32,
+            parts: vec![pb::Part {
+                kind: Some(pb::part::Kind::Text(prompt)),
+            }],
+        }],
+        max_new_tokens: Some(new),
+        ignore_eos: true,
+        ..Default::default()
+    }
+}
+
+struct Row {
+    conc: usize,
+    tok_s: f64,
+    ttft: (f64, f64),
+    itl: (f64, f64),
+}
+
+async fn concurrency(c: &AfNextClient<Channel>, conc: usize, per_client: usize, new: u32) -> Row {
+    let t0 = Instant::now();
+    let tasks: Vec<_> = (0..conc)
+        .map(|k| {
+            let mut c = c.clone();
+            tokio::spawn(async move {
+                let mut out = Vec::new();
+                for i in 0..per_client {
+                    // Distinct prompts: no prefix-cache help between clients.
+                    let p = format!("Client {k} request {i}: describe a quiet harbour at dawn in detail.");
+                    out.push(one(&mut c, text_request(p, new)).await);
+                }
+                out
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    let wall = t0.elapsed().as_secs_f64();
+    let tokens: usize = all.iter().map(|s| s.tokens).sum();
+    let mut ttft: Vec<f64> = all.iter().map(|s| s.ttft).collect();
+    let mut gaps: Vec<f64> = all.iter().flat_map(|s| s.gaps.iter().copied()).collect();
+    Row {
+        conc,
+        tok_s: tokens as f64 / wall,
+        ttft: (percentile(&mut ttft, 0.5), percentile(&mut ttft, 0.99)),
+        itl: (percentile(&mut gaps, 0.5), percentile(&mut gaps, 0.99)),
+    }
+}
+
+/// A 5-minute mono 16 kHz clip (tones and noise), as wav bytes.
+fn five_minutes() -> Vec<u8> {
+    let n = 300 * 16000;
+    let mut x = 1u32;
+    let s: Vec<f32> = (0..n)
+        .map(|i| {
+            x = x.wrapping_mul(1664525).wrapping_add(1013904223);
+            let noise = (x >> 8) as f32 / (1u32 << 24) as f32 - 0.5;
+            0.2 * (i as f32 * 0.05 * (1.0 + (i / 16000 % 7) as f32)).sin() + 0.05 * noise
+        })
+        .collect();
+    afnext_audio::encode_wav(&s, 16000, 1, afnext_audio::WavFormat::Pcm16)
+}
+
+async fn follow_up(c: &mut AfNextClient<Channel>) -> (f64, f64, u32) {
+    let audio = pb::Part {
+        kind: Some(pb::part::Kind::Audio(pb::AudioPart {
+            source: Some(pb::audio_part::Source::Data(five_minutes())),
+            format: 0,
+        })),
+    };
+    let text = |t: &str| pb::Part {
+        kind: Some(pb::part::Kind::Text(t.into())),
+    };
+    let first = vec![pb::Message {
+        role: pb::Role::User as i32,
+        parts: vec![audio, text("Describe the recording.")],
+    }];
+    let mut r = text_request(String::new(), 4);
+    r.messages = first.clone();
+    let a = one(c, r.clone()).await;
+    let mut follow = first;
+    follow.push(pb::Message {
+        role: pb::Role::Assistant as i32,
+        parts: vec![text("A steady tone with some noise.")],
+    });
+    follow.push(pb::Message {
+        role: pb::Role::User as i32,
+        parts: vec![text("Does the pitch change?")],
+    });
+    r.messages = follow;
+    let mut s = c.generate(r).await.unwrap().into_inner();
+    let t0 = Instant::now();
+    let mut ttft = f64::NAN;
+    let mut cached = 0;
+    while let Some(m) = s.message().await.unwrap() {
+        match m.event {
+            Some(pb::generate_response::Event::Delta(_)) if ttft.is_nan() => {
+                ttft = t0.elapsed().as_secs_f64()
+            }
+            Some(pb::generate_response::Event::Started(st)) => cached = st.cached_tokens,
+            _ => {}
+        }
+    }
+    (a.ttft, ttft, cached)
+}
+
+fn ref_python() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("AFNEXT_REF_PYTHON") {
+        return Some(PathBuf::from(p));
+    }
+    let home = std::env::var_os("HOME")?;
+    let p = Path::new(&home).join(".cache/afnext/ref-venv/bin/python");
+    p.exists().then_some(p)
+}
+
+fn reference(threads: usize, dtype: &str, new: u32) -> Option<f64> {
+    let py = ref_python()?;
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tools/bench/load_ref.py");
+    let o = Command::new(py)
+        .arg(script)
+        .args([threads.to_string(), dtype.into(), "16".into(), "24".into(), new.to_string()])
+        .output()
+        .ok()?;
+    if !o.status.success() {
+        eprintln!("reference failed: {}", String::from_utf8_lossy(&o.stderr));
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).ok()?;
+    v["tok_s"].as_f64()
+}
+
+fn main() {
+    let threads: usize = std::env::var("AFNEXT_BENCH_THREADS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2);
+    // Before rayon's pool exists: the engine's kernels use it.
+    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    let quick = std::env::var("AFNEXT_BENCH_QUICK").is_ok();
+    let new: u32 = std::env::var("AFNEXT_BENCH_NEW")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(if quick { 8 } else { 48 });
+    let dtypes = std::env::var("AFNEXT_BENCH_DTYPES").unwrap_or_else(|_| "f32,bf16".into());
+    let dir = fixtures().join("ckpt/tiny-a");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    println!("load benchmark: {threads} threads, {new} new tokens per request, greedy, ignore_eos");
+    for name in dtypes.split(',') {
+        let dtype = match name {
+            "f32" => DType::F32,
+            "bf16" => DType::BF16,
+            other => panic!("unknown dtype {other}"),
+        };
+        let model = AfNext::random(config(), 0, dtype, &Device::Cpu).unwrap();
+        let gen = GenerationDefaults::load(&dir, &model.cfg.text).unwrap();
+        let proc = PromptProcessor::load(&dir).unwrap();
+        let engine = Arc::new(
+            Engine::start(
+                Arc::new(model),
+                Arc::new(proc),
+                gen,
+                EngineConfig {
+                    kv_cache_bytes: 3 << 30,
+                    ..EngineConfig::default()
+                },
+            )
+            .unwrap(),
+        );
+        let rows = rt.block_on(async {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = l.local_addr().unwrap();
+            let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+            let srv = tokio::spawn(afnext_server::serve(
+                engine.clone(),
+                ServerConfig::default(),
+                l,
+                async move {
+                    let _ = stop_rx.await;
+                },
+            ));
+            let mut c = AfNextClient::connect(format!("http://{addr}"))
+                .await
+                .unwrap()
+                .max_encoding_message_size(64 << 20);
+            // Warm-up.
+            one(&mut c, text_request("warm up".into(), 2)).await;
+            let mut rows = Vec::new();
+            for (conc, per) in [(1, 2), (4, 2), (16, 2)] {
+                let per = if quick { 1 } else { per };
+                rows.push(concurrency(&c, conc, per, new).await);
+            }
+            let fu = if quick { None } else { Some(follow_up(&mut c).await) };
+            let _ = stop_tx.send(());
+            let _ = srv.await;
+            (rows, fu)
+        });
+        let reference = if quick { None } else { reference(threads, name, new) };
+        println!("\n## {name}");
+        println!("| concurrency | tokens/s | x conc. 1 | TTFT p50 / p99 (ms) | inter-token p50 / p99 (ms) |");
+        println!("|---|---|---|---|---|");
+        let base = rows.0[0].tok_s;
+        for r in &rows.0 {
+            println!(
+                "| {} | {:.1} | {:.2} | {:.0} / {:.0} | {:.0} / {:.0} |",
+                r.conc,
+                r.tok_s,
+                r.tok_s / base,
+                r.ttft.0 * 1e3,
+                r.ttft.1 * 1e3,
+                r.itl.0 * 1e3,
+                r.itl.1 * 1e3
+            );
+        }
+        match reference {
+            Some(t) => println!(
+                "transformers static batch 16 ({new} new tokens, 24-token prompts): {t:.1} tok/s; afnext at 16 = {:.2}x",
+                rows.0[2].tok_s / t
+            ),
+            None => println!("transformers reference: not run (quick mode or no reference venv)"),
+        }
+        if let Some((first, follow, cached)) = rows.1 {
+            println!(
+                "5-minute clip: first-turn TTFT {:.0} ms, follow-up TTFT {:.0} ms ({:.1}x lower, {cached} prompt tokens cached)",
+                first * 1e3,
+                follow * 1e3,
+                first / follow
+            );
+        }
+        let st = engine.stats();
+        println!(
+            "engine: {} steps, {} preemptions, prefix hits {}/{} blocks",
+            st.steps, st.preemptions, st.kv.prefix_hits, st.kv.prefix_queries
+        );
+        drop(engine);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
