@@ -109,7 +109,9 @@ async fn concurrency(c: &AfNextClient<Channel>, conc: usize, per_client: usize, 
                 let mut out = Vec::new();
                 for i in 0..per_client {
                     // Distinct prompts: no prefix-cache help between clients.
-                    let p = format!("Client {k} request {i}: describe a quiet harbour at dawn in detail.");
+                    let p = format!(
+                        "Client {k} request {i}: describe a quiet harbour at dawn in detail."
+                    );
                     out.push(one(&mut c, text_request(p, new)).await);
                 }
                 out
@@ -203,7 +205,13 @@ fn reference(threads: usize, dtype: &str, new: u32) -> Option<f64> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tools/bench/load_ref.py");
     let o = Command::new(py)
         .arg(script)
-        .args([threads.to_string(), dtype.into(), "16".into(), "24".into(), new.to_string()])
+        .args([
+            threads.to_string(),
+            dtype.into(),
+            "16".into(),
+            "24".into(),
+            new.to_string(),
+        ])
         .output()
         .ok()?;
     if !o.status.success() {
@@ -278,12 +286,20 @@ fn main() {
                 let per = if quick { 1 } else { per };
                 rows.push(concurrency(&c, conc, per, new).await);
             }
-            let fu = if quick { None } else { Some(follow_up(&mut c).await) };
+            let fu = if quick {
+                None
+            } else {
+                Some(follow_up(&mut c).await)
+            };
             let _ = stop_tx.send(());
             let _ = srv.await;
             (rows, fu)
         });
-        let reference = if quick { None } else { reference(threads, name, new) };
+        let reference = if quick {
+            None
+        } else {
+            reference(threads, name, new)
+        };
         println!("\n## {name}");
         println!("| concurrency | tokens/s | x conc. 1 | TTFT p50 / p99 (ms) | inter-token p50 / p99 (ms) |");
         println!("|---|---|---|---|---|");
