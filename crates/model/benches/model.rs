@@ -42,13 +42,9 @@ fn config() -> AfNextConfig {
 /// f32 matrix (what a decode step does, without anything else around it).
 fn bandwidth_gb_s() -> f64 {
     let (rows, cols) = (1usize << 14, 1usize << 14);
-    let w = Tensor::ones((rows, cols), DType::F32, &Device::Cpu).unwrap();
-    let x = Tensor::ones((1, cols), DType::F32, &Device::Cpu).unwrap();
-    let t = best(3, || {
-        afnext_model::cpu_gemv::try_forward(&x, &w, None)
-            .unwrap()
-            .unwrap()
-    });
+    let w = afnext_model::cpu_gemm::PackedWeight::from_f32(&vec![1.0; rows * cols], rows, cols);
+    let x = vec![1.0f32; cols];
+    let t = best(3, || w.matmul(&x, 1, None));
     (rows * cols * 4) as f64 / t / 1e9
 }
 

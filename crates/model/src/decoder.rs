@@ -326,7 +326,7 @@ impl Qwen2 {
             &[c.vocab_size, c.hidden_size],
         )?;
         let lm_head = if c.tie_word_embeddings && !w.contains("language_model.lm_head.weight") {
-            ParallelLinear::from_weight(embed.clone(), None)
+            ParallelLinear::from_weight(embed.clone(), None)?
         } else {
             ParallelLinear::load(
                 w,

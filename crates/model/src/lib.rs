@@ -4,7 +4,7 @@
 //! Every projection is a [`linear::ParallelLinear`].
 
 pub mod config;
-pub mod cpu_gemv;
+pub mod cpu_gemm;
 pub mod decoder;
 pub mod encoder;
 pub mod error;

@@ -1,16 +1,28 @@
 //! The one linear-layer abstraction every projection goes through, so that tensor parallelism can split a
 //! layer by column or by row without a second copy of the model code.
+//!
+//! On the CPU, f32 and bf16 weights are packed once at load for [`crate::cpu_gemm`] (the original tensor is
+//! dropped, so the packed copy is the only one); other devices and dtypes use candle's matmul.
 
-use candle_core::{DType, Module, Tensor};
+use std::sync::Arc;
 
+use candle_core::{DType, Device, Module, Storage, Tensor};
+use half::bf16;
+
+use crate::cpu_gemm::PackedWeight;
 use crate::error::Result;
 use crate::weights::Weights;
 
 /// `y = x W^T + b` with `W` stored `[out, in]` as in PyTorch.
 #[derive(Debug, Clone)]
 pub enum ParallelLinear {
-    /// The whole layer on this device (world size 1).
+    /// The whole layer on this device (world size 1), through candle.
     Dense(candle_nn::Linear),
+    /// The whole layer on the CPU, packed for the CPU GEMM; `bias` in f32.
+    Packed {
+        w: Arc<PackedWeight>,
+        bias: Option<Arc<Vec<f32>>>,
+    },
 }
 
 impl ParallelLinear {
@@ -28,35 +40,70 @@ impl ParallelLinear {
         } else {
             None
         };
-        Ok(ParallelLinear::Dense(candle_nn::Linear::new(weight, bias)))
+        Self::from_weight(weight, bias)
     }
 
-    /// A dense layer from tensors already in memory (tied embeddings, tests).
-    pub fn from_weight(weight: Tensor, bias: Option<Tensor>) -> Self {
-        ParallelLinear::Dense(candle_nn::Linear::new(weight, bias))
+    /// A layer from tensors already in memory (tied embeddings, tests).
+    pub fn from_weight(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        if let Some(packed) = pack(&weight)? {
+            let bias = bias
+                .map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>())
+                .transpose()?
+                .map(Arc::new);
+            return Ok(ParallelLinear::Packed {
+                w: Arc::new(packed),
+                bias,
+            });
+        }
+        Ok(ParallelLinear::Dense(candle_nn::Linear::new(weight, bias)))
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
-            ParallelLinear::Dense(l) => {
-                // Decode-sized products (a few rows) on the CPU are memory-bound: use the streaming kernel.
-                if let Some(y) = crate::cpu_gemv::try_forward(x, l.weight(), l.bias())? {
-                    return Ok(y);
+            ParallelLinear::Dense(l) => Ok(l.forward(x)?),
+            ParallelLinear::Packed { w, bias } => {
+                let dims = x.dims().to_vec();
+                let k = *dims.last().unwrap_or(&0);
+                if k != w.in_dim() {
+                    return Err(crate::ModelError::Input(format!(
+                        "linear layer expects {} input features, got {k}",
+                        w.in_dim()
+                    )));
                 }
-                if x.device().is_cpu() && x.dtype() == DType::BF16 {
-                    // candle's CPU bf16 GEMM is ~10x slower than its f32 one; widening the weight per call
-                    // costs a few percent of a prefill chunk's GEMM and accumulates in f32 like torch does.
-                    let y = x
-                        .to_dtype(DType::F32)?
-                        .broadcast_matmul(&l.weight().to_dtype(DType::F32)?.t()?)?;
-                    let y = match l.bias() {
-                        Some(b) => y.broadcast_add(&b.to_dtype(DType::F32)?)?,
-                        None => y,
-                    };
-                    return Ok(y.to_dtype(DType::BF16)?);
-                }
-                Ok(l.forward(x)?)
+                let m = x.elem_count() / k.max(1);
+                let xs: Vec<f32> = x.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+                let y = w.matmul(&xs, m, bias.as_deref().map(|b| b.as_slice()));
+                let mut shape = dims;
+                *shape.last_mut().expect("at least one dim") = w.out_dim();
+                Ok(Tensor::from_vec(y, shape, &Device::Cpu)?.to_dtype(x.dtype())?)
             }
         }
     }
+}
+
+/// Packs a CPU f32 or bf16 `[out, in]` weight; `None` for other devices and dtypes.
+fn pack(weight: &Tensor) -> Result<Option<PackedWeight>> {
+    if !weight.device().is_cpu() {
+        return Ok(None);
+    }
+    let (n, k) = weight.dims2()?;
+    let weight = weight.contiguous()?;
+    let (storage, layout) = weight.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        return Ok(None);
+    };
+    let start = layout.start_offset();
+    Ok(match weight.dtype() {
+        DType::F32 => Some(PackedWeight::from_f32(
+            &cpu.as_slice::<f32>()?[start..start + n * k],
+            n,
+            k,
+        )),
+        DType::BF16 => Some(PackedWeight::from_bf16(
+            &cpu.as_slice::<bf16>()?[start..start + n * k],
+            n,
+            k,
+        )),
+        _ => None,
+    })
 }
