@@ -93,6 +93,8 @@ impl PackedWeight {
         if m == 0 || n == 0 {
             return y;
         }
+        let xp = pack_rows(x, m, self.k);
+        let x = xp.as_slice();
         let panels = Self::panel_count(n);
         let threads = rayon::current_num_threads().max(1);
         // A few chunks per thread for balance; at least 2 panels per task.
@@ -119,6 +121,22 @@ impl PackedWeight {
         }
         y
     }
+}
+
+/// Activations in tiles of [`MR`] rows, each stored k-major (`[K][MR]`, missing rows zero), so the kernel's
+/// broadcasts walk one sequential stream.
+fn pack_rows(x: &[f32], m: usize, k: usize) -> Vec<f32> {
+    let tiles = m.div_ceil(MR);
+    let mut out = vec![0f32; tiles * k * MR];
+    for (t, tile) in out.chunks_mut(k * MR).enumerate() {
+        for r in 0..MR.min(m - t * MR) {
+            let row = &x[(t * MR + r) * k..(t * MR + r + 1) * k];
+            for (kk, &v) in row.iter().enumerate() {
+                tile[kk * MR + r] = v;
+            }
+        }
+    }
+    out
 }
 
 fn pack_into<T: Copy + Default>(w: &[T], n: usize, k: usize, out: &mut [T]) {
@@ -185,37 +203,53 @@ fn run_panels<T: Elem>(
     out: &SyncPtr,
     avx512: bool,
 ) {
-    for kc in (0..k).step_by(KC) {
+    let stream = m <= MC;
+    let block = |p: usize, kc: usize, r0: usize, r1: usize| {
         let kl = KC.min(k - kc);
-        for mc in (0..m).step_by(MC) {
-            let ml = MC.min(m - mc);
-            for p in panels.clone() {
-                let cols = NR.min(n - p * NR);
-                let panel = &w[p * k * NR + kc * NR..p * k * NR + (kc + kl) * NR];
-                for r in (mc..mc + ml).step_by(MR) {
-                    let rows = MR.min(mc + ml - r);
-                    let xs = &x[r * k + kc..];
-                    // SAFETY: rows r..r+rows and columns p*NR..p*NR+cols are inside y (m x n) and belong to
-                    // this task's panels only.
-                    let c = unsafe { out.0.add(r * n + p * NR) };
-                    let tile = Tile {
-                        x: xs,
-                        ldx: k,
-                        panel,
-                        kl,
-                        c,
-                        ldc: n,
-                        cols,
-                        accumulate: kc > 0,
-                    };
-                    #[cfg(target_arch = "x86_64")]
-                    if avx512 {
-                        // SAFETY: AVX-512 F/BW were detected; the tile's bounds are checked by construction.
-                        unsafe { avx512::tile::<T>(&tile, rows) };
-                        continue;
-                    }
-                    let _ = avx512;
-                    portable_tile(&tile, rows);
+        let cols = NR.min(n - p * NR);
+        let panel = &w[p * k * NR + kc * NR..p * k * NR + (kc + kl) * NR];
+        for r in (r0..r1).step_by(MR) {
+            let rows = MR.min(r1 - r);
+            // SAFETY: rows r..r+rows and columns p*NR..p*NR+cols are inside y (m x n) and belong to this
+            // task's panels only.
+            let c = unsafe { out.0.add(r * n + p * NR) };
+            // `r` is a multiple of MR: the start of a packed row tile.
+            let tile = Tile {
+                x: &x[r * k + kc * MR..],
+                panel,
+                kl,
+                c,
+                ldc: n,
+                cols,
+                accumulate: kc > 0,
+                prefetch: stream && r == r0,
+            };
+            #[cfg(target_arch = "x86_64")]
+            if avx512 {
+                // SAFETY: AVX-512 F/BW were detected; the tile's bounds hold by construction.
+                unsafe { avx512::tile::<T>(&tile, rows) };
+                continue;
+            }
+            let _ = avx512;
+            portable_tile(&tile, rows);
+        }
+    };
+    // Both orders add the same K blocks in the same order to every output element; they differ only in
+    // which data stays in cache.
+    if m <= MC {
+        // Few rows (decode steps): stream each panel once, front to back; the rows stay in L1.
+        for p in panels {
+            for kc in (0..k).step_by(KC) {
+                block(p, kc, 0, m);
+            }
+        }
+    } else {
+        // Many rows (prefill, encoder): a KC x 32 panel slice stays in L1/L2 across the row tiles of an M
+        // block, and that block's KC slice stays in L2 across the panels.
+        for kc in (0..k).step_by(KC) {
+            for mc in (0..m).step_by(MC) {
+                for p in panels.clone() {
+                    block(p, kc, mc, (mc + MC).min(m));
                 }
             }
         }
@@ -223,9 +257,8 @@ fn run_panels<T: Elem>(
 }
 
 struct Tile<'a, T> {
-    /// Row 0 of the tile at its KC offset; row r starts at `r * ldx`.
+    /// The packed row tile at its KC offset: `x[kk * MR + r]`.
     x: &'a [f32],
-    ldx: usize,
     /// `kl x 32` panel slice.
     panel: &'a [T],
     kl: usize,
@@ -235,15 +268,18 @@ struct Tile<'a, T> {
     cols: usize,
     /// Add to `c` (later K blocks) instead of overwriting it.
     accumulate: bool,
+    /// The panels are read as one sequential stream (few rows): prefetch it far ahead, since the hardware
+    /// prefetcher alone leaves the loads waiting on memory between bursts of FMAs.
+    prefetch: bool,
 }
 
 /// The reference summation order, also the fallback: per (row, column), k in order, one f32 accumulator per K
 /// block, added to the previous blocks' sum.
 fn portable_tile<T: Elem>(t: &Tile<'_, T>, rows: usize) {
     for r in 0..rows {
-        let xr = &t.x[r * t.ldx..r * t.ldx + t.kl];
         let mut acc = [0f32; NR];
-        for (kk, &xv) in xr.iter().enumerate() {
+        for kk in 0..t.kl {
+            let xv = t.x[kk * MR + r];
             let wrow = &t.panel[kk * NR..(kk + 1) * NR];
             for (a, &wv) in acc.iter_mut().zip(wrow) {
                 *a = xv.mul_add(wv.widen(), *a);
@@ -301,10 +337,20 @@ mod avx512 {
         let mut a0 = [_mm512_setzero_ps(); R];
         let mut a1 = [_mm512_setzero_ps(); R];
         let x = t.x.as_ptr();
+        // 8 KiB ahead in f32 (64 panel rows; beyond this slice lies the next slice or panel of the stream).
+        const AHEAD: usize = 64 * NR;
+        let line = 64 / std::mem::size_of::<T>();
         for kk in 0..t.kl {
+            if t.prefetch {
+                let p = t.panel.as_ptr().wrapping_add(kk * NR + AHEAD) as *const i8;
+                _mm_prefetch::<_MM_HINT_T0>(p);
+                if !T::IS_BF16 {
+                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(line * std::mem::size_of::<T>()));
+                }
+            }
             let (w0, w1) = load_w(t.panel, kk);
             for r in 0..R {
-                let xb = _mm512_set1_ps(*x.add(r * t.ldx + kk));
+                let xb = _mm512_set1_ps(*x.add(kk * MR + r));
                 a0[r] = _mm512_fmadd_ps(xb, w0, a0[r]);
                 a1[r] = _mm512_fmadd_ps(xb, w1, a1[r]);
             }
@@ -419,25 +465,20 @@ mod tests {
             return;
         }
         let mut s = 11u64;
-        let (m, n, k) = (10, 40, 500);
-        let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut s)).collect();
-        let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut s)).collect();
-        let pw = PackedWeight::from_f32(&w, n, k);
-        let fast = pw.matmul(&x, m, None);
-        let Panels::F32(panels) = &pw.panels else {
-            unreachable!()
-        };
-        let mut slow = vec![0f32; m * n];
-        run_panels(
-            panels,
-            &x,
-            m,
-            k,
-            n,
-            0..n.div_ceil(NR),
-            &SyncPtr(slow.as_mut_ptr()),
-            false,
-        );
-        assert_eq!(fast, slow);
+        // Both loop orders: few rows (panel stream) and many rows (K/M blocking).
+        for (m, n, k) in [(10, 40, 500), (60, 40, 500)] {
+            let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut s)).collect();
+            let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut s)).collect();
+            let pw = PackedWeight::from_f32(&w, n, k);
+            let fast = pw.matmul(&x, m, None);
+            let Panels::F32(panels) = &pw.panels else {
+                unreachable!()
+            };
+            let mut slow = vec![0f32; m * n];
+            let xp = pack_rows(&x, m, k);
+            let out = SyncPtr(slow.as_mut_ptr());
+            run_panels(panels, &xp, m, k, n, 0..n.div_ceil(NR), &out, false);
+            assert_eq!(fast, slow, "m = {m}");
+        }
     }
 }
