@@ -15,8 +15,12 @@ use afnext_prompt::{AudioSource, Conversation, PromptProcessor};
 use candle_core::{DType, Device, Tensor};
 
 fn engine(ck: &str, cfg: EngineConfig) -> Engine {
+    engine_in(ck, cfg, DType::F32)
+}
+
+fn engine_in(ck: &str, cfg: EngineConfig, dtype: DType) -> Engine {
     let dir = ckpt(ck);
-    let model = AfNext::load(&dir, DType::F32, &Device::Cpu).unwrap();
+    let model = AfNext::load(&dir, dtype, &Device::Cpu).unwrap();
     let gen = GenerationDefaults::load(&dir, &model.cfg.text).unwrap();
     let proc = PromptProcessor::load(&dir).unwrap();
     Engine::start(Arc::new(model), Arc::new(proc), gen, cfg).unwrap()
@@ -154,6 +158,24 @@ fn sixteen_concurrent_requests_match_each_request_run_alone() {
     assert!(together
         .iter()
         .all(|o| o.progress == 0 || o.summary.usage.audio_cache_hits == 0));
+}
+
+/// bf16 (AMX tiles where the CPU has them, the f32 kernel otherwise): batching still changes nothing, because
+/// every row is computed by the same instruction sequence whatever the batch.
+#[test]
+fn bf16_batched_requests_equal_their_lone_runs() {
+    let e = engine_in("tiny-b", EngineConfig::default(), DType::BF16);
+    let reqs: Vec<GenerateRequest> = sixteen().into_iter().step_by(2).collect();
+    let alone: Vec<Vec<u32>> = reqs
+        .iter()
+        .map(|r| collect(e.submit(r.clone()).unwrap()).unwrap().ids)
+        .collect();
+    let handles: Vec<_> = reqs.iter().map(|r| e.submit(r.clone()).unwrap()).collect();
+    for (h, want) in handles.into_iter().zip(&alone) {
+        assert_eq!(&collect(h).unwrap().ids, want);
+    }
+    wait_idle(&e);
+    assert_eq!(e.stats().kv.used, 0);
 }
 
 #[test]

@@ -10,6 +10,7 @@ use crate::config::TextConfig;
 use crate::error::Result;
 use crate::linear::ParallelLinear;
 use crate::paged::{self, PagedKv, SeqStep, StepIndex};
+use crate::paged_cpu;
 use crate::weights::Weights;
 
 /// `x * rsqrt(mean(x^2) + eps)` in f32, cast back to the activation dtype, then times the weight.
@@ -275,14 +276,50 @@ impl DecoderLayer {
         let v = self.v.forward(&y)?;
         kv.0.scatter_set(&index.write, &k.reshape((t, nkv * hd))?.contiguous()?, 0)?;
         kv.1.scatter_set(&index.write, &v.contiguous()?, 0)?;
-        let mut outs = Vec::with_capacity(seqs.len());
-        let mut row = 0;
-        for (s, chunks) in seqs.iter().zip(&index.read) {
-            let qs = q.narrow(0, row, s.len)?.transpose(0, 1)?.contiguous()?;
-            outs.push(paged::attend(&qs, s.start, chunks, kv, c)?);
-            row += s.len;
-        }
-        let o = Tensor::cat(&outs, 0)?;
+        // Few-query sequences on the CPU: one fused pass over the pool; longer chunks: blocked matmuls.
+        let short: Vec<bool> = seqs
+            .iter()
+            .map(|s| h.device().is_cpu() && s.len <= paged_cpu::MAX_QUERY_ROWS)
+            .collect();
+        let o = if short.iter().all(|&b| b) {
+            let mut out = vec![0f32; t * nh * hd];
+            let g = paged_cpu::Heads {
+                nh,
+                nkv,
+                hd,
+                block_size: index.block_size,
+            };
+            paged_cpu::attend_rows(&q, seqs, &short, kv, g, &mut out)?;
+            Tensor::from_vec(out, (t, nh * hd), h.device())?.to_dtype(h.dtype())?
+        } else {
+            let mut outs = Vec::with_capacity(seqs.len());
+            let mut row = 0;
+            let mut fused = vec![0f32; 0];
+            if short.iter().any(|&b| b) {
+                fused = vec![0f32; t * nh * hd];
+                let g = paged_cpu::Heads {
+                    nh,
+                    nkv,
+                    hd,
+                    block_size: index.block_size,
+                };
+                paged_cpu::attend_rows(&q, seqs, &short, kv, g, &mut fused)?;
+            }
+            for ((s, chunks), &is_short) in seqs.iter().zip(&index.read).zip(&short) {
+                if is_short {
+                    let rows = fused[row * nh * hd..(row + s.len) * nh * hd].to_vec();
+                    outs.push(
+                        Tensor::from_vec(rows, (s.len, nh * hd), h.device())?
+                            .to_dtype(h.dtype())?,
+                    );
+                } else {
+                    let qs = q.narrow(0, row, s.len)?.transpose(0, 1)?.contiguous()?;
+                    outs.push(paged::attend(&qs, s.start, chunks, kv, c)?);
+                }
+                row += s.len;
+            }
+            Tensor::cat(&outs, 0)?
+        };
         let h = (h + self.o.forward(&o)?)?;
         let y = self.post_norm.forward(&h)?;
         let m = self

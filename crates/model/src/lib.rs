@@ -4,6 +4,7 @@
 //! Every projection is a [`linear::ParallelLinear`].
 
 pub mod config;
+pub mod cpu_amx;
 pub mod cpu_gemm;
 pub mod decoder;
 pub mod encoder;
@@ -14,6 +15,7 @@ pub mod inv_freq;
 pub mod linear;
 pub mod model;
 pub mod paged;
+mod paged_cpu;
 pub mod rote;
 pub mod sampling;
 pub mod weights;

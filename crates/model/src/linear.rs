@@ -9,6 +9,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Module, Storage, Tensor};
 use half::bf16;
 
+use crate::cpu_amx::AmxWeight;
 use crate::cpu_gemm::PackedWeight;
 use crate::error::Result;
 use crate::weights::Weights;
@@ -21,6 +22,12 @@ pub enum ParallelLinear {
     /// The whole layer on the CPU, packed for the CPU GEMM; `bias` in f32.
     Packed {
         w: Arc<PackedWeight>,
+        bias: Option<Arc<Vec<f32>>>,
+    },
+    /// A bf16 layer on a CPU with AMX: packed for [`crate::cpu_amx`] (activations are rounded to bf16, which
+    /// is exact in a bf16 model).
+    Amx {
+        w: Arc<AmxWeight>,
         bias: Option<Arc<Vec<f32>>>,
     },
 }
@@ -45,11 +52,22 @@ impl ParallelLinear {
 
     /// A layer from tensors already in memory (tied embeddings, tests).
     pub fn from_weight(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
-        if let Some(packed) = pack(&weight)? {
-            let bias = bias
-                .map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>())
+        let f32_bias = |b: Option<Tensor>| -> Result<Option<Arc<Vec<f32>>>> {
+            Ok(b.map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>())
                 .transpose()?
-                .map(Arc::new);
+                .map(Arc::new))
+        };
+        if weight.device().is_cpu() && weight.dtype() == DType::BF16 && crate::cpu_amx::available()
+        {
+            let (n, k) = weight.dims2()?;
+            let v: Vec<bf16> = weight.flatten_all()?.to_vec1()?;
+            return Ok(ParallelLinear::Amx {
+                w: Arc::new(AmxWeight::pack(&v, n, k)),
+                bias: f32_bias(bias)?,
+            });
+        }
+        if let Some(packed) = pack(&weight)? {
+            let bias = f32_bias(bias)?;
             return Ok(ParallelLinear::Packed {
                 w: Arc::new(packed),
                 bias,
@@ -72,6 +90,22 @@ impl ParallelLinear {
                 }
                 let m = x.elem_count() / k.max(1);
                 let xs: Vec<f32> = x.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+                let y = w.matmul(&xs, m, bias.as_deref().map(|b| b.as_slice()));
+                let mut shape = dims;
+                *shape.last_mut().expect("at least one dim") = w.out_dim();
+                Ok(Tensor::from_vec(y, shape, &Device::Cpu)?.to_dtype(x.dtype())?)
+            }
+            ParallelLinear::Amx { w, bias } => {
+                let dims = x.dims().to_vec();
+                let k = *dims.last().unwrap_or(&0);
+                if k != w.in_dim() {
+                    return Err(crate::ModelError::Input(format!(
+                        "linear layer expects {} input features, got {k}",
+                        w.in_dim()
+                    )));
+                }
+                let m = x.elem_count() / k.max(1);
+                let xs: Vec<bf16> = x.flatten_all()?.to_dtype(DType::BF16)?.to_vec1()?;
                 let y = w.matmul(&xs, m, bias.as_deref().map(|b| b.as_slice()));
                 let mut shape = dims;
                 *shape.last_mut().expect("at least one dim") = w.out_dim();

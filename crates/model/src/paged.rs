@@ -125,6 +125,7 @@ pub(crate) fn slots(table: &[u32], block_size: usize, from: usize, to: usize) ->
 /// Precomputed per-step indices shared by every layer.
 #[derive(Debug)]
 pub(crate) struct StepIndex {
+    pub block_size: usize,
     /// Write index `[T, width]` for `scatter_set` of the new keys/values.
     pub write: Tensor,
     /// Per sequence: key chunks as (first position, slot indices tensor).
@@ -151,6 +152,7 @@ impl StepIndex {
             read.push(chunks);
         }
         Ok(StepIndex {
+            block_size,
             write: Tensor::from_vec(write, (total, width), dev)?,
             read,
         })

@@ -1,0 +1,270 @@
+//! bf16 products on Intel AMX tiles (`tdpbf16ps`), for bf16 models on CPUs that have them.
+//!
+//! With bf16 weights *and* bf16 activations (a bf16 model), the f32 kernel of [`crate::cpu_gemm`] spends most
+//! of its time widening and multiplying in f32; an AMX tile instruction multiplies a 16 x 32 bf16 block by a
+//! 32 x 16 one into 16 x 16 f32 accumulators. This is what torch (oneDNN) uses for bf16 on these CPUs.
+//!
+//! * Weights are packed once at load into panels of 32 output columns in AMX's pair layout
+//!   (`[K/2][32][2]`, K padded to a multiple of 32 with zeros).
+//! * Activations are packed per call into `[M16][K32]` bf16 (rows padded to 16, zeros).
+//! * Each task (a range of panels) configures the tiles (tmm0-1: two 16 x 16 f32 accumulators, tmm2: 16 rows x
+//!   32 bf16 of x, tmm3-4: 16 pair-rows x 16 columns of W), walks its panels, and for every 16-row block
+//!   accumulates over the whole K, then stores the valid rows and columns.
+//! * Every output element is computed by the same instruction sequence whatever the number of rows (rows are
+//!   always processed in padded blocks of 16), so batching does not change a request's numbers.
+//!
+//! The tile instructions are written with `asm!` (the AMX intrinsics are not stable in Rust). Linux grants the
+//! tile state on request (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`); if the CPU or the kernel
+//! says no, [`available`] is false and callers use `cpu_gemm`.
+
+use std::sync::OnceLock;
+
+use half::bf16;
+use rayon::prelude::*;
+
+const NR: usize = 32;
+const KB: usize = 32;
+const MB: usize = 16;
+
+/// True when AMX-BF16 can be used by this process (checked once).
+pub fn available() -> bool {
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(|| {
+        if std::env::var_os("AFNEXT_DISABLE_AMX").is_some() {
+            return false;
+        }
+        imp::request()
+    })
+}
+
+/// `W` `[n, k]` bf16 in AMX pair layout.
+#[derive(Debug, Clone)]
+pub struct AmxWeight {
+    panels: Vec<u16>,
+    n: usize,
+    k: usize,
+    kp: usize,
+}
+
+impl AmxWeight {
+    pub fn pack(w: &[bf16], n: usize, k: usize) -> Self {
+        assert_eq!(w.len(), n * k, "weight buffer size");
+        let kp = k.div_ceil(KB) * KB;
+        let np = n.div_ceil(NR);
+        let mut panels = vec![0u16; np * kp * NR];
+        for (p, panel) in panels.chunks_mut(kp * NR).enumerate() {
+            for c in 0..NR.min(n - p * NR) {
+                let row = &w[(p * NR + c) * k..(p * NR + c + 1) * k];
+                for (kk, v) in row.iter().enumerate() {
+                    panel[((kk / 2) * NR + c) * 2 + kk % 2] = v.to_bits();
+                }
+            }
+        }
+        AmxWeight { panels, n, k, kp }
+    }
+
+    pub fn out_dim(&self) -> usize {
+        self.n
+    }
+    pub fn in_dim(&self) -> usize {
+        self.k
+    }
+
+    /// `y[m][n] = sum_k x[m][k] W[n][k] (+ bias)`, `x` bf16 `[m, k]`; f32 result. Call only if
+    /// [`available`].
+    pub fn matmul(&self, x: &[bf16], m: usize, bias: Option<&[f32]>) -> Vec<f32> {
+        assert_eq!(x.len(), m * self.k, "activation buffer size");
+        let (n, k, kp) = (self.n, self.k, self.kp);
+        let mut y = vec![0f32; m * n];
+        if m == 0 || n == 0 {
+            return y;
+        }
+        let mp = m.div_ceil(MB) * MB;
+        let mut xp = vec![0u16; mp * kp];
+        for r in 0..m {
+            for (d, s) in xp[r * kp..r * kp + k]
+                .iter_mut()
+                .zip(&x[r * k..(r + 1) * k])
+            {
+                *d = s.to_bits();
+            }
+        }
+        let panels = n.div_ceil(NR);
+        let threads = rayon::current_num_threads().max(1);
+        let per_task = panels.div_ceil(threads * 4).max(2);
+        let out = SyncPtr(y.as_mut_ptr());
+        (0..panels)
+            .into_par_iter()
+            .step_by(per_task)
+            .for_each(|p0| {
+                let out = &out;
+                let p1 = (p0 + per_task).min(panels);
+                let mut tmp = [0f32; MB * NR];
+                // SAFETY: `available()` was checked by the caller (the tile state is granted); pointers and
+                // strides stay inside `xp`, the panels and `tmp`.
+                unsafe {
+                    imp::configure();
+                    for p in p0..p1 {
+                        let panel = self.panels.as_ptr().add(p * kp * NR);
+                        for rb in (0..mp).step_by(MB) {
+                            imp::block(xp.as_ptr().add(rb * kp), kp, panel, tmp.as_mut_ptr());
+                            let cols = NR.min(n - p * NR);
+                            for r in 0..MB.min(m - rb) {
+                                let dst = out.0.add((rb + r) * n + p * NR);
+                                std::ptr::copy_nonoverlapping(tmp.as_ptr().add(r * NR), dst, cols);
+                            }
+                        }
+                    }
+                    imp::release();
+                }
+            });
+        if let Some(b) = bias {
+            for row in y.chunks_mut(n) {
+                for (v, b) in row.iter_mut().zip(b) {
+                    *v += b;
+                }
+            }
+        }
+        y
+    }
+}
+
+struct SyncPtr(*mut f32);
+// SAFETY: tasks write disjoint column ranges of the output.
+unsafe impl Sync for SyncPtr {}
+unsafe impl Send for SyncPtr {}
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+mod imp {
+    use super::{KB, MB, NR};
+    use std::arch::asm;
+
+    pub fn request() -> bool {
+        // CPUID leaf 7: EDX bit 22 AMX-BF16, bit 24 AMX-TILE (the detection macro is unstable for AMX).
+        let l7 = std::arch::x86_64::__cpuid_count(7, 0);
+        if l7.edx & (1 << 22) == 0 || l7.edx & (1 << 24) == 0 {
+            return false;
+        }
+        const ARCH_REQ_XCOMP_PERM: u64 = 0x1023;
+        const XFEATURE_XTILEDATA: u64 = 18;
+        const SYS_ARCH_PRCTL: u64 = 158;
+        let ret: i64;
+        // SAFETY: a plain arch_prctl system call with integer arguments.
+        unsafe {
+            asm!("syscall",
+                inlateout("rax") SYS_ARCH_PRCTL as i64 => ret,
+                in("rdi") ARCH_REQ_XCOMP_PERM,
+                in("rsi") XFEATURE_XTILEDATA,
+                lateout("rcx") _, lateout("r11") _,
+                options(nostack));
+        }
+        ret == 0
+    }
+
+    /// Tiles 0-1: 16 x 16 f32 (C); 2: 16 x 32 bf16 (A); 3-4: 16 pair-rows x 16 columns bf16 (B).
+    #[inline(always)]
+    pub unsafe fn configure() {
+        let mut cfg = [0u8; 64];
+        cfg[0] = 1; // palette
+        for t in 0..5 {
+            cfg[16 + 2 * t..18 + 2 * t].copy_from_slice(&64u16.to_le_bytes());
+            cfg[48 + t] = 16;
+        }
+        asm!("ldtilecfg [{}]", in(reg) cfg.as_ptr(), options(nostack));
+    }
+
+    #[inline(always)]
+    pub unsafe fn release() {
+        asm!("tilerelease", options(nostack, nomem));
+    }
+
+    /// One 16 x 32 block of C over the whole (padded) K: `x` 16 rows of `kp` bf16, `panel` `[kp/2][32][2]`,
+    /// result stored to `c` `[16][32]` f32.
+    #[inline(always)]
+    pub unsafe fn block(x: *const u16, kp: usize, panel: *const u16, c: *mut f32) {
+        let xs = kp * 2; // bytes per x row
+        let ws = NR * 2 * 2; // bytes per pair-row of the panel
+        asm!("tilezero tmm0", "tilezero tmm1", options(nostack, nomem));
+        for ks in (0..kp).step_by(KB) {
+            let a = x.add(ks);
+            let b = panel.add((ks / 2) * NR * 2);
+            asm!(
+                "tileloadd tmm2, [{a} + {xs}]",
+                "tileloadd tmm3, [{b} + {ws}]",
+                "tileloadd tmm4, [{b1} + {ws}]",
+                "tdpbf16ps tmm0, tmm2, tmm3",
+                "tdpbf16ps tmm1, tmm2, tmm4",
+                a = in(reg) a,
+                b = in(reg) b,
+                b1 = in(reg) b.add(32),
+                xs = in(reg) xs,
+                ws = in(reg) ws,
+                options(nostack, readonly),
+            );
+        }
+        let cs = NR * 4;
+        asm!(
+            "tilestored [{c} + {cs}], tmm0",
+            "tilestored [{c1} + {cs}], tmm1",
+            c = in(reg) c,
+            c1 = in(reg) c.add(16),
+            cs = in(reg) cs,
+            options(nostack),
+        );
+        let _ = MB;
+    }
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+mod imp {
+    pub fn request() -> bool {
+        false
+    }
+    pub unsafe fn configure() {}
+    pub unsafe fn release() {}
+    pub unsafe fn block(_: *const u16, _: usize, _: *const u16, _: *mut f32) {
+        unreachable!("AMX is never available here")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matches_a_plain_bf16_product() {
+        if !available() {
+            eprintln!("skipped: no AMX-BF16 on this CPU");
+            return;
+        }
+        let mut s = 5u64;
+        let mut rnd = || {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            bf16::from_f32(((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5)
+        };
+        for &(m, n, k) in &[(1, 1, 1), (1, 40, 33), (17, 70, 100), (33, 64, 896)] {
+            let w: Vec<bf16> = (0..n * k).map(|_| rnd()).collect();
+            let x: Vec<bf16> = (0..m * k).map(|_| rnd()).collect();
+            let got = AmxWeight::pack(&w, n, k).matmul(&x, m, None);
+            for i in 0..m {
+                for j in 0..n {
+                    let want: f64 = (0..k)
+                        .map(|kk| {
+                            f64::from(x[i * k + kk].to_f32()) * f64::from(w[j * k + kk].to_f32())
+                        })
+                        .sum();
+                    let d = (f64::from(got[i * n + j]) - want).abs();
+                    assert!(
+                        d < 1e-4 * (k as f64).sqrt(),
+                        "({m},{n},{k}) [{i},{j}] off by {d}"
+                    );
+                }
+            }
+            // A row alone gives the same bits as in the batch.
+            let one = AmxWeight::pack(&w, n, k).matmul(&x[(m - 1) * k..], 1, None);
+            assert_eq!(one, got[(m - 1) * n..].to_vec());
+        }
+    }
+}

@@ -1,0 +1,146 @@
+//! Attention over the paged KV cache for few-query sequences on the CPU (decode steps, short chunks), computed
+//! straight from the block pool.
+//!
+//! A decode step of 16 sequences through candle ops costs ~20 small tensor operations per sequence and layer
+//! (gathers, GQA copies, two matmuls, softmax, casts); on a CPU their fixed cost per call dominates the step.
+//! Here every (row, head) pair is one task over the rayon pool: scores against the sequence's keys read in place
+//! from the pool (no gather, no GQA copy), a max-subtracted softmax in f32, and the weighted sum of the values.
+//! Each row's result depends only on its own sequence, so it is the same alone or batched.
+
+use candle_core::{DType, Storage, Tensor};
+use half::bf16;
+use rayon::prelude::*;
+
+use crate::error::{ModelError, Result};
+use crate::paged::SeqStep;
+
+/// Query rows per sequence up to which this kernel is used (longer prefill chunks use blocked matmuls).
+pub const MAX_QUERY_ROWS: usize = 16;
+
+trait Kv: Copy + Sync {
+    fn f(self) -> f32;
+}
+impl Kv for f32 {
+    #[inline(always)]
+    fn f(self) -> f32 {
+        self
+    }
+}
+impl Kv for bf16 {
+    #[inline(always)]
+    fn f(self) -> f32 {
+        f32::from_bits(u32::from(self.to_bits()) << 16)
+    }
+}
+
+/// Geometry of the attention.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Heads {
+    pub nh: usize,
+    pub nkv: usize,
+    pub hd: usize,
+    pub block_size: usize,
+}
+
+/// Computes `out[t]` (`[nh * hd]` f32) for every row `t` of the step whose sequence has `selected[s]`;
+/// `q` is `[T, nh, hd]` (after RoPE), the pools `[slots, nkv * hd]`.
+pub(crate) fn attend_rows(
+    q: &Tensor,
+    seqs: &[SeqStep],
+    selected: &[bool],
+    pools: (&Tensor, &Tensor),
+    g: Heads,
+    out: &mut [f32],
+) -> Result<()> {
+    let qv: Vec<f32> = q.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+    // Row -> (sequence, position).
+    let mut rows: Vec<Option<(usize, usize)>> = Vec::with_capacity(qv.len() / (g.nh * g.hd));
+    for (s, seq) in seqs.iter().enumerate() {
+        for i in 0..seq.len {
+            rows.push(selected[s].then_some((s, seq.start + i)));
+        }
+    }
+    let (ks, kl) = pools.0.storage_and_layout();
+    let (vs, vl) = pools.1.storage_and_layout();
+    let (Storage::Cpu(kc), Storage::Cpu(vc)) = (&*ks, &*vs) else {
+        return Err(ModelError::Input("CPU attention needs CPU tensors".into()));
+    };
+    match pools.0.dtype() {
+        DType::F32 => {
+            let k = &kc.as_slice::<f32>()?[kl.start_offset()..];
+            let v = &vc.as_slice::<f32>()?[vl.start_offset()..];
+            run(&qv, &rows, seqs, k, v, g, out);
+        }
+        DType::BF16 => {
+            let k = &kc.as_slice::<bf16>()?[kl.start_offset()..];
+            let v = &vc.as_slice::<bf16>()?[vl.start_offset()..];
+            run(&qv, &rows, seqs, k, v, g, out);
+        }
+        other => {
+            return Err(ModelError::Input(format!(
+                "CPU attention supports f32 and bf16 caches, not {other:?}"
+            )))
+        }
+    }
+    Ok(())
+}
+
+fn run<T: Kv>(
+    q: &[f32],
+    rows: &[Option<(usize, usize)>],
+    seqs: &[SeqStep],
+    k: &[T],
+    v: &[T],
+    g: Heads,
+    out: &mut [f32],
+) {
+    let (nh, hd, bs) = (g.nh, g.hd, g.block_size);
+    let group = nh / g.nkv;
+    let width = g.nkv * hd;
+    let scale = (hd as f64).powf(-0.5) as f32;
+    out.par_chunks_mut(hd).enumerate().for_each(|(th, o)| {
+        let (t, h) = (th / nh, th % nh);
+        let Some((s, pos)) = rows[t] else { return };
+        let table = &seqs[s].block_table;
+        let kvh = h / group;
+        let qh = &q[th * hd..(th + 1) * hd];
+        let slot = |j: usize| (table[j / bs] as usize * bs + j % bs) * width + kvh * hd;
+        let ctx = pos + 1;
+        let mut scores = Vec::with_capacity(ctx);
+        let mut max = f32::NEG_INFINITY;
+        for j in 0..ctx {
+            let sc = dot(qh, &k[slot(j)..slot(j) + hd]) * scale;
+            max = max.max(sc);
+            scores.push(sc);
+        }
+        let mut sum = 0f32;
+        o.iter_mut().for_each(|x| *x = 0.0);
+        for (j, sc) in scores.iter().enumerate() {
+            let p = (sc - max).exp();
+            sum += p;
+            let vj = &v[slot(j)..slot(j) + hd];
+            for (x, &vv) in o.iter_mut().zip(vj) {
+                *x += p * vv.f();
+            }
+        }
+        let inv = 1.0 / sum;
+        o.iter_mut().for_each(|x| *x *= inv);
+    });
+}
+
+/// Dot product with 16 independent accumulators (vectorises without reassociation flags).
+#[inline(always)]
+fn dot<T: Kv>(a: &[f32], b: &[T]) -> f32 {
+    let mut acc = [0f32; 16];
+    let chunks = a.len() / 16;
+    for c in 0..chunks {
+        for l in 0..16 {
+            acc[l] += a[c * 16 + l] * b[c * 16 + l].f();
+        }
+    }
+    let mut s = 0f32;
+    for i in chunks * 16..a.len() {
+        s += a[i] * b[i].f();
+    }
+    acc.iter().sum::<f32>() + s
+}
