@@ -440,20 +440,24 @@ impl Engine {
         let mut usage = Usage::default();
         let sr = self.proc.config().frontend.sampling_rate;
         for (i, src) in conv.audios().into_iter().enumerate() {
-            let key = match src {
-                AudioSource::Bytes { data, .. } => AudioKey::of(data, req.truncate_audio),
+            let location = afnext_prompt::prepare::describe(i, src);
+            // A file is read once: its bytes give the cache key and, on a miss, are what gets decoded.
+            let (data, format_hint) = match src {
+                AudioSource::Bytes { data, format_hint } => (data.clone(), format_hint.clone()),
                 AudioSource::Path(p) => {
                     let data =
                         std::fs::read(p).map_err(|source| afnext_prompt::PromptError::Audio {
-                            location: format!("audio {i} ({})", p.display()),
+                            location: location.clone(),
                             source: afnext_audio::AudioError::Io {
                                 path: p.clone(),
                                 source,
                             },
                         })?;
-                    AudioKey::of(&data, req.truncate_audio)
+                    let ext = p.extension().and_then(|e| e.to_str()).map(str::to_string);
+                    (Arc::new(data), ext)
                 }
             };
+            let key = AudioKey::of(&data, req.truncate_audio);
             audio_keys.push(key);
             if let Some(hit) = self.shared.cache(|c| c.get(&key)) {
                 counts.push(hit.tokens);
@@ -462,12 +466,9 @@ impl Engine {
                 audios.push(AudioInput::Cached(hit));
                 continue;
             }
-            let location = match src {
-                AudioSource::Path(p) => format!("audio {i} ({})", p.display()),
-                AudioSource::Bytes { data, .. } => format!("audio {i} ({} bytes)", data.len()),
-            };
+            let bytes = AudioSource::Bytes { data, format_hint };
             let prepared =
-                afnext_prompt::prepare::prepare_audio(&self.proc, src, overflow, &location)?;
+                afnext_prompt::prepare::prepare_audio(&self.proc, &bytes, overflow, &location)?;
             let features = afnext_prompt::prepare::features(
                 &self.frontend,
                 &prepared,

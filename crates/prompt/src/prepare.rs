@@ -93,7 +93,8 @@ pub fn features(
         })
 }
 
-fn describe(i: usize, src: &AudioSource) -> String {
+/// How errors name the `i`-th audio part: `audio 0 (path)` or `audio 0 (1234 bytes)`.
+pub fn describe(i: usize, src: &AudioSource) -> String {
     match src {
         AudioSource::Path(p) => format!("audio {i} ({})", p.display()),
         AudioSource::Bytes { data, .. } => format!("audio {i} ({} bytes)", data.len()),
