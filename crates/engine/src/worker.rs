@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use afnext_model::paged::{PagedKv, SeqStep};
-use afnext_model::{AfNext, FinishReason, IncrementalDecoder, Sampler, StopMatcher};
+use afnext_model::{AfNext, FinishReason, Sampler, TextStream};
 use afnext_prompt::PromptProcessor;
 use candle_core::Tensor;
 
@@ -40,8 +40,7 @@ struct Active {
     audio_before: Vec<u32>,
     generated: Vec<u32>,
     sampler: Sampler,
-    detok: IncrementalDecoder,
-    stops: StopMatcher,
+    text: TextStream,
     ready_at: Instant,
     admitted_at: Option<Instant>,
     first_token_at: Option<Instant>,
@@ -163,8 +162,7 @@ impl Worker {
         let vocab = self.model.cfg.text.vocab_size;
         let active = Active {
             sampler: Sampler::new(job.sampling, vocab, &job.prompt_ids),
-            stops: StopMatcher::new(&job.stop),
-            detok: IncrementalDecoder::new(),
+            text: TextStream::new(&job.stop),
             audio: r.audio,
             audio_before,
             generated: Vec::new(),
@@ -289,25 +287,19 @@ impl Worker {
         } else {
             a.generated.push(t);
             a.sampler.observe(t);
-            let mut text = String::new();
-            if let Some(delta) = a.detok.push(tok, t)? {
-                let (out, hit) = a.stops.push(&delta);
-                text = out;
-                if hit {
-                    finish = Some(FinishReason::StopString);
-                }
+            let (mut text, hit) = a.text.push(tok, t)?;
+            if hit {
+                finish = Some(FinishReason::StopString);
             }
             if finish.is_none() && a.generated.len() >= a.job.max_new_tokens {
                 finish = Some(FinishReason::Length);
             }
             if finish.is_some() && finish != Some(FinishReason::StopString) {
                 // Flush what the detokenizer and the stop matcher still hold.
-                let (out, hit) = a.stops.push(&a.detok.finish(tok)?);
+                let (out, hit) = a.text.finish(tok)?;
                 text.push_str(&out);
                 if hit {
                     finish = Some(FinishReason::StopString);
-                } else {
-                    text.push_str(&a.stops.finish());
                 }
             }
             let _ = a.job.tx.send(Event::Delta {
@@ -320,8 +312,7 @@ impl Worker {
             Some(reason) => {
                 if reason == FinishReason::Eos {
                     // Anything still held back is released at the end of the text.
-                    let (out, _) = a.stops.push(&a.detok.finish(tok)?);
-                    let rest = out + &a.stops.finish();
+                    let (rest, _) = a.text.finish(tok)?;
                     if !rest.is_empty() {
                         let _ = a.job.tx.send(Event::Delta {
                             text: rest,

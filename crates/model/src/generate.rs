@@ -154,6 +154,41 @@ impl StopMatcher {
     }
 }
 
+/// The text side of generation: ids to UTF-8-safe deltas ([`IncrementalDecoder`]) cut at stop strings
+/// ([`StopMatcher`]). Shared by [`generate`] and the serving engine so both stream the same text.
+#[derive(Debug, Default)]
+pub struct TextStream {
+    detok: IncrementalDecoder,
+    stops: StopMatcher,
+}
+
+impl TextStream {
+    pub fn new(stop_strings: &[String]) -> Self {
+        TextStream {
+            detok: IncrementalDecoder::new(),
+            stops: StopMatcher::new(stop_strings),
+        }
+    }
+
+    /// Adds a generated id: the text now safe to emit, and whether a stop string appeared (the text ends
+    /// before it).
+    pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Result<(String, bool)> {
+        Ok(match self.detok.push(tok, id)? {
+            Some(delta) => self.stops.push(&delta),
+            None => (String::new(), false),
+        })
+    }
+
+    /// End of generation: everything still held back, and whether a stop string appeared in it.
+    pub fn finish(&mut self, tok: &Tokenizer) -> Result<(String, bool)> {
+        let (mut out, hit) = self.stops.push(&self.detok.finish(tok)?);
+        if !hit {
+            out.push_str(&self.stops.finish());
+        }
+        Ok((out, hit))
+    }
+}
+
 /// Generates from prompt embeddings (1, l, h). `on_text` receives each text delta with the id that completed
 /// it; `cancel` is polled between steps.
 pub fn generate(
@@ -174,8 +209,7 @@ pub fn generate(
     let mut logits = model.decoder.logits(&last)?.squeeze(0)?.squeeze(0)?;
     let prefill_time = t0.elapsed();
     let t1 = Instant::now();
-    let mut detok = IncrementalDecoder::new();
-    let mut stops = StopMatcher::new(&params.stop_strings);
+    let mut stream = TextStream::new(&params.stop_strings);
     let mut text = String::new();
     let mut ids = Vec::new();
     let mut finish = FinishReason::Length;
@@ -192,16 +226,14 @@ pub fn generate(
         }
         ids.push(id);
         sampler.observe(id);
-        if let Some(delta) = detok.push(tokenizer, id)? {
-            let (out, hit) = stops.push(&delta);
-            if !out.is_empty() {
-                on_text(&out);
-                text.push_str(&out);
-            }
-            if hit {
-                finish = FinishReason::StopString;
-                break;
-            }
+        let (out, hit) = stream.push(tokenizer, id)?;
+        if !out.is_empty() {
+            on_text(&out);
+            text.push_str(&out);
+        }
+        if hit {
+            finish = FinishReason::StopString;
+            break;
         }
         if ids.len() == params.max_new_tokens {
             break;
@@ -211,12 +243,9 @@ pub fn generate(
         logits = model.decoder.logits(&h)?.squeeze(0)?.squeeze(0)?;
     }
     if finish != FinishReason::StopString {
-        let (out, hit) = stops.push(&detok.finish(tokenizer)?);
-        let mut tail = out;
+        let (tail, hit) = stream.finish(tokenizer)?;
         if hit {
             finish = FinishReason::StopString;
-        } else {
-            tail.push_str(&stops.finish());
         }
         if !tail.is_empty() {
             on_text(&tail);

@@ -24,6 +24,7 @@ pub use config::AfNextConfig;
 pub use error::{ModelError, Result};
 pub use generate::{
     generate, FinishReason, Generation, GenerationParams, IncrementalDecoder, StopMatcher,
+    TextStream,
 };
 pub use model::{AfNext, AudioStages};
 pub use sampling::{Sampler, SamplingParams};
