@@ -19,10 +19,9 @@
 
 use std::sync::OnceLock;
 
+use crate::cpu_gemm::{par_panels, NR};
 use half::bf16;
-use rayon::prelude::*;
 
-const NR: usize = 32;
 const KB: usize = 32;
 const MB: usize = 16;
 
@@ -89,50 +88,29 @@ impl AmxWeight {
                 *d = s.to_bits();
             }
         }
-        let panels = n.div_ceil(NR);
-        let threads = rayon::current_num_threads().max(1);
-        let per_task = panels.div_ceil(threads * 4).max(2);
-        let out = SyncPtr(y.as_mut_ptr());
-        (0..panels)
-            .into_par_iter()
-            .step_by(per_task)
-            .for_each(|p0| {
-                let out = &out;
-                let p1 = (p0 + per_task).min(panels);
-                let mut tmp = [0f32; MB * NR];
-                // SAFETY: `available()` was checked by the caller (the tile state is granted); pointers and
-                // strides stay inside `xp`, the panels and `tmp`.
-                unsafe {
-                    imp::configure();
-                    for p in p0..p1 {
-                        let panel = self.panels.as_ptr().add(p * kp * NR);
-                        for rb in (0..mp).step_by(MB) {
-                            imp::block(xp.as_ptr().add(rb * kp), kp, panel, tmp.as_mut_ptr());
-                            let cols = NR.min(n - p * NR);
-                            for r in 0..MB.min(m - rb) {
-                                let dst = out.0.add((rb + r) * n + p * NR);
-                                std::ptr::copy_nonoverlapping(tmp.as_ptr().add(r * NR), dst, cols);
-                            }
+        par_panels(&mut y, n, bias, |range, out| {
+            let mut tmp = [0f32; MB * NR];
+            // SAFETY: `available()` was checked by the caller (the tile state is granted); pointers and
+            // strides stay inside `xp`, the panels and `tmp`; this task writes only its panels' columns.
+            unsafe {
+                imp::configure();
+                for p in range {
+                    let panel = self.panels.as_ptr().add(p * kp * NR);
+                    for rb in (0..mp).step_by(MB) {
+                        imp::block(xp.as_ptr().add(rb * kp), kp, panel, tmp.as_mut_ptr());
+                        let cols = NR.min(n - p * NR);
+                        for r in 0..MB.min(m - rb) {
+                            let dst = out.0.add((rb + r) * n + p * NR);
+                            std::ptr::copy_nonoverlapping(tmp.as_ptr().add(r * NR), dst, cols);
                         }
                     }
-                    imp::release();
                 }
-            });
-        if let Some(b) = bias {
-            for row in y.chunks_mut(n) {
-                for (v, b) in row.iter_mut().zip(b) {
-                    *v += b;
-                }
+                imp::release();
             }
-        }
+        });
         y
     }
 }
-
-struct SyncPtr(*mut f32);
-// SAFETY: tasks write disjoint column ranges of the output.
-unsafe impl Sync for SyncPtr {}
-unsafe impl Send for SyncPtr {}
 
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 mod imp {

@@ -95,31 +95,38 @@ impl PackedWeight {
         }
         let xp = pack_rows(x, m, self.k);
         let x = xp.as_slice();
-        let panels = Self::panel_count(n);
-        let threads = rayon::current_num_threads().max(1);
-        // A few chunks per thread for balance; at least 2 panels per task.
-        let per_task = panels.div_ceil(threads * 4).max(2);
-        let out = SyncPtr(y.as_mut_ptr());
         let avx512 = has_avx512();
-        (0..panels)
-            .into_par_iter()
-            .step_by(per_task)
-            .for_each(|p0| {
-                let p1 = (p0 + per_task).min(panels);
-                let out = &out;
-                match &self.panels {
-                    Panels::F32(w) => run_panels(w, x, m, self.k, n, p0..p1, out, avx512),
-                    Panels::Bf16(w) => run_panels(w, x, m, self.k, n, p0..p1, out, avx512),
-                }
-            });
-        if let Some(b) = bias {
-            for row in y.chunks_mut(n) {
-                for (v, b) in row.iter_mut().zip(b) {
-                    *v += b;
-                }
+        par_panels(&mut y, n, bias, |range, out| match &self.panels {
+            Panels::F32(w) => run_panels(w, x, m, self.k, n, range, out, avx512),
+            Panels::Bf16(w) => run_panels(w, x, m, self.k, n, range, out, avx512),
+        });
+        y
+    }
+}
+
+/// Splits the `ceil(n / 32)` output panels of `y` (`[m, n]`) into ranges over the rayon pool (a few per thread
+/// for balance, at least 2 panels each) and runs `task` on each; tasks write disjoint columns through the
+/// pointer. Then adds `bias` to every row. Shared by this kernel and [`crate::cpu_amx`].
+pub(crate) fn par_panels(
+    y: &mut [f32],
+    n: usize,
+    bias: Option<&[f32]>,
+    task: impl Fn(std::ops::Range<usize>, &SyncPtr) + Sync,
+) {
+    let panels = n.div_ceil(NR);
+    let threads = rayon::current_num_threads().max(1);
+    let per_task = panels.div_ceil(threads * 4).max(2);
+    let out = SyncPtr(y.as_mut_ptr());
+    (0..panels)
+        .into_par_iter()
+        .step_by(per_task)
+        .for_each(|p0| task(p0..(p0 + per_task).min(panels), &out));
+    if let Some(b) = bias {
+        for row in y.chunks_mut(n) {
+            for (v, b) in row.iter_mut().zip(b) {
+                *v += b;
             }
         }
-        y
     }
 }
 
@@ -155,7 +162,7 @@ fn pack_into<T: Copy + Default>(w: &[T], n: usize, k: usize, out: &mut [T]) {
 }
 
 /// A raw output pointer shared by tasks that write disjoint column ranges.
-struct SyncPtr(*mut f32);
+pub(crate) struct SyncPtr(pub(crate) *mut f32);
 // SAFETY: tasks write disjoint panels (column ranges) of the output; nothing reads it concurrently.
 unsafe impl Sync for SyncPtr {}
 unsafe impl Send for SyncPtr {}
