@@ -79,40 +79,36 @@ impl ParallelLinear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             ParallelLinear::Dense(l) => Ok(l.forward(x)?),
-            ParallelLinear::Packed { w, bias } => {
-                let dims = x.dims().to_vec();
-                let k = *dims.last().unwrap_or(&0);
-                if k != w.in_dim() {
-                    return Err(crate::ModelError::Input(format!(
-                        "linear layer expects {} input features, got {k}",
-                        w.in_dim()
-                    )));
-                }
-                let m = x.elem_count() / k.max(1);
+            ParallelLinear::Packed { w, bias } => cpu_forward(x, w.in_dim(), w.out_dim(), |m| {
                 let xs: Vec<f32> = x.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
-                let y = w.matmul(&xs, m, bias.as_deref().map(|b| b.as_slice()));
-                let mut shape = dims;
-                *shape.last_mut().expect("at least one dim") = w.out_dim();
-                Ok(Tensor::from_vec(y, shape, &Device::Cpu)?.to_dtype(x.dtype())?)
-            }
-            ParallelLinear::Amx { w, bias } => {
-                let dims = x.dims().to_vec();
-                let k = *dims.last().unwrap_or(&0);
-                if k != w.in_dim() {
-                    return Err(crate::ModelError::Input(format!(
-                        "linear layer expects {} input features, got {k}",
-                        w.in_dim()
-                    )));
-                }
-                let m = x.elem_count() / k.max(1);
+                Ok(w.matmul(&xs, m, bias.as_deref().map(|b| b.as_slice())))
+            }),
+            ParallelLinear::Amx { w, bias } => cpu_forward(x, w.in_dim(), w.out_dim(), |m| {
                 let xs: Vec<bf16> = x.flatten_all()?.to_dtype(DType::BF16)?.to_vec1()?;
-                let y = w.matmul(&xs, m, bias.as_deref().map(|b| b.as_slice()));
-                let mut shape = dims;
-                *shape.last_mut().expect("at least one dim") = w.out_dim();
-                Ok(Tensor::from_vec(y, shape, &Device::Cpu)?.to_dtype(x.dtype())?)
-            }
+                Ok(w.matmul(&xs, m, bias.as_deref().map(|b| b.as_slice())))
+            }),
         }
     }
+}
+
+/// A packed CPU layer on `x` (`[..., in_dim]`): checks the width, runs `product(rows)` (the `[rows, out_dim]`
+/// f32 result) and returns it as `[..., out_dim]` in `x`'s dtype.
+fn cpu_forward(
+    x: &Tensor,
+    in_dim: usize,
+    out_dim: usize,
+    product: impl FnOnce(usize) -> Result<Vec<f32>>,
+) -> Result<Tensor> {
+    let mut shape = x.dims().to_vec();
+    let k = *shape.last().unwrap_or(&0);
+    if k != in_dim {
+        return Err(crate::ModelError::Input(format!(
+            "linear layer expects {in_dim} input features, got {k}"
+        )));
+    }
+    let y = product(x.elem_count() / k.max(1))?;
+    *shape.last_mut().expect("at least one dim") = out_dim;
+    Ok(Tensor::from_vec(y, shape, &Device::Cpu)?.to_dtype(x.dtype())?)
 }
 
 /// Packs a CPU f32 or bf16 `[out, in]` weight; `None` for other devices and dtypes.
