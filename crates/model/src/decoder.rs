@@ -281,7 +281,7 @@ impl DecoderLayer {
             .iter()
             .map(|s| h.device().is_cpu() && s.len <= paged_cpu::MAX_QUERY_ROWS)
             .collect();
-        let o = if short.iter().all(|&b| b) {
+        let fused = if short.iter().any(|&b| b) {
             let mut out = vec![0f32; t * nh * hd];
             let g = paged_cpu::Heads {
                 nh,
@@ -290,35 +290,27 @@ impl DecoderLayer {
                 block_size: index.block_size,
             };
             paged_cpu::attend_rows(&q, seqs, &short, kv, g, &mut out)?;
-            Tensor::from_vec(out, (t, nh * hd), h.device())?.to_dtype(h.dtype())?
+            Some(Tensor::from_vec(out, (t, nh * hd), h.device())?.to_dtype(h.dtype())?)
         } else {
-            let mut outs = Vec::with_capacity(seqs.len());
-            let mut row = 0;
-            let mut fused = vec![0f32; 0];
-            if short.iter().any(|&b| b) {
-                fused = vec![0f32; t * nh * hd];
-                let g = paged_cpu::Heads {
-                    nh,
-                    nkv,
-                    hd,
-                    block_size: index.block_size,
-                };
-                paged_cpu::attend_rows(&q, seqs, &short, kv, g, &mut fused)?;
-            }
-            for ((s, chunks), &is_short) in seqs.iter().zip(&index.read).zip(&short) {
-                if is_short {
-                    let rows = fused[row * nh * hd..(row + s.len) * nh * hd].to_vec();
-                    outs.push(
-                        Tensor::from_vec(rows, (s.len, nh * hd), h.device())?
-                            .to_dtype(h.dtype())?,
-                    );
-                } else {
-                    let qs = q.narrow(0, row, s.len)?.transpose(0, 1)?.contiguous()?;
-                    outs.push(paged::attend(&qs, s.start, chunks, kv, c)?);
+            None
+        };
+        let o = match fused {
+            Some(f) if short.iter().all(|&b| b) => f,
+            fused => {
+                let mut outs = Vec::with_capacity(seqs.len());
+                let mut row = 0;
+                for ((s, chunks), &is_short) in seqs.iter().zip(&index.read).zip(&short) {
+                    match &fused {
+                        Some(f) if is_short => outs.push(f.narrow(0, row, s.len)?),
+                        _ => {
+                            let qs = q.narrow(0, row, s.len)?.transpose(0, 1)?.contiguous()?;
+                            outs.push(paged::attend(&qs, s.start, chunks, kv, c)?);
+                        }
+                    }
+                    row += s.len;
                 }
-                row += s.len;
+                Tensor::cat(&outs, 0)?
             }
-            Tensor::cat(&outs, 0)?
         };
         let h = (h + self.o.forward(&o)?)?;
         let y = self.post_norm.forward(&h)?;
