@@ -10,6 +10,30 @@ use pb::generate_response::Event as E;
 use tonic::transport::Channel;
 use tonic::Code;
 
+async fn stats(c: &mut AfNextClient<Channel>) -> pb::ServerStats {
+    c.get_server_stats(pb::GetServerStatsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Polls the server's statistics until `done` holds; fails after 10 s naming `what` and the last statistics.
+async fn wait_for(
+    c: &mut AfNextClient<Channel>,
+    what: &str,
+    done: impl Fn(&pb::ServerStats) -> bool,
+) {
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let st = stats(c).await;
+        if done(&st) {
+            return;
+        }
+        assert!(Instant::now() < end, "not {what} after 10 s: {st:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 fn clip(name: &str) -> Vec<u8> {
     std::fs::read(fixtures_dir().join("audio").join(name)).unwrap()
 }
@@ -151,11 +175,7 @@ async fn sixteen_concurrent_streams_equal_the_same_requests_alone() {
         near_ties += 1;
     }
     eprintln!("16 concurrent gRPC streams: {near_ties} diverged at a near-tie");
-    let st = c
-        .get_server_stats(pb::GetServerStatsRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let st = stats(&mut c).await;
     assert_eq!(st.kv_blocks_used, 0, "{st:?}");
 }
 
@@ -185,26 +205,13 @@ async fn cancelling_a_stream_returns_its_kv_blocks() {
             deltas += 1;
         }
     }
-    let st = c
-        .get_server_stats(pb::GetServerStatsRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let st = stats(&mut c).await;
     assert!(st.kv_blocks_used > 0 && st.running_requests == 1, "{st:?}");
     drop(s);
-    let end = Instant::now() + Duration::from_secs(10);
-    loop {
-        let st = c
-            .get_server_stats(pb::GetServerStatsRequest {})
-            .await
-            .unwrap()
-            .into_inner();
-        if st.kv_blocks_used == 0 && st.running_requests == 0 {
-            break;
-        }
-        assert!(Instant::now() < end, "blocks not returned: {st:?}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_for(&mut c, "blocks returned", |st| {
+        st.kv_blocks_used == 0 && st.running_requests == 0
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -218,12 +225,7 @@ async fn a_follow_up_turn_is_served_from_the_caches() {
     ])];
     let a = run(&mut c, req(first.clone(), 8)).await.unwrap();
     assert!(a.progress > 0);
-    let encoded = c
-        .get_server_stats(pb::GetServerStatsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .windows_encoded;
+    let encoded = stats(&mut c).await.windows_encoded;
     let mut follow = first;
     follow.push(pb::Message {
         role: pb::Role::Assistant as i32,
@@ -241,11 +243,7 @@ async fn a_follow_up_turn_is_served_from_the_caches() {
         fu.cached_tokens
     );
     assert_eq!(b.started.unwrap().cached_tokens, fu.cached_tokens);
-    let st = c
-        .get_server_stats(pb::GetServerStatsRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let st = stats(&mut c).await;
     assert_eq!(st.windows_encoded, encoded, "the encoder ran again");
 }
 
@@ -438,19 +436,10 @@ async fn a_full_queue_gives_resource_exhausted_and_deadlines_are_enforced() {
         matches!(e.code(), Code::DeadlineExceeded | Code::Cancelled),
         "{e:?}"
     );
-    let end = Instant::now() + Duration::from_secs(10);
-    loop {
-        let st = c
-            .get_server_stats(pb::GetServerStatsRequest {})
-            .await
-            .unwrap()
-            .into_inner();
-        if st.kv_blocks_used == 0 && st.in_flight_requests == 0 {
-            break;
-        }
-        assert!(Instant::now() < end, "{st:?}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_for(&mut c, "idle", |st| {
+        st.kv_blocks_used == 0 && st.in_flight_requests == 0
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
