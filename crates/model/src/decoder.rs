@@ -186,6 +186,17 @@ impl DecoderLayer {
         })
     }
 
+    /// The rest of the layer after attention (shared by both cache layouts): output projection and residual,
+    /// post-attention norm, SwiGLU MLP and residual. `o` is the attention output in `h`'s row layout.
+    fn output(&self, h: &Tensor, o: &Tensor) -> Result<Tensor> {
+        let h = (h + self.o.forward(o)?)?;
+        let y = self.post_norm.forward(&h)?;
+        let m = self
+            .down
+            .forward(&(candle_nn::ops::silu(&self.gate.forward(&y)?)? * self.up.forward(&y)?)?)?;
+        Ok((h + m)?)
+    }
+
     fn forward(
         &self,
         h: &Tensor,
@@ -248,12 +259,7 @@ impl DecoderLayer {
             .transpose(1, 2)?
             .reshape((b, l, nh * hd))?
             .to_dtype(act)?;
-        let h = (h + self.o.forward(&o)?)?;
-        let y = self.post_norm.forward(&h)?;
-        let m = self
-            .down
-            .forward(&(candle_nn::ops::silu(&self.gate.forward(&y)?)? * self.up.forward(&y)?)?)?;
-        Ok((h + m)?)
+        self.output(h, &o)
     }
 }
 
@@ -312,12 +318,7 @@ impl DecoderLayer {
                 Tensor::cat(&outs, 0)?
             }
         };
-        let h = (h + self.o.forward(&o)?)?;
-        let y = self.post_norm.forward(&h)?;
-        let m = self
-            .down
-            .forward(&(candle_nn::ops::silu(&self.gate.forward(&y)?)? * self.up.forward(&y)?)?)?;
-        Ok((h + m)?)
+        self.output(h, &o)
     }
 }
 
