@@ -207,9 +207,21 @@ pub(crate) struct Shared {
     pub stopping: AtomicBool,
     pub next_id: AtomicU64,
     pub windows_encoded: AtomicU64,
+    /// Why the tensor-parallel group failed, once it has.
+    pub lost: Mutex<Option<String>>,
 }
 
 impl Shared {
+    pub fn lose_group(&self, reason: &str) {
+        self.accepting.store(false, Ordering::SeqCst);
+        let mut l = self.lost.lock().unwrap_or_else(|p| p.into_inner());
+        l.get_or_insert_with(|| reason.to_string());
+    }
+
+    pub fn group_lost(&self) -> Option<String> {
+        self.lost.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     pub fn cache<T>(&self, f: impl FnOnce(&mut EmbeddingCache) -> T) -> T {
         let mut g = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         f(g.as_mut().expect("cache is set at start"))
@@ -292,8 +304,11 @@ impl Engine {
         cfg.scheduler
             .validate()
             .map_err(EngineError::InvalidRequest)?;
-        let text = &model.cfg.text;
-        let per_block = PagedKv::bytes_per_block(text, cfg.block_size.max(1), model.dtype());
+        let per_block = PagedKv::bytes_per_block(
+            model.decoder.local_config(),
+            cfg.block_size.max(1),
+            model.dtype(),
+        );
         let blocks = cfg.kv_cache_bytes / per_block.max(1);
         if cfg.block_size == 0 || blocks == 0 {
             return Err(EngineError::InvalidRequest(format!(
@@ -301,7 +316,14 @@ impl Engine {
                 cfg.kv_cache_bytes, cfg.block_size
             )));
         }
-        let kv = PagedKv::new(text, blocks, cfg.block_size, model.dtype(), model.device())?;
+        // In a tensor-parallel group each rank caches its own kv heads; block ids are the same everywhere.
+        let kv = PagedKv::new(
+            model.decoder.local_config(),
+            blocks,
+            cfg.block_size,
+            model.dtype(),
+            model.device(),
+        )?;
         let frontend = Frontend::new(&proc.config().frontend)
             .map_err(|e| EngineError::Internal(format!("front end: {e}")))?;
         let shared = Arc::new(Shared::default());
@@ -400,6 +422,9 @@ impl Engine {
     /// capacity; later failures arrive as [`Event::Failed`].
     pub fn submit(&self, req: GenerateRequest) -> Result<RequestHandle> {
         let t0 = Instant::now();
+        if let Some(reason) = self.shared.group_lost() {
+            return Err(EngineError::GroupLost(reason));
+        }
         if !self.shared.accepting.load(Ordering::SeqCst) {
             return Err(EngineError::ShuttingDown);
         }
@@ -571,9 +596,15 @@ impl Engine {
         left
     }
 
-    /// True until [`Engine::shutdown`] starts.
+    /// True until [`Engine::shutdown`] starts or the decoder group is lost.
     pub fn is_accepting(&self) -> bool {
         self.shared.accepting.load(Ordering::SeqCst)
+    }
+
+    /// Why the tensor-parallel decoder group failed (`None` while it works, and always alone): the
+    /// process should be restarted.
+    pub fn group_lost(&self) -> Option<String> {
+        self.shared.group_lost()
     }
 }
 

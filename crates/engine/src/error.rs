@@ -28,6 +28,9 @@ pub enum EngineError {
     Cancelled,
     #[error("the server is shutting down and accepts no new requests")]
     ShuttingDown,
+    /// A rank of the tensor-parallel decoder group died or stalled; this group serves nothing more.
+    #[error("the decoder group is unavailable: {0}")]
+    GroupLost(String),
     #[error("model computation failed: {0}")]
     Model(#[from] ModelError),
     #[error("internal error: {0}")]
@@ -45,6 +48,7 @@ impl EngineError {
             EngineError::DeadlineExceeded => "deadline_exceeded",
             EngineError::Cancelled => "cancelled",
             EngineError::ShuttingDown => "shutting_down",
+            EngineError::GroupLost(_) => "group_lost",
             EngineError::Model(m) => m.kind(),
             EngineError::Internal(_) => "internal",
         }

@@ -16,6 +16,7 @@ pub mod cache;
 mod encoder;
 pub mod engine;
 pub mod error;
+pub mod group;
 pub mod scheduler;
 mod worker;
 

@@ -8,12 +8,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use afnext_model::paged::{PagedKv, SeqStep};
-use afnext_model::{AfNext, FinishReason, Sampler, TextStream};
+use afnext_model::tp::{StepPlan, AUDIO_ROW};
+use afnext_model::{AfNext, FinishReason, ModelError, Sampler, TextStream};
 use afnext_prompt::PromptProcessor;
 use candle_core::Tensor;
 
 use crate::engine::{Event, Job, Shared, Summary, Timings};
 use crate::error::{EngineError, Result};
+use crate::group::{Ranks, PING_EVERY};
 use crate::scheduler::{AddError, Scheduler, SeqSpec, Step};
 
 /// A request whose audio is encoded, ready for the scheduler.
@@ -48,6 +50,8 @@ struct Active {
 
 pub(crate) struct Worker {
     model: Arc<AfNext>,
+    /// The other ranks of a tensor-parallel group (none alone).
+    ranks: Option<Ranks>,
     proc: Arc<PromptProcessor>,
     eos: Vec<u32>,
     sched: Scheduler,
@@ -66,6 +70,7 @@ impl Worker {
         shared: Arc<Shared>,
     ) -> Self {
         Worker {
+            ranks: Ranks::of(&model.decoder),
             model,
             proc,
             eos,
@@ -77,16 +82,22 @@ impl Worker {
     }
 
     pub fn run(mut self, rx: std_mpsc::Receiver<Command>) {
+        if let Some(r) = &self.ranks {
+            if let Err(e) = r.init(&self.kv) {
+                self.group_lost(e);
+            }
+        }
         loop {
-            // Block while idle; otherwise only drain what is already there.
+            // Block while idle (pinging the group now and then); otherwise only drain what is there.
             let first = if self.active.is_empty() {
-                match rx.recv() {
-                    Ok(c) => Some(c),
-                    Err(_) => return,
+                match self.idle_wait(&rx) {
+                    Some(c) => Some(c),
+                    None => break,
                 }
             } else {
                 None
             };
+            let mut stop = false;
             for cmd in first.into_iter().chain(rx.try_iter()) {
                 match cmd {
                     Command::Add(r) => self.add(*r),
@@ -97,8 +108,11 @@ impl Worker {
                             self.fail(id, EngineError::ShuttingDown);
                         }
                     }
-                    Command::Stop => return,
+                    Command::Stop => stop = true,
                 }
+            }
+            if stop {
+                break;
             }
             self.reap_cancelled();
             if self.active.is_empty() {
@@ -115,12 +129,52 @@ impl Worker {
                 std::thread::sleep(Duration::from_millis(2));
                 continue;
             }
-            if let Err(e) = self.run_step(&step) {
-                for it in &step.items {
-                    self.fail(it.id, EngineError::Internal(format!("step failed: {e}")));
+            match self.run_step(&step) {
+                Ok(()) => {}
+                Err(e @ EngineError::GroupLost(_)) => self.group_lost(e),
+                Err(e) => {
+                    for it in &step.items {
+                        self.fail(it.id, EngineError::Internal(format!("step failed: {e}")));
+                    }
                 }
             }
             self.publish(true);
+        }
+        if let Some(r) = &self.ranks {
+            r.stop();
+        }
+    }
+
+    /// The next command while idle; `None` when the engine is gone. A group is pinged every
+    /// [`PING_EVERY`] meanwhile.
+    fn idle_wait(&mut self, rx: &std_mpsc::Receiver<Command>) -> Option<Command> {
+        loop {
+            if self.ranks.is_none() {
+                return rx.recv().ok();
+            }
+            match rx.recv_timeout(PING_EVERY) {
+                Ok(c) => return Some(c),
+                Err(std_mpsc::RecvTimeoutError::Disconnected) => return None,
+                Err(std_mpsc::RecvTimeoutError::Timeout) => {
+                    if let Some(Err(e)) = self.ranks.as_ref().map(Ranks::ping) {
+                        self.group_lost(e);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A rank is gone: fail everything, accept nothing more, and stop talking to the group.
+    fn group_lost(&mut self, e: EngineError) {
+        let reason = match e {
+            EngineError::GroupLost(r) => r,
+            other => other.to_string(),
+        };
+        self.ranks = None;
+        self.shared.lose_group(&reason);
+        let ids: Vec<u64> = self.active.keys().copied().collect();
+        for id in ids {
+            self.fail(id, EngineError::GroupLost(reason.clone()));
         }
     }
 
@@ -207,68 +261,83 @@ impl Worker {
                 });
             }
         }
-        let mut rows = Vec::with_capacity(step.items.len());
-        let mut seqs = Vec::with_capacity(step.items.len());
+        if self.shared.group_lost().is_some() {
+            return Err(EngineError::GroupLost("an earlier step failed".into()));
+        }
+        let audio_id = self.model.cfg.audio_token_id;
+        let mut plan = StepPlan {
+            seqs: Vec::with_capacity(step.items.len()),
+            ids: Vec::new(),
+            sample_rows: Vec::new(),
+        };
+        let mut audio = Vec::new();
         for it in &step.items {
             let a = self
                 .active
                 .get(&it.id)
                 .ok_or_else(|| EngineError::Internal(format!("unknown sequence {}", it.id)))?;
-            rows.push(self.embed(a, it.start, it.start + it.len)?);
-            seqs.push(SeqStep {
+            // Prompt rows (`<sound>` rows from the audio embeddings), then generated ids.
+            let pl = a.job.prompt_ids.len();
+            let (from, to) = (it.start, it.start + it.len);
+            if from < pl {
+                let ids = &a.job.prompt_ids[from..to.min(pl)];
+                let n = ids.iter().filter(|&&t| t == audio_id).count();
+                if n > 0 {
+                    let first = a.audio_before[from] as usize;
+                    let rows = a
+                        .audio
+                        .as_ref()
+                        .filter(|t| t.dim(0).is_ok_and(|d| first + n <= d))
+                        .ok_or_else(|| {
+                            EngineError::Internal(format!(
+                                "{n} audio positions from row {first} have no embeddings"
+                            ))
+                        })?;
+                    audio.push(rows.narrow(0, first, n).map_err(model_err)?);
+                }
+                plan.ids.extend(
+                    ids.iter()
+                        .map(|&t| if t == audio_id { AUDIO_ROW } else { t }),
+                );
+            }
+            if to > pl {
+                plan.ids
+                    .extend_from_slice(&a.generated[from.max(pl) - pl..to - pl]);
+            }
+            if it.sample {
+                plan.sample_rows.push(plan.ids.len() as u32 - 1);
+            }
+            plan.seqs.push(SeqStep {
                 start: it.start,
                 len: it.len,
                 block_table: it.block_table.clone(),
             });
         }
-        let embeds = Tensor::cat(&rows, 0).map_err(model_err)?;
-        let hidden = self.model.decoder.forward_paged(&embeds, &seqs, &self.kv)?;
-        self.sched.complete(&step.items);
-        // Logits only for the rows that produce a token.
-        let mut last_rows = Vec::new();
-        let mut row = 0u32;
-        for it in &step.items {
-            row += it.len as u32;
-            if it.sample {
-                last_rows.push(row - 1);
-            }
+        let audio = match audio.len() {
+            0 => None,
+            1 => audio.pop(),
+            _ => Some(Tensor::cat(&audio, 0).map_err(model_err)?),
+        };
+        if let Some(r) = &self.ranks {
+            r.step(&plan, audio.as_ref())?;
         }
-        if last_rows.is_empty() {
-            return Ok(());
-        }
-        let n = last_rows.len();
-        let idx = Tensor::from_vec(last_rows, n, hidden.device()).map_err(model_err)?;
         let logits = self
             .model
             .decoder
-            .logits(&hidden.index_select(&idx, 0).map_err(model_err)?)?;
+            .run_step(&plan, audio.as_ref(), &self.kv)
+            .map_err(|e| match e {
+                ModelError::Collective(c) => EngineError::GroupLost(c.to_string()),
+                e => EngineError::Model(e),
+            })?;
+        self.sched.complete(&step.items);
+        let Some(logits) = logits else {
+            return Ok(());
+        };
         let logits: Vec<Vec<f32>> = logits.to_vec2().map_err(model_err)?;
         for (it, mut row) in step.items.iter().filter(|i| i.sample).zip(logits) {
             self.on_logits(it.id, &mut row)?;
         }
         Ok(())
-    }
-
-    /// Input embeddings of positions `from..to` of a sequence (prompt rows with audio, then generated ids).
-    fn embed(&self, a: &Active, from: usize, to: usize) -> Result<Tensor> {
-        let pl = a.job.prompt_ids.len();
-        let mut parts = Vec::new();
-        if from < pl {
-            let end = to.min(pl);
-            parts.push(self.model.embed_rows_with_audio(
-                &a.job.prompt_ids[from..end],
-                a.audio.as_ref(),
-                a.audio_before[from] as usize,
-            )?);
-        }
-        if to > pl {
-            let gen = &a.generated[from.max(pl) - pl..to - pl];
-            parts.push(self.model.decoder.embed_rows(gen)?);
-        }
-        if parts.len() == 1 {
-            return Ok(parts.pop().expect("one part"));
-        }
-        Tensor::cat(&parts, 0).map_err(model_err)
     }
 
     fn on_logits(&mut self, id: u64, logits: &mut [f32]) -> Result<()> {

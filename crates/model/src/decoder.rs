@@ -4,6 +4,9 @@
 //! The KV cache here is a plain per-layer concatenation for single-sequence use (CLI, tests); the serving
 //! engine keeps its own paged cache.
 
+use std::sync::Arc;
+
+use afnext_collectives::{Collective, Single};
 use candle_core::{DType, Device, Tensor, D};
 
 use crate::config::TextConfig;
@@ -11,6 +14,7 @@ use crate::error::Result;
 use crate::linear::ParallelLinear;
 use crate::paged::{self, PagedKv, SeqStep, StepIndex};
 use crate::paged_cpu;
+use crate::tp::{StepPlan, TextShard, AUDIO_ROW};
 use crate::weights::Weights;
 
 /// `x * rsqrt(mean(x^2) + eps)` in f32, cast back to the activation dtype, then times the weight.
@@ -142,46 +146,46 @@ struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn load(w: &Weights, p: &str, c: &TextConfig) -> Result<Self> {
+    /// This rank's part of layer `p` (see [`crate::tp`]); the whole layer for a group of one.
+    fn load(
+        w: &Weights,
+        p: &str,
+        c: &TextConfig,
+        s: &TextShard,
+        group: &Arc<dyn Collective>,
+    ) -> Result<Self> {
         let (h, hd) = (c.hidden_size, c.head_dim);
         let (qd, kvd) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
+        let heads = s.heads.start * hd..s.heads.end * hd;
+        let kv = s.kv_heads.start * hd..s.kv_heads.end * hd;
+        let inter = c.intermediate_size;
+        let norm = |n: &str| RmsNorm::load(w, &format!("{p}.{n}.weight"), h, c.rms_norm_eps);
+        let col = |n: &str, out: usize, bias: bool, rows: &std::ops::Range<usize>| {
+            ParallelLinear::load_column(w, &format!("{p}.{n}"), (h, out), bias, rows.clone())
+        };
         Ok(DecoderLayer {
-            input_norm: RmsNorm::load(
+            input_norm: norm("input_layernorm")?,
+            q: col("self_attn.q_proj", qd, true, &heads)?,
+            k: col("self_attn.k_proj", kvd, true, &kv)?,
+            v: col("self_attn.v_proj", kvd, true, &kv)?,
+            o: ParallelLinear::load_row(
                 w,
-                &format!("{p}.input_layernorm.weight"),
-                h,
-                c.rms_norm_eps,
-            )?,
-            q: ParallelLinear::load(w, &format!("{p}.self_attn.q_proj"), h, qd, true)?,
-            k: ParallelLinear::load(w, &format!("{p}.self_attn.k_proj"), h, kvd, true)?,
-            v: ParallelLinear::load(w, &format!("{p}.self_attn.v_proj"), h, kvd, true)?,
-            o: ParallelLinear::load(w, &format!("{p}.self_attn.o_proj"), qd, h, false)?,
-            post_norm: RmsNorm::load(
-                w,
-                &format!("{p}.post_attention_layernorm.weight"),
-                h,
-                c.rms_norm_eps,
-            )?,
-            gate: ParallelLinear::load(
-                w,
-                &format!("{p}.mlp.gate_proj"),
-                h,
-                c.intermediate_size,
+                &format!("{p}.self_attn.o_proj"),
+                (qd, h),
                 false,
+                heads.clone(),
+                group,
             )?,
-            up: ParallelLinear::load(
-                w,
-                &format!("{p}.mlp.up_proj"),
-                h,
-                c.intermediate_size,
-                false,
-            )?,
-            down: ParallelLinear::load(
+            post_norm: norm("post_attention_layernorm")?,
+            gate: col("mlp.gate_proj", inter, false, &s.intermediate)?,
+            up: col("mlp.up_proj", inter, false, &s.intermediate)?,
+            down: ParallelLinear::load_row(
                 w,
                 &format!("{p}.mlp.down_proj"),
-                c.intermediate_size,
-                h,
+                (inter, h),
                 false,
+                s.intermediate.clone(),
+                group,
             )?,
         })
     }
@@ -340,35 +344,50 @@ fn causal_mask(l: usize, start: usize, total: usize, dev: &Device) -> Result<Ten
 
 #[derive(Debug, Clone)]
 pub struct Qwen2 {
+    /// This rank's vocabulary rows of the token table (all of it in a group of one).
     embed: Tensor,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     lm_head: ParallelLinear,
     rope: Rope,
+    /// The checkpoint's configuration.
     cfg: TextConfig,
+    /// What this rank computes with (its head counts and MLP width).
+    local: TextConfig,
+    shard: TextShard,
+    group: Arc<dyn Collective>,
 }
 
 impl Qwen2 {
+    /// The whole decoder on one device.
     pub fn load(w: &Weights, c: &TextConfig) -> Result<Self> {
+        Self::load_shard(w, c, Arc::new(Single))
+    }
+
+    /// This rank's share of the decoder in `group` (see [`crate::tp`]); only that share is read.
+    pub fn load_shard(w: &Weights, c: &TextConfig, group: Arc<dyn Collective>) -> Result<Self> {
+        let shard = TextShard::new(c, group.rank(), group.world_size())?;
         let p = "language_model.model";
-        let embed = w.get(
+        let vocab = crate::weights::Part::Rows(shard.vocab.clone());
+        let embed = w.get_part(
             &format!("{p}.embed_tokens.weight"),
             &[c.vocab_size, c.hidden_size],
+            &vocab,
         )?;
         let lm_head = if c.tie_word_embeddings && !w.contains("language_model.lm_head.weight") {
             ParallelLinear::from_weight(embed.clone(), None)?
         } else {
-            ParallelLinear::load(
+            ParallelLinear::load_column(
                 w,
                 "language_model.lm_head",
-                c.hidden_size,
-                c.vocab_size,
+                (c.hidden_size, c.vocab_size),
                 false,
+                shard.vocab.clone(),
             )?
         };
         Ok(Qwen2 {
             layers: (0..c.num_hidden_layers)
-                .map(|i| DecoderLayer::load(w, &format!("{p}.layers.{i}"), c))
+                .map(|i| DecoderLayer::load(w, &format!("{p}.layers.{i}"), c, &shard, &group))
                 .collect::<Result<_>>()?,
             norm: RmsNorm::load(
                 w,
@@ -379,8 +398,30 @@ impl Qwen2 {
             embed,
             lm_head,
             rope: Rope::new(c.rope_theta, c.head_dim),
+            local: shard.local_config(c),
             cfg: c.clone(),
+            shard,
+            group,
         })
+    }
+
+    /// This rank's share (the whole model in a group of one).
+    pub fn shard(&self) -> &TextShard {
+        &self.shard
+    }
+
+    /// The configuration this rank's attention and KV cache use (the checkpoint's in a group of one).
+    pub fn local_config(&self) -> &TextConfig {
+        &self.local
+    }
+
+    pub fn group(&self) -> &Arc<dyn Collective> {
+        &self.group
+    }
+
+    /// The compute dtype and device of this rank's weights.
+    pub fn dtype_device(&self) -> (DType, Device) {
+        (self.embed.dtype(), self.embed.device().clone())
     }
 
     pub fn config(&self) -> &TextConfig {
@@ -392,8 +433,7 @@ impl Qwen2 {
 
     /// Token embeddings (1, l, h) of `ids`.
     pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
-        let idx = Tensor::from_slice(ids, ids.len(), self.embed.device())?;
-        Ok(self.embed.index_select(&idx, 0)?.unsqueeze(0)?)
+        Ok(self.embed_rows(ids)?.unsqueeze(0)?)
     }
 
     /// Runs `embeds` (1, l, h) at positions `cache.len()..` and returns the hidden states after the final
@@ -406,7 +446,7 @@ impl Qwen2 {
             .tables(start, l, embeds.dtype(), embeds.device())?;
         let mut h = embeds.clone();
         for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            h = layer.forward(&h, &cos, &sin, slot, &self.cfg)?;
+            h = layer.forward(&h, &cos, &sin, slot, &self.local)?;
         }
         self.norm.forward(&h)
     }
@@ -422,7 +462,7 @@ impl Qwen2 {
                 "step has {t} rows but its sequences cover {rows}"
             )));
         }
-        let c = &self.cfg;
+        let c = &self.local;
         let positions: Vec<usize> = seqs.iter().flat_map(|s| s.start..s.context_len()).collect();
         let (cos, sin) =
             self.rope
@@ -441,14 +481,109 @@ impl Qwen2 {
         self.norm.forward(&h)
     }
 
-    /// Token embeddings `[n, hidden]` (no batch dimension).
+    /// Token embeddings `[n, hidden]` (no batch dimension). Ids outside the vocabulary are an error.
     pub fn embed_rows(&self, ids: &[u32]) -> Result<Tensor> {
-        let idx = Tensor::from_slice(ids, ids.len(), self.embed.device())?;
-        Ok(self.embed.index_select(&idx, 0)?)
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= self.cfg.vocab_size) {
+            return Err(crate::ModelError::Input(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                self.cfg.vocab_size
+            )));
+        }
+        self.embed_rows_masked(ids)
     }
 
-    /// Logits (…, vocab) in f32 of hidden states (…, h).
+    /// Embeddings of `ids` where ids outside the vocabulary (e.g. [`crate::tp::AUDIO_ROW`]) give zero rows.
+    /// In a group each rank looks up its vocabulary rows, zeros elsewhere, and the all-reduce adds the
+    /// one non-zero contribution per row: the result is exactly the table's row.
+    fn embed_rows_masked(&self, ids: &[u32]) -> Result<Tensor> {
+        let dev = self.embed.device();
+        let v = &self.shard.vocab;
+        if self.shard.world == 1 && ids.iter().all(|&i| v.contains(&(i as usize))) {
+            let idx = Tensor::from_slice(ids, ids.len(), dev)?;
+            return Ok(self.embed.index_select(&idx, 0)?);
+        }
+        let local: Vec<u32> = ids
+            .iter()
+            .map(|&i| {
+                if v.contains(&(i as usize)) {
+                    (i as usize - v.start) as u32
+                } else {
+                    0
+                }
+            })
+            .collect();
+        let keep: Vec<f32> = ids
+            .iter()
+            .map(|&i| if v.contains(&(i as usize)) { 1.0 } else { 0.0 })
+            .collect();
+        let rows = self
+            .embed
+            .index_select(&Tensor::from_vec(local, ids.len(), dev)?, 0)?;
+        let keep = Tensor::from_vec(keep, (ids.len(), 1), dev)?.to_dtype(rows.dtype())?;
+        let rows = rows.broadcast_mul(&keep)?;
+        Ok(self.group.all_reduce_tensor(&rows)?)
+    }
+
+    /// Logits (…, vocab) in f32 of hidden states (…, h); in a group every rank gets all of them.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        Ok(self.lm_head.forward(hidden)?.to_dtype(DType::F32)?)
+        let local = self.lm_head.forward(hidden)?.to_dtype(DType::F32)?;
+        if self.shard.world == 1 {
+            return Ok(local);
+        }
+        let mut shape = local.dims().to_vec();
+        let cols = *shape.last().expect("at least one dim");
+        let full = self.group.all_gather_cols(&local.reshape(((), cols))?)?;
+        *shape.last_mut().expect("at least one dim") = self.cfg.vocab_size;
+        Ok(full.reshape(shape)?)
+    }
+
+    /// One engine step, run by every rank of the group alike: embeds the step's rows (token ids through
+    /// the vocabulary-parallel table, [`crate::tp::AUDIO_ROW`] rows from `audio` `[n, hidden]`), runs the
+    /// layers over the paged cache and returns the f32 logits of `plan.sample_rows` (`None` if there are
+    /// none).
+    pub fn run_step(
+        &self,
+        plan: &StepPlan,
+        audio: Option<&Tensor>,
+        kv: &PagedKv,
+    ) -> Result<Option<Tensor>> {
+        if let Some(&bad) = plan
+            .ids
+            .iter()
+            .find(|&&i| i != AUDIO_ROW && i as usize >= self.cfg.vocab_size)
+        {
+            return Err(crate::ModelError::Input(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                self.cfg.vocab_size
+            )));
+        }
+        let mut embeds = self.embed_rows_masked(&plan.ids)?;
+        let audio_rows: Vec<u32> = (0..plan.ids.len() as u32)
+            .filter(|&r| plan.ids[r as usize] == AUDIO_ROW)
+            .collect();
+        if !audio_rows.is_empty() {
+            let a = audio.ok_or_else(|| {
+                crate::ModelError::Input("the step has audio rows but no audio".into())
+            })?;
+            if a.dims() != [audio_rows.len(), self.cfg.hidden_size] {
+                return Err(crate::ModelError::Input(format!(
+                    "the step has {} audio rows of width {}, the audio is {:?}",
+                    audio_rows.len(),
+                    self.cfg.hidden_size,
+                    a.dims()
+                )));
+            }
+            // The masked rows are zeros, so adding places the audio rows exactly.
+            let n = audio_rows.len();
+            let idx = Tensor::from_vec(audio_rows, n, embeds.device())?;
+            embeds = embeds.index_add(&idx, &a.to_dtype(embeds.dtype())?, 0)?;
+        }
+        let hidden = self.forward_paged(&embeds, &plan.seqs, kv)?;
+        if plan.sample_rows.is_empty() {
+            return Ok(None);
+        }
+        let n = plan.sample_rows.len();
+        let idx = Tensor::from_slice(&plan.sample_rows, n, hidden.device())?;
+        Ok(Some(self.logits(&hidden.index_select(&idx, 0)?)?))
     }
 }

@@ -36,6 +36,9 @@ pub enum ModelError {
     Candle(#[from] candle_core::Error),
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    /// The tensor-parallel group failed (a rank died or stalled); the group cannot be used any more.
+    #[error("tensor-parallel group: {0}")]
+    Collective(#[from] afnext_collectives::CollectiveError),
 }
 
 impl ModelError {
@@ -45,6 +48,7 @@ impl ModelError {
             ModelError::Input(_) => "invalid_input",
             ModelError::Candle(_) => "compute",
             ModelError::Tokenizer(_) => "tokenizer",
+            ModelError::Collective(_) => "group",
             _ => "checkpoint",
         }
     }

@@ -18,6 +18,7 @@ pub mod paged;
 mod paged_cpu;
 pub mod rote;
 pub mod sampling;
+pub mod tp;
 pub mod weights;
 
 pub use config::AfNextConfig;

@@ -1,25 +1,33 @@
-//! The one linear-layer abstraction every projection goes through, so that tensor parallelism can split a
-//! layer by column or by row without a second copy of the model code.
+//! The one linear-layer abstraction every projection goes through, whole or split for tensor parallelism.
+//!
+//! * whole: `y = x W^T + b` on one device;
+//! * column-parallel: this rank holds rows `r` of `W` (output features) and of `b`; its output is the
+//!   slice `r` of `y`, and the next layer consumes the slice (no communication);
+//! * row-parallel: this rank holds columns `r` of `W` (input features) and takes the slice `r` of `x`; the
+//!   partial products are summed over the group (in f32, before rounding to the activation dtype, so a
+//!   bf16 model rounds once as it does whole), then the bias is added once.
 //!
 //! On the CPU, f32 and bf16 weights are packed once at load for [`crate::cpu_gemm`] (the original tensor is
 //! dropped, so the packed copy is the only one); other devices and dtypes use candle's matmul.
 
+use std::ops::Range;
 use std::sync::Arc;
 
+use afnext_collectives::Collective;
 use candle_core::{DType, Device, Module, Storage, Tensor};
 use half::bf16;
 
 use crate::cpu_amx::AmxWeight;
 use crate::cpu_gemm::PackedWeight;
 use crate::error::Result;
-use crate::weights::Weights;
+use crate::weights::{Part, Weights};
 
-/// `y = x W^T + b` with `W` stored `[out, in]` as in PyTorch.
+/// The product kernel of one (part of a) layer.
 #[derive(Debug, Clone)]
-pub enum ParallelLinear {
-    /// The whole layer on this device (world size 1), through candle.
+enum Kernel {
+    /// Through candle (GPUs, f16, anything not packed).
     Dense(candle_nn::Linear),
-    /// The whole layer on the CPU, packed for the CPU GEMM; `bias` in f32.
+    /// Packed for the CPU GEMM; `bias` in f32.
     Packed {
         w: Arc<PackedWeight>,
         bias: Option<Arc<Vec<f32>>>,
@@ -32,8 +40,16 @@ pub enum ParallelLinear {
     },
 }
 
+/// A linear layer, whole or one rank's part of it (see the module documentation).
+#[derive(Debug, Clone)]
+pub struct ParallelLinear {
+    kernel: Kernel,
+    /// Row-parallel: the group to sum over, and the bias added after the sum (f32).
+    reduce: Option<(Arc<dyn Collective>, Option<Arc<Vec<f32>>>)>,
+}
+
 impl ParallelLinear {
-    /// Loads `{prefix}.weight` `[out, in]` and, if `bias`, `{prefix}.bias` `[out]`.
+    /// Loads the whole `{prefix}.weight` `[out, in]` and, if `bias`, `{prefix}.bias` `[out]`.
     pub fn load(
         w: &Weights,
         prefix: &str,
@@ -50,42 +66,121 @@ impl ParallelLinear {
         Self::from_weight(weight, bias)
     }
 
-    /// A layer from tensors already in memory (tied embeddings, tests).
+    /// Column-parallel: output features `rows` of the layer (and their bias). Whole when `rows` is all.
+    pub fn load_column(
+        w: &Weights,
+        prefix: &str,
+        (in_dim, out_dim): (usize, usize),
+        bias: bool,
+        rows: Range<usize>,
+    ) -> Result<Self> {
+        let part = Part::Rows(rows);
+        let weight = w.get_part(&format!("{prefix}.weight"), &[out_dim, in_dim], &part)?;
+        let bias = if bias {
+            Some(w.get_part(&format!("{prefix}.bias"), &[out_dim], &part)?)
+        } else {
+            None
+        };
+        Self::from_weight(weight, bias)
+    }
+
+    /// Row-parallel: input features `cols` of the layer; outputs are summed over `group`. Whole (no
+    /// communication) in a group of one.
+    pub fn load_row(
+        w: &Weights,
+        prefix: &str,
+        (in_dim, out_dim): (usize, usize),
+        bias: bool,
+        cols: Range<usize>,
+        group: &Arc<dyn Collective>,
+    ) -> Result<Self> {
+        if group.world_size() == 1 {
+            return Self::load(w, prefix, in_dim, out_dim, bias);
+        }
+        let weight = w.get_part(
+            &format!("{prefix}.weight"),
+            &[out_dim, in_dim],
+            &Part::Cols(cols),
+        )?;
+        let bias = if bias {
+            let b = w.get_dtype(&format!("{prefix}.bias"), &[out_dim], DType::F32)?;
+            Some(Arc::new(b.to_vec1::<f32>()?))
+        } else {
+            None
+        };
+        let mut l = Self::from_weight(weight, None)?;
+        l.reduce = Some((group.clone(), bias));
+        Ok(l)
+    }
+
+    /// A whole layer from tensors already in memory (tied embeddings, tests).
     pub fn from_weight(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
         let f32_bias = |b: Option<Tensor>| -> Result<Option<Arc<Vec<f32>>>> {
             Ok(b.map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>())
                 .transpose()?
                 .map(Arc::new))
         };
-        if weight.device().is_cpu() && weight.dtype() == DType::BF16 && crate::cpu_amx::available()
+        let kernel = if weight.device().is_cpu()
+            && weight.dtype() == DType::BF16
+            && crate::cpu_amx::available()
         {
             let (n, k) = weight.dims2()?;
             let v: Vec<bf16> = weight.flatten_all()?.to_vec1()?;
-            return Ok(ParallelLinear::Amx {
+            Kernel::Amx {
                 w: Arc::new(AmxWeight::pack(&v, n, k)),
                 bias: f32_bias(bias)?,
-            });
-        }
-        if let Some(packed) = pack(&weight)? {
-            let bias = f32_bias(bias)?;
-            return Ok(ParallelLinear::Packed {
+            }
+        } else if let Some(packed) = pack(&weight)? {
+            Kernel::Packed {
                 w: Arc::new(packed),
-                bias,
-            });
-        }
-        Ok(ParallelLinear::Dense(candle_nn::Linear::new(weight, bias)))
+                bias: f32_bias(bias)?,
+            }
+        } else {
+            Kernel::Dense(candle_nn::Linear::new(weight, bias))
+        };
+        Ok(ParallelLinear {
+            kernel,
+            reduce: None,
+        })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match self {
-            ParallelLinear::Dense(l) => Ok(l.forward(x)?),
-            ParallelLinear::Packed { w, bias } => cpu_forward(x, w.in_dim(), w.out_dim(), |m| {
+        // Row-parallel: sum the f32 partial products, then add the bias once.
+        let finish = |y: &mut Vec<f32>, out_dim: usize| -> Result<()> {
+            if let Some((group, bias)) = &self.reduce {
+                group.all_reduce_sum(y)?;
+                if let Some(b) = bias {
+                    for row in y.chunks_exact_mut(out_dim) {
+                        row.iter_mut().zip(b.iter()).for_each(|(v, b)| *v += b);
+                    }
+                }
+            }
+            Ok(())
+        };
+        match &self.kernel {
+            Kernel::Dense(l) => match &self.reduce {
+                None => Ok(l.forward(x)?),
+                // On devices the group's tensor all-reduce stays there (NCCL); the sum is in f32.
+                Some((group, bias)) => {
+                    let y = group.all_reduce_tensor(&l.forward(x)?.to_dtype(DType::F32)?)?;
+                    let y = match bias {
+                        Some(b) => y.broadcast_add(&Tensor::from_slice(b, b.len(), y.device())?)?,
+                        None => y,
+                    };
+                    Ok(y.to_dtype(x.dtype())?)
+                }
+            },
+            Kernel::Packed { w, bias } => cpu_forward(x, w.in_dim(), w.out_dim(), |m| {
                 let xs: Vec<f32> = x.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
-                Ok(w.matmul(&xs, m, bias.as_deref().map(|b| b.as_slice())))
+                let mut y = w.matmul(&xs, m, bias.as_deref().map(|b| b.as_slice()));
+                finish(&mut y, w.out_dim())?;
+                Ok(y)
             }),
-            ParallelLinear::Amx { w, bias } => cpu_forward(x, w.in_dim(), w.out_dim(), |m| {
+            Kernel::Amx { w, bias } => cpu_forward(x, w.in_dim(), w.out_dim(), |m| {
                 let xs: Vec<bf16> = x.flatten_all()?.to_dtype(DType::BF16)?.to_vec1()?;
-                Ok(w.matmul(&xs, m, bias.as_deref().map(|b| b.as_slice())))
+                let mut y = w.matmul(&xs, m, bias.as_deref().map(|b| b.as_slice()));
+                finish(&mut y, w.out_dim())?;
+                Ok(y)
             }),
         }
     }

@@ -1,6 +1,9 @@
 //! AF-Next end to end: audio windows -> encoder -> RoTE -> projector -> merged into the prompt -> Qwen2.
 
 use std::path::Path;
+use std::sync::Arc;
+
+use afnext_collectives::{Collective, Single};
 
 use candle_core::{DType, Device, Tensor};
 
@@ -99,10 +102,30 @@ impl AfNext {
     }
 
     pub fn from_weights(cfg: AfNextConfig, w: &Weights) -> Result<Self> {
+        Self::from_weights_in(cfg, w, Arc::new(Single))
+    }
+
+    /// Rank 0 of a tensor-parallel decoder group: the whole audio path and this rank's decoder share.
+    pub fn load_in_group(
+        dir: &Path,
+        dtype: DType,
+        device: &Device,
+        group: Arc<dyn Collective>,
+    ) -> Result<Self> {
+        let cfg = AfNextConfig::load(dir)?;
+        let w = Weights::load(dir, dtype, device)?;
+        Self::from_weights_in(cfg, &w, group)
+    }
+
+    pub fn from_weights_in(
+        cfg: AfNextConfig,
+        w: &Weights,
+        group: Arc<dyn Collective>,
+    ) -> Result<Self> {
         Ok(AfNext {
             encoder: AudioEncoder::load(w, &cfg.audio)?,
             projector: Projector::load(w, &cfg)?,
-            decoder: Qwen2::load(w, &cfg.text)?,
+            decoder: Qwen2::load_shard(w, &cfg.text, group)?,
             dtype: w.dtype(),
             device: w.device().clone(),
             cfg,
@@ -171,47 +194,6 @@ impl AfNext {
         let all = Tensor::cat(&[&text.squeeze(0)?, &audio.to_dtype(text.dtype())?], 0)?;
         let idx = Tensor::from_vec(idx, ids.len(), &self.device)?;
         Ok(all.index_select(&idx, 0)?.unsqueeze(0)?)
-    }
-
-    /// Embeddings `[n, h]` of prompt ids where the k-th `<sound>` of `ids` takes row `first_audio_row + k` of
-    /// `audio` (the engine embeds a prompt chunk by chunk).
-    pub fn embed_rows_with_audio(
-        &self,
-        ids: &[u32],
-        audio: Option<&Tensor>,
-        first_audio_row: usize,
-    ) -> Result<Tensor> {
-        let text = self.decoder.embed_rows(ids)?;
-        let n = ids
-            .iter()
-            .filter(|&&id| id == self.cfg.audio_token_id)
-            .count();
-        if n == 0 {
-            return Ok(text);
-        }
-        let audio = match audio {
-            Some(a) if first_audio_row + n <= a.dim(0)? => a,
-            _ => {
-                return Err(ModelError::Input(format!(
-                    "{n} audio positions from audio row {first_audio_row} have no embeddings"
-                )))
-            }
-        };
-        let l = ids.len() as u32;
-        let mut idx: Vec<u32> = (0..l).collect();
-        let mut k = 0u32;
-        for (p, &id) in ids.iter().enumerate() {
-            if id == self.cfg.audio_token_id {
-                idx[p] = l + k;
-                k += 1;
-            }
-        }
-        let rows = audio
-            .narrow(0, first_audio_row, n)?
-            .to_dtype(text.dtype())?;
-        let all = Tensor::cat(&[&text, &rows], 0)?;
-        let idx = Tensor::from_vec(idx, ids.len(), &self.device)?;
-        Ok(all.index_select(&idx, 0)?)
     }
 
     /// Prefills `embeds` (1, l, h) in chunks of at most `chunk` positions (bounded attention memory), returning

@@ -174,6 +174,82 @@ impl Weights {
     }
 }
 
+/// Which part of a 2-D weight one tensor-parallel rank holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Part {
+    /// Rows `start..start + len` (output features of `[out, in]`, rows of an embedding table).
+    Rows(std::ops::Range<usize>),
+    /// Columns `start..start + len` (input features).
+    Cols(std::ops::Range<usize>),
+}
+
+impl Weights {
+    /// Loads part of the 2-D tensor `name` of full shape `shape` (or of the 1-D `shape` for [`Part::Rows`]).
+    /// From a checkpoint only the part's bytes are read from the memory map, so a rank never touches the
+    /// rest of the model; random weights are generated whole and cut (benchmarks only).
+    pub fn get_part(&self, name: &str, shape: &[usize], part: &Part) -> Result<Tensor> {
+        let (dim, range) = match part {
+            Part::Rows(r) => (0, r.clone()),
+            Part::Cols(r) => (1, r.clone()),
+        };
+        let bad = |problem: String| ModelError::Config {
+            field: format!("tensor-parallel part of {name}"),
+            problem,
+        };
+        if dim >= shape.len() || range.end > shape[dim] || range.is_empty() {
+            return Err(bad(format!(
+                "{part:?} is outside the tensor's shape {shape:?}"
+            )));
+        }
+        let stored = self.resolve(name)?;
+        let st = match &self.source {
+            Source::Files { st, .. } => st,
+            Source::Random { seed, .. } => {
+                let full = random_tensor(*seed, name, shape, self.dtype, &self.device)?;
+                return Ok(full.narrow(dim, range.start, range.len())?.contiguous()?);
+            }
+        };
+        let view = st.get(&stored)?;
+        if view.shape() != shape {
+            return Err(ModelError::ShapeMismatch {
+                name: stored,
+                expected: shape.to_vec(),
+                got: view.shape().to_vec(),
+            });
+        }
+        let dtype = match view.dtype() {
+            safetensors::Dtype::F32 => DType::F32,
+            safetensors::Dtype::BF16 => DType::BF16,
+            safetensors::Dtype::F16 => DType::F16,
+            other => {
+                return Err(bad(format!(
+                    "stored as {other:?}; expected f32, bf16 or f16"
+                )))
+            }
+        };
+        let es = dtype.size_in_bytes();
+        let data = view.data();
+        let row_len: usize = shape[1..].iter().product::<usize>() * es;
+        let (bytes, out_shape): (Vec<u8>, Vec<usize>) = if dim == 0 {
+            let mut s = shape.to_vec();
+            s[0] = range.len();
+            (data[range.start * row_len..range.end * row_len].to_vec(), s)
+        } else {
+            let cols = shape[1];
+            let mut b = Vec::with_capacity(shape[0] * range.len() * es);
+            for r in 0..shape[0] {
+                let off = (r * cols + range.start) * es;
+                b.extend_from_slice(&data[off..off + range.len() * es]);
+            }
+            (b, vec![shape[0], range.len()])
+        };
+        Ok(
+            Tensor::from_raw_buffer(&bytes, dtype, &out_shape, &self.device)?
+                .to_dtype(self.dtype)?,
+        )
+    }
+}
+
 fn random_tensor(
     seed: u64,
     name: &str,

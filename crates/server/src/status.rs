@@ -52,7 +52,7 @@ fn engine_code(e: &EngineError) -> Code {
         EngineError::QueueFull { .. } => Code::ResourceExhausted,
         EngineError::DeadlineExceeded => Code::DeadlineExceeded,
         EngineError::Cancelled => Code::Cancelled,
-        EngineError::ShuttingDown => Code::Unavailable,
+        EngineError::ShuttingDown | EngineError::GroupLost(_) => Code::Unavailable,
         EngineError::Model(afnext_model::ModelError::Input(_)) => Code::InvalidArgument,
         EngineError::Model(_) | EngineError::Internal(_) => Code::Internal,
     }
