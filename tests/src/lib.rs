@@ -10,6 +10,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+
+pub mod grpc;
 use safetensors::{Dtype, SafeTensors};
 
 /// `tests/fixtures` of this package.
@@ -234,21 +236,27 @@ pub struct Server {
 
 impl Server {
     pub fn start(extra: &[&str]) -> Server {
+        let mut args: Vec<String> = vec!["serve".into(), "--model".into()];
+        args.push(ckpt("tiny-a").display().to_string());
+        args.extend(["--listen".into(), "127.0.0.1:0".into()]);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Server::spawn(&args)
+    }
+
+    /// `afnext ARGS` (a command that serves gRPC and prints `afnext serving on ADDR`).
+    pub fn spawn(args: &[String]) -> Server {
         let mut child = Command::new(afnext_bin())
-            .args(["serve", "--model"])
-            .arg(ckpt("tiny-a"))
-            .args(["--listen", "127.0.0.1:0"])
-            .args(extra)
+            .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
-            .expect("start afnext serve");
+            .expect("start afnext");
         let out = child.stdout.take().unwrap();
         let mut lines = BufReader::new(out).lines();
         let addr = loop {
             let line = lines
                 .next()
-                .expect("afnext serve exited before listening")
+                .unwrap_or_else(|| panic!("afnext {args:?} exited before listening"))
                 .unwrap();
             if let Some(a) = line.strip_prefix("afnext serving on ") {
                 break a.to_string();
@@ -270,24 +278,43 @@ impl Server {
     }
 
     pub fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok);
+        signal(&self.child, sig);
     }
 
     pub fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
-        let end = Instant::now() + within;
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st;
-            }
-            assert!(Instant::now() < end, "server did not exit");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_exit(&mut self.child, within)
     }
+}
+
+/// Sends `sig` (`-TERM`, `-KILL`, ...) to a child process.
+pub fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+}
+
+/// The exit status of `child`, failing the test if it is still running after `within`.
+pub fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
+    let end = Instant::now() + within;
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st;
+        }
+        assert!(Instant::now() < end, "process {} did not exit", child.id());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A free loopback port (bound and released; fine for tests on one machine).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl Drop for Server {

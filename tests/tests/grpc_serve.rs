@@ -1,102 +1,15 @@
 //! `afnext serve` as a real process, used over real gRPC on loopback: concurrency, cancellation, follow-up
 //! caching, bad input, queue limits, deadlines, uploads, health, reflection and SIGTERM draining.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use afnext_e2e::{ckpt, fixtures_dir, lone_logits, top2_gap, Server};
+use afnext_e2e::grpc::{audio, clip, req, run, stats, text, user, wait_for};
+use afnext_e2e::{ckpt, lone_logits, top2_gap, Server};
 use afnext_server::pb;
 use afnext_server::pb::af_next_client::AfNextClient;
 use pb::generate_response::Event as E;
 use tonic::transport::Channel;
 use tonic::Code;
-
-async fn stats(c: &mut AfNextClient<Channel>) -> pb::ServerStats {
-    c.get_server_stats(pb::GetServerStatsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-}
-
-/// Polls the server's statistics until `done` holds; fails after 10 s naming `what` and the last statistics.
-async fn wait_for(
-    c: &mut AfNextClient<Channel>,
-    what: &str,
-    done: impl Fn(&pb::ServerStats) -> bool,
-) {
-    let end = Instant::now() + Duration::from_secs(10);
-    loop {
-        let st = stats(c).await;
-        if done(&st) {
-            return;
-        }
-        assert!(Instant::now() < end, "not {what} after 10 s: {st:?}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-fn clip(name: &str) -> Vec<u8> {
-    std::fs::read(fixtures_dir().join("audio").join(name)).unwrap()
-}
-
-fn text(t: &str) -> pb::Part {
-    pb::Part {
-        kind: Some(pb::part::Kind::Text(t.into())),
-    }
-}
-
-fn audio(data: Vec<u8>) -> pb::Part {
-    pb::Part {
-        kind: Some(pb::part::Kind::Audio(pb::AudioPart {
-            source: Some(pb::audio_part::Source::Data(data)),
-            format: 0,
-        })),
-    }
-}
-
-fn user(parts: Vec<pb::Part>) -> pb::Message {
-    pb::Message {
-        role: pb::Role::User as i32,
-        parts,
-    }
-}
-
-fn req(messages: Vec<pb::Message>, max_new: u32) -> pb::GenerateRequest {
-    pb::GenerateRequest {
-        messages,
-        max_new_tokens: Some(max_new),
-        ..Default::default()
-    }
-}
-
-#[derive(Debug, Default)]
-struct Out {
-    ids: Vec<u32>,
-    text: String,
-    progress: usize,
-    started: Option<pb::Started>,
-    finished: Option<pb::Finished>,
-}
-
-async fn run(c: &mut AfNextClient<Channel>, r: pb::GenerateRequest) -> Result<Out, tonic::Status> {
-    let mut s = c.generate(r).await?.into_inner();
-    let mut o = Out::default();
-    while let Some(m) = s.message().await? {
-        match m.event.unwrap() {
-            E::Progress(_) => o.progress += 1,
-            E::Started(st) => o.started = Some(st),
-            E::Delta(d) => {
-                o.ids.extend(d.token_ids);
-                o.text.push_str(&d.text);
-            }
-            E::Finished(f) => o.finished = Some(f),
-        }
-    }
-    assert!(
-        o.finished.is_some(),
-        "stream ended without a finished event"
-    );
-    Ok(o)
-}
 
 fn sixteen() -> Vec<pb::GenerateRequest> {
     let clips = [

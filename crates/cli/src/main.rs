@@ -1,6 +1,7 @@
 //! `afnext`: the one binary of the AF-Next serving cluster. Each subcommand composes the typed
 //! configuration of the crates it runs; this crate is the only one that reads flags or the environment.
 
+mod decoder;
 mod generate;
 mod input;
 mod inspect;
@@ -29,6 +30,8 @@ enum Command {
     Inspect(inspect::InspectArgs),
     /// Serve the gRPC API with the whole model in this process (the embedded single-process mode).
     Serve(serve::ServeArgs),
+    /// One rank of a tensor-parallel decoder group (rank 0 serves the API).
+    Decoder(decoder::DecoderArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -37,6 +40,7 @@ fn main() -> std::process::ExitCode {
         Command::Generate(args) => generate::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Serve(args) => serve::run(args),
+        Command::Decoder(args) => decoder::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -99,6 +99,12 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let dtype = args.model.dtype.dtype();
     let model = AfNext::load(&dir, dtype, &device)
         .with_context(|| format!("loading the model from {}", dir.display()))?;
+    run_with(args, &dir, model)
+}
+
+/// Serves `model` (loaded from `dir`): the engine, the gRPC API and the metrics endpoint, until a signal.
+pub fn run_with(args: ServeArgs, dir: &std::path::Path, model: AfNext) -> Result<()> {
+    let dir = dir.to_path_buf();
     let gen = GenerationDefaults::load(&dir, &model.cfg.text)?;
     let proc = PromptProcessor::load(&dir)?;
     let engine = Arc::new(Engine::start(

@@ -168,10 +168,12 @@ impl TcpGroup {
                                 }),
                             })
                         }
-                        Ok(()) => return Err(CollectiveError::Setup(format!(
+                        Ok(()) => {
+                            return Err(CollectiveError::Setup(format!(
                             "rank 0 at {leader} refused rank {rank} of {world} (wrong group size, \
                                  or the rank is taken)"
-                        ))),
+                        )))
+                        }
                         Err(e) => last_err = e.to_string(),
                     }
                 }

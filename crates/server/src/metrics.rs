@@ -129,7 +129,14 @@ pub async fn serve_metrics(listener: TcpListener, engine: Arc<Engine>) {
             let path = req.split_whitespace().nth(1).unwrap_or("");
             let (code, body) = match path {
                 "/metrics" => ("200 OK", render(&engine)),
-                "/live" => ("200 OK", "ok\n".to_string()),
+                // A group that lost a rank must be restarted: it is not live.
+                "/live" => match engine.group_lost() {
+                    None => ("200 OK", "ok\n".to_string()),
+                    Some(r) => (
+                        "503 Service Unavailable",
+                        format!("decoder group lost: {r}\n"),
+                    ),
+                },
                 "/ready" if engine.is_accepting() => ("200 OK", "ready\n".to_string()),
                 "/ready" => ("503 Service Unavailable", "shutting down\n".to_string()),
                 _ => ("404 Not Found", "not found\n".to_string()),

@@ -278,6 +278,19 @@ pub async fn serve(
 ) -> Result<ServeOutcome, Box<dyn std::error::Error + Send + Sync>> {
     let (health, health_svc) = tonic_health::server::health_reporter();
     health.set_serving::<AfNextServer<Service>>().await;
+    // A decoder group that lost a rank serves nothing more: say so, so routers stop sending here.
+    {
+        let (engine, health) = (engine.clone(), health.clone());
+        tokio::spawn(async move {
+            while engine.group_lost().is_none() {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            health.set_not_serving::<AfNextServer<Service>>().await;
+            health
+                .set_service_status("", tonic_health::ServingStatus::NotServing)
+                .await;
+        });
+    }
     // Both reflection versions: grpcurl and older tools still ask v1alpha.
     let reflection = || {
         tonic_reflection::server::Builder::configure()

@@ -1,0 +1,98 @@
+//! `afnext decoder --tp N --rank R`: one rank of a tensor-parallel decoder group.
+//!
+//! Rank 0 binds `--group-addr`, waits for ranks 1..N to join (TCP collectives on CPUs), loads the audio path
+//! and its decoder share, and serves the gRPC API like `afnext serve` (its engine tells the other ranks each
+//! step what to run). Ranks 1..N connect to `--group-addr`, load only their share and follow until rank 0
+//! stops (exit 0) or the group fails (exit 1). If any rank dies, rank 0 fails its in-flight requests with
+//! UNAVAILABLE, reports NOT_SERVING on gRPC health and 503 on /live, and serves nothing more: restart the
+//! group.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use afnext_collectives::tcp::{TcpConfig, TcpGroup};
+use afnext_collectives::{Collective, Single};
+use afnext_model::config::AfNextConfig;
+use afnext_model::decoder::Qwen2;
+use afnext_model::weights::Weights;
+use afnext_model::AfNext;
+use anyhow::{bail, Context, Result};
+use clap::Args;
+
+use crate::serve::ServeArgs;
+
+#[derive(Debug, Args)]
+pub struct DecoderArgs {
+    /// Ranks in this tensor-parallel group (must split the model's heads; see docs/DESIGN.md).
+    #[arg(long, default_value_t = 1)]
+    pub tp: usize,
+    /// This process's rank, 0..tp; rank 0 serves the API.
+    #[arg(long, default_value_t = 0)]
+    pub rank: usize,
+    /// HOST:PORT where rank 0 listens for the other ranks (required when --tp > 1).
+    #[arg(long)]
+    pub group_addr: Option<String>,
+    /// Seconds a rank may hold up one collective operation before the group is declared lost.
+    #[arg(long, default_value_t = 30)]
+    pub collective_timeout_s: u64,
+    /// Seconds to wait for the whole group to form.
+    #[arg(long, default_value_t = 600)]
+    pub join_timeout_s: u64,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+pub fn run(args: DecoderArgs) -> Result<()> {
+    if args.rank >= args.tp {
+        bail!(
+            "--rank {} is outside the group of --tp {}",
+            args.rank,
+            args.tp
+        );
+    }
+    let dir = args.serve.model.resolve()?;
+    let device = args.serve.model.device()?;
+    let dtype = args.serve.model.dtype.dtype();
+    let cfg = TcpConfig {
+        join_timeout: Duration::from_secs(args.join_timeout_s),
+        op_timeout: Duration::from_secs(args.collective_timeout_s),
+    };
+    // Refuse an impossible split before anyone waits for a group.
+    let model_cfg = AfNextConfig::load(&dir)?;
+    afnext_model::tp::TextShard::new(&model_cfg.text, args.rank, args.tp)?;
+    let group: Arc<dyn Collective> = if args.tp == 1 {
+        Arc::new(Single)
+    } else {
+        let Some(addr) = args.group_addr.as_deref() else {
+            bail!("--group-addr is required when --tp is more than 1");
+        };
+        if args.rank == 0 {
+            let l = std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
+            eprintln!(
+                "afnext decoder: rank 0 waiting for {} rank(s) on {}",
+                args.tp - 1,
+                l.local_addr()?
+            );
+            Arc::new(TcpGroup::lead(l, args.tp, cfg)?)
+        } else {
+            Arc::new(TcpGroup::join(args.rank, args.tp, addr, cfg)?)
+        }
+    };
+    if args.rank == 0 {
+        let model = AfNext::load_in_group(&dir, dtype, &device, group)
+            .with_context(|| format!("loading the model from {}", dir.display()))?;
+        return crate::serve::run_with(args.serve, &dir, model);
+    }
+    let w = Weights::load(&dir, dtype, &device)?;
+    let decoder = Qwen2::load_shard(&w, &model_cfg.text, group)
+        .with_context(|| format!("loading rank {}'s share of {}", args.rank, dir.display()))?;
+    drop(w);
+    eprintln!(
+        "afnext decoder: rank {} of {} following",
+        args.rank, args.tp
+    );
+    afnext_engine::group::run_follower(&decoder)
+        .with_context(|| format!("rank {} of the decoder group", args.rank))?;
+    eprintln!("afnext decoder: rank {} stopped", args.rank);
+    Ok(())
+}
