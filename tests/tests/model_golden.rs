@@ -190,7 +190,7 @@ fn check_audio_path(ck: &str, case: &str) {
                 &Device::Cpu,
             )
             .unwrap();
-            got.extend(host(&r.model.projector.forward(&x).unwrap()));
+            got.extend(host(&r.model.audio.projector.forward(&x).unwrap()));
             want.extend_from_slice(&emb_ref[j * h..(j + 1) * h]);
         }
     }

@@ -131,11 +131,26 @@ struct Seq {
     deadline: Option<Instant>,
     admitted_once: bool,
     preemptions: u32,
+    /// Prompt positions whose inputs exist (audio embeddings still arriving stop prefill there).
+    ready: usize,
 }
 
 impl Seq {
+    /// Positions that can be computed now.
+    fn available(&self) -> usize {
+        if self.ready >= self.prompt_len {
+            self.keys.len()
+        } else {
+            self.ready
+        }
+    }
+    /// Positions that can be computed now and are not yet.
     fn remaining(&self) -> usize {
-        self.keys.len() - self.computed
+        self.available().saturating_sub(self.computed)
+    }
+    /// The prompt is done and one sampled token waits to be computed.
+    fn decoding(&self) -> bool {
+        self.computed + 1 == self.keys.len() && self.computed >= self.prompt_len
     }
 }
 
@@ -226,6 +241,7 @@ impl Scheduler {
                 deadline: spec.deadline,
                 admitted_once: false,
                 preemptions: 0,
+                ready: usize::MAX,
             },
         );
         self.insert_ordered(false, id);
@@ -247,6 +263,14 @@ impl Scheduler {
     pub fn append(&mut self, id: SeqId, token: u32) {
         if let Some(s) = self.seqs.get_mut(&id) {
             s.keys.push(u64::from(token));
+        }
+    }
+
+    /// Declares the first `positions` prompt positions computable (their audio rows have arrived); prefill
+    /// stops there until more are. Every position is computable unless this is called.
+    pub fn set_ready(&mut self, id: SeqId, positions: usize) {
+        if let Some(s) = self.seqs.get_mut(&id) {
+            s.ready = positions;
         }
     }
 
@@ -297,7 +321,7 @@ impl Scheduler {
         let mut i = 0;
         while i < self.running.len() && budget > 0 {
             let id = self.running[i];
-            if self.seqs[&id].remaining() != 1 {
+            if !self.seqs[&id].decoding() {
                 i += 1;
                 continue;
             }
@@ -316,7 +340,7 @@ impl Scheduler {
         while i < self.running.len() && budget > 0 {
             let id = self.running[i];
             let rem = self.seqs[&id].remaining();
-            if rem <= 1 {
+            if rem == 0 || self.seqs[&id].decoding() {
                 i += 1;
                 continue;
             }
@@ -334,22 +358,28 @@ impl Scheduler {
             }
             i += 1;
         }
-        // Admissions in arrival order.
-        while budget > 0 && self.running.len() < self.cfg.max_running && !self.waiting.is_empty() {
-            let id = self.waiting[0];
+        // Admissions in arrival order. A sequence with nothing computable yet (its audio has not arrived)
+        // stays waiting without holding up the ones behind it.
+        let mut j = 0;
+        while budget > 0 && self.running.len() < self.cfg.max_running && j < self.waiting.len() {
+            let id = self.waiting[j];
             let cached = self.match_prefix(id);
             let rem = self.seqs[&id].remaining();
             let want = rem.min(budget).min(self.cfg.prefill_chunk);
             let s = &self.seqs[&id];
             let need = (s.computed + want).div_ceil(self.blocks.block_size()) - s.table.len();
-            if need > self.blocks.available() {
+            if want == 0 || need > self.blocks.available() {
                 let s = self.seqs.get_mut(&id).expect("waiting id is known");
                 s.computed = 0;
                 s.block_keys.clear();
                 self.blocks.release_all(&mut s.table);
+                if want == 0 {
+                    j += 1;
+                    continue;
+                }
                 break;
             }
-            self.waiting.remove(0);
+            self.waiting.remove(j);
             self.insert_ordered(true, id);
             let got = self.grow_up_to(id, want);
             debug_assert_eq!(got, want);

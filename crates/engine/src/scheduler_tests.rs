@@ -66,7 +66,7 @@ fn run(cfg: SchedulerConfig, blocks: usize, bs: usize, reqs: &[Req]) -> Outcome 
             .running
             .iter()
             .copied()
-            .filter(|id| s.seqs[id].remaining() == 1)
+            .filter(|id| s.seqs[id].decoding())
             .collect();
         let step = s.schedule(t0 + Duration::from_millis(step_no as u64));
         assert!(step.tokens() <= cfg.max_batch_tokens, "budget exceeded");
@@ -298,4 +298,49 @@ fn queue_limit_size_limit_and_removal() {
 fn config_validation_names_the_problem() {
     let e = cfg(8, 8, 4).validate().unwrap_err();
     assert!(e.contains("max_batch_tokens"), "{e}");
+}
+
+/// Streaming prefill: a prompt whose audio rows have not all arrived is prefilled up to the last ready
+/// position, then waits without holding up others (also at admission), and goes on when more is ready.
+#[test]
+fn prefill_stops_at_the_ready_positions_without_holding_up_others() {
+    let cfg = SchedulerConfig {
+        max_batch_tokens: 64,
+        max_running: 4,
+        max_waiting: 8,
+        prefill_chunk: 16,
+    };
+    let mut s = Scheduler::new(cfg, BlockManager::new(64, 4));
+    let t0 = Instant::now();
+    let spec = |id: SeqId, len: usize, at: u64| SeqSpec {
+        id,
+        keys: prompt(id, len),
+        max_new_tokens: 4,
+        arrival: t0 + Duration::from_millis(at),
+        deadline: None,
+    };
+    // 0 has nothing ready yet, 1 has 10 of 40 positions, 2 (latest) is all text.
+    s.add(spec(0, 20, 0)).unwrap();
+    s.set_ready(0, 0);
+    s.add(spec(1, 40, 1)).unwrap();
+    s.set_ready(1, 10);
+    s.add(spec(2, 8, 2)).unwrap();
+    let st = s.schedule(t0);
+    let got: Vec<(SeqId, usize, usize, bool)> = st
+        .items
+        .iter()
+        .map(|i| (i.id, i.start, i.len, i.sample))
+        .collect();
+    assert_eq!(got, vec![(1, 0, 10, false), (2, 0, 8, true)]);
+    s.complete(&st.items);
+    s.append(2, 7);
+    let st = s.schedule(t0);
+    let got: Vec<(SeqId, usize, usize)> = st.items.iter().map(|i| (i.id, i.start, i.len)).collect();
+    assert_eq!(got, vec![(2, 8, 1)], "1 waits for its audio, 0 is still not admitted");
+    s.complete(&st.items);
+    s.set_ready(1, 40);
+    s.set_ready(0, 20);
+    let st = s.schedule(t0);
+    let got: Vec<(SeqId, usize, usize)> = st.items.iter().map(|i| (i.id, i.start, i.len)).collect();
+    assert_eq!(got, vec![(1, 10, 16), (0, 0, 16)]);
 }

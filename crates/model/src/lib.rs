@@ -27,5 +27,5 @@ pub use generate::{
     generate, FinishReason, Generation, GenerationParams, IncrementalDecoder, StopMatcher,
     TextStream,
 };
-pub use model::{AfNext, AudioStages};
+pub use model::{AfNext, AudioStages, AudioTower};
 pub use sampling::{Sampler, SamplingParams};

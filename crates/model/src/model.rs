@@ -77,11 +77,65 @@ impl AudioStages {
     }
 }
 
+/// The audio path alone: encoder, RoTE and projector (what an encoder worker loads).
 #[derive(Debug, Clone)]
-pub struct AfNext {
+pub struct AudioTower {
     pub cfg: AfNextConfig,
     pub encoder: AudioEncoder,
     pub projector: Projector,
+    device: Device,
+}
+
+impl AudioTower {
+    /// Loads only the audio path's tensors of a checkpoint.
+    pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let cfg = AfNextConfig::load(dir)?;
+        let w = Weights::load(dir, dtype, device)?;
+        Self::from_weights(cfg, &w)
+    }
+
+    pub fn from_weights(cfg: AfNextConfig, w: &Weights) -> Result<Self> {
+        Ok(AudioTower {
+            encoder: AudioEncoder::load(w, &cfg.audio)?,
+            projector: Projector::load(w, &cfg)?,
+            device: w.device().clone(),
+            cfg,
+        })
+    }
+
+    /// Runs windows through encoder, RoTE and projector. `features`: (n, mels, frames) f32 log-mel;
+    /// `valid_frames[i]` and `window_idx[i]` (index of the window within its own audio) per window.
+    pub fn encode_windows(
+        &self,
+        features: &Tensor,
+        valid_frames: &[usize],
+        window_idx: &[usize],
+    ) -> Result<AudioStages> {
+        if window_idx.len() != valid_frames.len() {
+            return Err(ModelError::Input(
+                "one window index per window is needed".into(),
+            ));
+        }
+        let encoder_output = self
+            .encoder
+            .forward(&features.to_device(&self.device)?, valid_frames)?;
+        let rows = self.encoder.rows();
+        let tables = rote::tables(&self.cfg.rote, self.cfg.audio.hidden_size, rows, window_idx);
+        let post_rote = rote::apply(&encoder_output, &tables)?;
+        let projected = self.projector.forward(&post_rote)?;
+        Ok(AudioStages {
+            encoder_output,
+            post_rote,
+            projected,
+            tokens: valid_frames.iter().map(|&f| tokens_for_frames(f)).collect(),
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct AfNext {
+    pub cfg: AfNextConfig,
+    pub audio: AudioTower,
     pub decoder: Qwen2,
     dtype: DType,
     device: Device,
@@ -123,8 +177,7 @@ impl AfNext {
         group: Arc<dyn Collective>,
     ) -> Result<Self> {
         Ok(AfNext {
-            encoder: AudioEncoder::load(w, &cfg.audio)?,
-            projector: Projector::load(w, &cfg)?,
+            audio: AudioTower::from_weights(cfg.clone(), w)?,
             decoder: Qwen2::load_shard(w, &cfg.text, group)?,
             dtype: w.dtype(),
             device: w.device().clone(),
@@ -139,32 +192,14 @@ impl AfNext {
         &self.device
     }
 
-    /// Runs windows through encoder, RoTE and projector. `features`: (n, mels, frames) f32 log-mel;
-    /// `valid_frames[i]` and `window_idx[i]` (index of the window within its own audio) per window.
+    /// The audio path on windows (see [`AudioTower::encode_windows`]).
     pub fn encode_windows(
         &self,
         features: &Tensor,
         valid_frames: &[usize],
         window_idx: &[usize],
     ) -> Result<AudioStages> {
-        if window_idx.len() != valid_frames.len() {
-            return Err(ModelError::Input(
-                "one window index per window is needed".into(),
-            ));
-        }
-        let encoder_output = self
-            .encoder
-            .forward(&features.to_device(&self.device)?, valid_frames)?;
-        let rows = self.encoder.rows();
-        let tables = rote::tables(&self.cfg.rote, self.cfg.audio.hidden_size, rows, window_idx);
-        let post_rote = rote::apply(&encoder_output, &tables)?;
-        let projected = self.projector.forward(&post_rote)?;
-        Ok(AudioStages {
-            encoder_output,
-            post_rote,
-            projected,
-            tokens: valid_frames.iter().map(|&f| tokens_for_frames(f)).collect(),
-        })
+        self.audio.encode_windows(features, valid_frames, window_idx)
     }
 
     /// Prompt embeddings (1, l, h): token embeddings with every `<sound>` position replaced, in order, by the
