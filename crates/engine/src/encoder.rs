@@ -31,7 +31,11 @@ impl EncoderThread {
                     job.encode_time = t0.elapsed();
                     let _ = self
                         .loop_tx
-                        .send(Command::Add(Box::new(Ready { job, audio })));
+                        .send(Command::Add(Box::new(Ready {
+                            job,
+                            audio,
+                            stream: None,
+                        })));
                 }
                 Err(e) => {
                     let _ = job.tx.send(Event::Failed(e));

@@ -161,9 +161,9 @@ pub struct EngineStats {
 #[derive(Debug)]
 pub struct RequestHandle {
     pub id: u64,
-    events: mpsc::UnboundedReceiver<Event>,
-    cancel: Arc<AtomicBool>,
-    loop_tx: std_mpsc::Sender<Command>,
+    pub(crate) events: mpsc::UnboundedReceiver<Event>,
+    pub(crate) cancel: Arc<AtomicBool>,
+    pub(crate) loop_tx: std_mpsc::Sender<Command>,
 }
 
 impl RequestHandle {
@@ -278,9 +278,9 @@ pub struct Engine {
     frontend: Frontend,
     cfg: EngineConfig,
     gen: GenerationDefaults,
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
     enc_tx: Mutex<Option<std_mpsc::Sender<Job>>>,
-    loop_tx: std_mpsc::Sender<Command>,
+    pub(crate) loop_tx: std_mpsc::Sender<Command>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     kv_blocks: usize,
 }
@@ -422,36 +422,7 @@ impl Engine {
     /// capacity; later failures arrive as [`Event::Failed`].
     pub fn submit(&self, req: GenerateRequest) -> Result<RequestHandle> {
         let t0 = Instant::now();
-        if let Some(reason) = self.shared.group_lost() {
-            return Err(EngineError::GroupLost(reason));
-        }
-        if !self.shared.accepting.load(Ordering::SeqCst) {
-            return Err(EngineError::ShuttingDown);
-        }
-        req.sampling
-            .validate()
-            .map_err(EngineError::InvalidRequest)?;
-        let limit = self.max_new_tokens_limit();
-        let max_new = req.max_new_tokens.unwrap_or(limit);
-        if max_new == 0 {
-            return Err(EngineError::InvalidRequest(
-                "max_new_tokens must be at least 1".into(),
-            ));
-        }
-        if max_new > limit {
-            return Err(EngineError::TooLong {
-                what: "max_new_tokens",
-                got: max_new,
-                limit,
-            });
-        }
-        // Capacity first: shed load before paying for decoding.
-        let cap = self.max_in_flight();
-        if self.shared.in_flight.fetch_add(1, Ordering::SeqCst) >= cap {
-            self.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
-            return Err(EngineError::QueueFull { limit: cap });
-        }
-        let in_flight = InFlight(self.shared.clone());
+        let (max_new, in_flight) = self.begin(&req.sampling, req.max_new_tokens)?;
         let overflow = if req.truncate_audio {
             Overflow::Truncate
         } else {
@@ -510,21 +481,7 @@ impl Engine {
         }
         let prompt = self.proc.encode(conv, &counts)?;
         let ids = prompt.input_ids;
-        let max_prompt = self.max_prompt_tokens();
-        if ids.len() > max_prompt {
-            return Err(EngineError::TooLong {
-                what: "the prompt in tokens",
-                got: ids.len(),
-                limit: max_prompt,
-            });
-        }
-        if ids.len() + max_new > self.kv_capacity_tokens() {
-            return Err(EngineError::TooLong {
-                what: "prompt tokens + max_new_tokens",
-                got: ids.len() + max_new,
-                limit: self.kv_capacity_tokens(),
-            });
-        }
+        self.check_lengths(ids.len(), max_new)?;
         let mut keys: Vec<u64> = ids.iter().map(|&t| u64::from(t)).collect();
         for (span, key) in prompt.audio_spans.iter().zip(&audio_keys) {
             for (row, p) in span.clone().enumerate() {
@@ -570,6 +527,63 @@ impl Engine {
             cancel,
             loop_tx: self.loop_tx.clone(),
         })
+    }
+
+    /// The checks every request passes first: the engine accepts, the sampling parameters and
+    /// `max_new_tokens` are valid, and there is room (the returned guard counts the request in flight).
+    pub(crate) fn begin(
+        &self,
+        sampling: &SamplingParams,
+        max_new_tokens: Option<usize>,
+    ) -> Result<(usize, InFlight)> {
+        if let Some(reason) = self.shared.group_lost() {
+            return Err(EngineError::GroupLost(reason));
+        }
+        if !self.shared.accepting.load(Ordering::SeqCst) {
+            return Err(EngineError::ShuttingDown);
+        }
+        sampling.validate().map_err(EngineError::InvalidRequest)?;
+        let limit = self.max_new_tokens_limit();
+        let max_new = max_new_tokens.unwrap_or(limit);
+        if max_new == 0 {
+            return Err(EngineError::InvalidRequest(
+                "max_new_tokens must be at least 1".into(),
+            ));
+        }
+        if max_new > limit {
+            return Err(EngineError::TooLong {
+                what: "max_new_tokens",
+                got: max_new,
+                limit,
+            });
+        }
+        // Capacity first: shed load before paying for decoding.
+        let cap = self.max_in_flight();
+        if self.shared.in_flight.fetch_add(1, Ordering::SeqCst) >= cap {
+            self.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+            return Err(EngineError::QueueFull { limit: cap });
+        }
+        Ok((max_new, InFlight(self.shared.clone())))
+    }
+
+    /// The prompt fits the prompt limit, and with its completion the KV cache.
+    pub(crate) fn check_lengths(&self, prompt: usize, max_new: usize) -> Result<()> {
+        let max_prompt = self.max_prompt_tokens();
+        if prompt > max_prompt {
+            return Err(EngineError::TooLong {
+                what: "the prompt in tokens",
+                got: prompt,
+                limit: max_prompt,
+            });
+        }
+        if prompt + max_new > self.kv_capacity_tokens() {
+            return Err(EngineError::TooLong {
+                what: "prompt tokens + max_new_tokens",
+                got: prompt + max_new,
+                limit: self.kv_capacity_tokens(),
+            });
+        }
+        Ok(())
     }
 
     /// Stops accepting requests, lets in-flight ones finish for up to `grace`, cancels the rest, and stops the

@@ -17,6 +17,7 @@ mod encoder;
 pub mod engine;
 pub mod error;
 pub mod group;
+mod remote;
 pub mod scheduler;
 mod worker;
 
@@ -26,4 +27,5 @@ pub use engine::{
     Usage,
 };
 pub use error::{EngineError, Result};
+pub use remote::{Accepted, PreparedRequest, RemoteAudio};
 pub use scheduler::SchedulerConfig;

@@ -16,6 +16,7 @@ use candle_core::Tensor;
 use crate::engine::{Event, Job, Shared, Summary, Timings};
 use crate::error::{EngineError, Result};
 use crate::group::{Ranks, PING_EVERY};
+use crate::remote::{AudioRows, AudioStream};
 use crate::scheduler::{AddError, Scheduler, SeqSpec, Step};
 
 /// A request whose audio is encoded, ready for the scheduler.
@@ -23,6 +24,8 @@ use crate::scheduler::{AddError, Scheduler, SeqSpec, Step};
 pub(crate) struct Ready {
     pub job: Job,
     pub audio: Option<Tensor>,
+    /// Audio rows still to arrive (prepared requests).
+    pub stream: Option<AudioStream>,
 }
 
 #[derive(Debug)]
@@ -30,6 +33,13 @@ pub(crate) enum Command {
     Add(Box<Ready>),
     /// Something changed (a cancellation flag): look again.
     Wake,
+    /// Window embeddings of a prepared request ([`crate::Engine::push_window`]).
+    Window {
+        id: u64,
+        audio: usize,
+        window: usize,
+        rows: Tensor,
+    },
     /// Fail everything in flight (end of the shutdown grace period).
     CancelAll,
     Stop,
@@ -37,7 +47,10 @@ pub(crate) enum Command {
 
 struct Active {
     job: Job,
-    audio: Option<Tensor>,
+    audio: AudioRows,
+    stream: Option<AudioStream>,
+    /// Prompt positions of the `<sound>` tokens, in order.
+    sound_pos: Vec<usize>,
     /// `audio_before[p]`: `<sound>` positions in `prompt_ids[..p]` (the audio row of the next one).
     audio_before: Vec<u32>,
     generated: Vec<u32>,
@@ -101,6 +114,12 @@ impl Worker {
             for cmd in first.into_iter().chain(rx.try_iter()) {
                 match cmd {
                     Command::Add(r) => self.add(*r),
+                    Command::Window {
+                        id,
+                        audio,
+                        window,
+                        rows,
+                    } => self.window(id, audio, window, rows),
                     Command::Wake => {}
                     Command::CancelAll => {
                         let ids: Vec<u64> = self.active.keys().copied().collect();
@@ -205,19 +224,30 @@ impl Worker {
             return;
         }
         let mut audio_before = Vec::with_capacity(job.prompt_ids.len() + 1);
-        let mut n = 0u32;
+        let mut sound_pos = Vec::new();
         audio_before.push(0);
-        for &t in &job.prompt_ids {
+        for (p, &t) in job.prompt_ids.iter().enumerate() {
             if t == self.model.cfg.audio_token_id {
-                n += 1;
+                sound_pos.push(p);
             }
-            audio_before.push(n);
+            audio_before.push(sound_pos.len() as u32);
         }
         let vocab = self.model.cfg.text.vocab_size;
+        let audio = match AudioRows::whole(r.audio) {
+            Ok(a) => a,
+            Err(e) => {
+                self.sched.remove(job.id);
+                let _ = job.tx.send(Event::Failed(e));
+                return;
+            }
+        };
+        let id = job.id;
         let active = Active {
             sampler: Sampler::new(job.sampling, vocab, &job.prompt_ids),
             text: TextStream::new(&job.stop),
-            audio: r.audio,
+            audio,
+            stream: r.stream,
+            sound_pos,
             audio_before,
             generated: Vec::new(),
             ready_at: Instant::now(),
@@ -225,7 +255,53 @@ impl Worker {
             first_token_at: None,
             job,
         };
-        self.active.insert(active.job.id, active);
+        self.active.insert(id, active);
+        self.audio_arrived(id);
+    }
+
+    /// Window rows of a prepared request: taken in order, and prefill may go as far as they reach.
+    fn window(&mut self, id: u64, audio: usize, window: usize, rows: Tensor) {
+        let Some(a) = self.active.get_mut(&id) else {
+            return;
+        };
+        let Some(stream) = a.stream.as_mut() else {
+            return;
+        };
+        match stream.accept(audio, window, rows) {
+            Ok(true) => {
+                let _ = a.job.tx.send(Event::EncodeProgress {
+                    windows_done: stream.windows_done,
+                    windows_total: stream.windows_total,
+                });
+                if stream.windows_done == stream.windows_total {
+                    a.job.encode_time = a.job.submitted.elapsed();
+                }
+                self.audio_arrived(id);
+            }
+            Ok(false) => {}
+            Err(e) => self.fail(id, e),
+        }
+    }
+
+    /// Moves arrived audio rows into place and tells the scheduler how far the prompt can be computed.
+    fn audio_arrived(&mut self, id: u64) {
+        let Some(a) = self.active.get_mut(&id) else {
+            return;
+        };
+        let Some(stream) = a.stream.as_mut() else {
+            return;
+        };
+        if let Err(e) = stream.drain_into(&mut a.audio, &self.shared) {
+            self.fail(id, e);
+            return;
+        }
+        let have = a.audio.len();
+        let ready = a
+            .sound_pos
+            .get(have)
+            .copied()
+            .unwrap_or(a.job.prompt_ids.len());
+        self.sched.set_ready(id, ready);
     }
 
     fn reap_cancelled(&mut self) {
@@ -284,16 +360,7 @@ impl Worker {
                 let n = ids.iter().filter(|&&t| t == audio_id).count();
                 if n > 0 {
                     let first = a.audio_before[from] as usize;
-                    let rows = a
-                        .audio
-                        .as_ref()
-                        .filter(|t| t.dim(0).is_ok_and(|d| first + n <= d))
-                        .ok_or_else(|| {
-                            EngineError::Internal(format!(
-                                "{n} audio positions from row {first} have no embeddings"
-                            ))
-                        })?;
-                    audio.push(rows.narrow(0, first, n).map_err(model_err)?);
+                    audio.push(a.audio.rows(first, n)?);
                 }
                 plan.ids.extend(
                     ids.iter()
