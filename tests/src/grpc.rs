@@ -73,6 +73,8 @@ pub struct Out {
     pub ids: Vec<u32>,
     pub text: String,
     pub progress: usize,
+    /// `windows_total` of the last progress event.
+    pub windows_total: u32,
     pub started: Option<pb::Started>,
     pub finished: Option<pb::Finished>,
 }
@@ -85,7 +87,10 @@ pub async fn run(
     let mut o = Out::default();
     while let Some(m) = s.message().await? {
         match m.event.unwrap() {
-            E::Progress(_) => o.progress += 1,
+            E::Progress(p) => {
+                o.progress += 1;
+                o.windows_total = p.windows_total;
+            }
             E::Started(st) => o.started = Some(st),
             E::Delta(d) => {
                 o.ids.extend(d.token_ids);

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
+pub mod cluster;
 pub mod grpc;
 use safetensors::{Dtype, SafeTensors};
 

@@ -1,8 +1,9 @@
 //! `afnext decoder --tp N --rank R`: one rank of a tensor-parallel decoder group.
 //!
 //! Rank 0 binds `--group-addr`, waits for ranks 1..N to join (TCP collectives on CPUs), loads the audio path
-//! and its decoder share, and serves the gRPC API like `afnext serve` (its engine tells the other ranks each
-//! step what to run). Ranks 1..N connect to `--group-addr`, load only their share and follow until rank 0
+//! and its decoder share, and serves the gRPC API like `afnext serve` plus the cluster's internal decoder
+//! API (prepared requests from routers, window embeddings from encoder workers); its engine tells the other
+//! ranks each step what to run. Ranks 1..N connect to `--group-addr`, load only their share and follow until rank 0
 //! stops (exit 0) or the group fails (exit 1). If any rank dies, rank 0 fails its in-flight requests with
 //! UNAVAILABLE, reports NOT_SERVING on gRPC health and 503 on /live, and serves nothing more: restart the
 //! group.
@@ -81,7 +82,7 @@ pub fn run(args: DecoderArgs) -> Result<()> {
     if args.rank == 0 {
         let model = AfNext::load_in_group(&dir, dtype, &device, group)
             .with_context(|| format!("loading the model from {}", dir.display()))?;
-        return crate::serve::run_with(args.serve, &dir, model);
+        return crate::serve::run_with(args.serve, &dir, model, true);
     }
     let w = Weights::load(&dir, dtype, &device)?;
     let decoder = Qwen2::load_shard(&w, &model_cfg.text, group)

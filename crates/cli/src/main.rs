@@ -1,6 +1,7 @@
 //! `afnext`: the one binary of the AF-Next serving cluster. Each subcommand composes the typed
 //! configuration of the crates it runs; this crate is the only one that reads flags or the environment.
 
+mod cluster;
 mod decoder;
 mod generate;
 mod input;
@@ -32,6 +33,10 @@ enum Command {
     Serve(serve::ServeArgs),
     /// One rank of a tensor-parallel decoder group (rank 0 serves the API).
     Decoder(decoder::DecoderArgs),
+    /// An encoder worker of a cluster: windows in, embeddings pushed to decoder groups.
+    Encoder(cluster::EncoderArgs),
+    /// The cluster router: the public API over encoder workers and decoder groups.
+    Router(cluster::RouterArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -41,6 +46,8 @@ fn main() -> std::process::ExitCode {
         Command::Inspect(args) => inspect::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Decoder(args) => decoder::run(args),
+        Command::Encoder(args) => cluster::run_encoder(args),
+        Command::Router(args) => cluster::run_router(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -20,15 +20,8 @@ const MIB: usize = 1 << 20;
 pub struct ServeArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// gRPC address (port 0 picks a free port; the bound address is printed).
-    #[arg(long, default_value = "0.0.0.0:50051")]
-    pub listen: SocketAddr,
-    /// HTTP address for /metrics, /live and /ready (off when absent).
-    #[arg(long)]
-    pub metrics_listen: Option<SocketAddr>,
-    /// Seconds in-flight streams may run after SIGTERM/SIGINT before they are cancelled.
-    #[arg(long, default_value_t = 30)]
-    pub grace_period_s: u64,
+    #[command(flatten)]
+    pub api: ApiArgs,
     /// Memory for the paged KV cache, MiB.
     #[arg(long, default_value_t = 2048)]
     pub kv_cache_mib: usize,
@@ -59,6 +52,20 @@ pub struct ServeArgs {
     /// Largest prompt in tokens (default: the model's max_position_embeddings).
     #[arg(long)]
     pub max_prompt_tokens: Option<usize>,
+}
+
+/// The public API's address and limits (`afnext serve`, decoder leaders and the router).
+#[derive(Debug, Args)]
+pub struct ApiArgs {
+    /// gRPC address (port 0 picks a free port; the bound address is printed).
+    #[arg(long, default_value = "0.0.0.0:50051")]
+    pub listen: SocketAddr,
+    /// HTTP address for /metrics, /live and /ready (off when absent).
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Seconds in-flight streams may run after SIGTERM/SIGINT before they are cancelled.
+    #[arg(long, default_value_t = 30)]
+    pub grace_period_s: u64,
     /// Largest request message (inline audio included), MiB.
     #[arg(long, default_value_t = 64)]
     pub max_message_mib: usize,
@@ -71,6 +78,23 @@ pub struct ServeArgs {
     /// Seconds an upload stays usable.
     #[arg(long, default_value_t = 3600)]
     pub upload_ttl_s: u64,
+}
+
+impl ApiArgs {
+    pub fn server_config(&self, model: &ModelArgs, internal_api: bool) -> ServerConfig {
+        ServerConfig {
+            max_message_bytes: self.max_message_mib * MIB,
+            max_upload_bytes: self.max_upload_mib * MIB,
+            upload_store_bytes: self.upload_store_mib * MIB,
+            upload_ttl: Duration::from_secs(self.upload_ttl_s),
+            grace_period: Duration::from_secs(self.grace_period_s),
+            model_name: model.model.clone(),
+            revision: model.revision.clone().unwrap_or_default(),
+            device: model.device.clone(),
+            dtype: format!("{:?}", model.dtype).to_lowercase(),
+            internal_api,
+        }
+    }
 }
 
 impl ServeArgs {
@@ -99,11 +123,17 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let dtype = args.model.dtype.dtype();
     let model = AfNext::load(&dir, dtype, &device)
         .with_context(|| format!("loading the model from {}", dir.display()))?;
-    run_with(args, &dir, model)
+    run_with(args, &dir, model, false)
 }
 
 /// Serves `model` (loaded from `dir`): the engine, the gRPC API and the metrics endpoint, until a signal.
-pub fn run_with(args: ServeArgs, dir: &std::path::Path, model: AfNext) -> Result<()> {
+/// `internal_api`: also serve the cluster's decoder API (a decoder group leader).
+pub fn run_with(
+    args: ServeArgs,
+    dir: &std::path::Path,
+    model: AfNext,
+    internal_api: bool,
+) -> Result<()> {
     let dir = dir.to_path_buf();
     let gen = GenerationDefaults::load(&dir, &model.cfg.text)?;
     let proc = PromptProcessor::load(&dir)?;
@@ -113,26 +143,16 @@ pub fn run_with(args: ServeArgs, dir: &std::path::Path, model: AfNext) -> Result
         gen,
         args.engine_config(),
     )?);
-    let cfg = ServerConfig {
-        max_message_bytes: args.max_message_mib * MIB,
-        max_upload_bytes: args.max_upload_mib * MIB,
-        upload_store_bytes: args.upload_store_mib * MIB,
-        upload_ttl: Duration::from_secs(args.upload_ttl_s),
-        grace_period: Duration::from_secs(args.grace_period_s),
-        model_name: args.model.model.clone(),
-        revision: args.model.revision.clone().unwrap_or_default(),
-        device: args.model.device.clone(),
-        dtype: format!("{:?}", args.model.dtype).to_lowercase(),
-    };
+    let cfg = args.api.server_config(&args.model, internal_api);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
     rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(args.listen)
+        let listener = tokio::net::TcpListener::bind(args.api.listen)
             .await
-            .with_context(|| format!("binding {}", args.listen))?;
-        if let Some(addr) = args.metrics_listen {
+            .with_context(|| format!("binding {}", args.api.listen))?;
+        if let Some(addr) = args.api.metrics_listen {
             let l = tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("binding {addr}"))?;
@@ -153,7 +173,7 @@ pub fn run_with(args: ServeArgs, dir: &std::path::Path, model: AfNext) -> Result
 }
 
 /// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};

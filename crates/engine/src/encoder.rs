@@ -29,13 +29,11 @@ impl EncoderThread {
             match self.encode(&mut job) {
                 Ok(audio) => {
                     job.encode_time = t0.elapsed();
-                    let _ = self
-                        .loop_tx
-                        .send(Command::Add(Box::new(Ready {
-                            job,
-                            audio,
-                            stream: None,
-                        })));
+                    let _ = self.loop_tx.send(Command::Add(Box::new(Ready {
+                        job,
+                        audio,
+                        stream: None,
+                    })));
                 }
                 Err(e) => {
                     let _ = job.tx.send(Event::Failed(e));

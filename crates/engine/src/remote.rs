@@ -96,7 +96,11 @@ impl Engine {
             }
             at += n;
             usage.audio_seconds += a.seconds;
-            match self.shared.cache(|c| c.get(&a.key)).filter(|e| e.tokens == n) {
+            match self
+                .shared
+                .cache(|c| c.get(&a.key))
+                .filter(|e| e.tokens == n)
+            {
                 Some(hit) => {
                     usage.audio_cache_hits += 1;
                     needed.push(false);

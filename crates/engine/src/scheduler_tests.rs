@@ -336,7 +336,11 @@ fn prefill_stops_at_the_ready_positions_without_holding_up_others() {
     s.append(2, 7);
     let st = s.schedule(t0);
     let got: Vec<(SeqId, usize, usize)> = st.items.iter().map(|i| (i.id, i.start, i.len)).collect();
-    assert_eq!(got, vec![(2, 8, 1)], "1 waits for its audio, 0 is still not admitted");
+    assert_eq!(
+        got,
+        vec![(2, 8, 1)],
+        "1 waits for its audio, 0 is still not admitted"
+    );
     s.complete(&st.items);
     s.set_ready(1, 40);
     s.set_ready(0, 20);

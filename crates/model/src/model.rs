@@ -199,7 +199,8 @@ impl AfNext {
         valid_frames: &[usize],
         window_idx: &[usize],
     ) -> Result<AudioStages> {
-        self.audio.encode_windows(features, valid_frames, window_idx)
+        self.audio
+            .encode_windows(features, valid_frames, window_idx)
     }
 
     /// Prompt embeddings (1, l, h): token embeddings with every `<sound>` position replaced, in order, by the

@@ -18,6 +18,8 @@ pub struct ServerConfig {
     pub revision: String,
     pub device: String,
     pub dtype: String,
+    /// Also serve the cluster's internal `afnext.cluster.v1.Decoder` API (a decoder group leader).
+    pub internal_api: bool,
 }
 
 impl Default for ServerConfig {
@@ -32,6 +34,7 @@ impl Default for ServerConfig {
             revision: String::new(),
             device: "cpu".into(),
             dtype: "f32".into(),
+            internal_api: false,
         }
     }
 }

@@ -81,14 +81,7 @@ pub fn generate_request(
             content: Some(Content::Parts(parts)),
         });
     }
-    let s = req.sampling.unwrap_or_default();
-    let sampling = SamplingParams {
-        temperature: s.temperature,
-        top_k: s.top_k as usize,
-        top_p: s.top_p.unwrap_or(1.0),
-        repetition_penalty: s.repetition_penalty.unwrap_or(1.0),
-        seed: s.seed,
-    };
+    let sampling = sampling(req.sampling.unwrap_or_default());
     Ok(GenerateRequest {
         conversation: Conversation { messages },
         max_new_tokens: req.max_new_tokens.map(|n| n as usize),
@@ -98,6 +91,29 @@ pub fn generate_request(
         ignore_eos: req.ignore_eos,
         deadline,
     })
+}
+
+/// Sampling parameters (checked by the engine, which names the bad one).
+pub fn sampling(s: pb::SamplingParams) -> SamplingParams {
+    SamplingParams {
+        temperature: s.temperature,
+        top_k: s.top_k as usize,
+        top_p: s.top_p.unwrap_or(1.0),
+        repetition_penalty: s.repetition_penalty.unwrap_or(1.0),
+        seed: s.seed,
+    }
+}
+
+/// The deadline a call's `grpc-timeout` header sets, if any.
+pub fn deadline(md: &tonic::metadata::MetadataMap) -> Result<Option<Instant>, ApiError> {
+    match md.get("grpc-timeout") {
+        None => Ok(None),
+        Some(v) => {
+            let s = v.to_str().unwrap_or("");
+            let d = grpc_timeout(s).ok_or_else(|| ApiError::BadTimeout(s.into()))?;
+            Ok(Some(Instant::now() + d))
+        }
+    }
 }
 
 /// Parses a `grpc-timeout` header value ("100m", "5S", ...): digits then H, M, S, m, u or n.

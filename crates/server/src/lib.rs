@@ -7,10 +7,14 @@
 
 pub mod config;
 pub mod convert;
+pub mod decoder_svc;
+pub mod encoder_svc;
+pub mod links;
 pub mod metrics;
 pub mod service;
 pub mod status;
 pub mod uploads;
+pub mod wire;
 
 /// Generated messages, server and client of `afnext.v1`.
 pub mod pb {
@@ -18,6 +22,11 @@ pub mod pb {
     /// The encoded descriptor set of `afnext.v1`, served by reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         tonic::include_file_descriptor_set!("afnext_v1_descriptor");
+}
+
+/// The internal API between cluster tiers (`proto/afnext/cluster/v1/cluster.proto`).
+pub mod cluster_pb {
+    include!(concat!(env!("OUT_DIR"), "/cluster/afnext.cluster.v1.rs"));
 }
 
 pub use config::ServerConfig;

@@ -9,14 +9,14 @@ use afnext_engine::{Engine, Event, RequestHandle, Summary};
 use afnext_model::FinishReason;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
-use tokio_stream::{Stream, StreamExt};
+use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::config::ServerConfig;
 use crate::convert;
 use crate::pb;
 use crate::pb::af_next_server::{AfNext, AfNextServer};
-use crate::status::{engine_status, ApiError};
+use crate::status::engine_status;
 use crate::uploads::UploadStore;
 
 pub struct Service {
@@ -52,14 +52,7 @@ impl AfNext for Service {
         &self,
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
-        let deadline = match request.metadata().get("grpc-timeout") {
-            None => None,
-            Some(v) => {
-                let s = v.to_str().unwrap_or("");
-                let d = convert::grpc_timeout(s).ok_or_else(|| ApiError::BadTimeout(s.into()))?;
-                Some(Instant::now() + d)
-            }
-        };
+        let deadline = convert::deadline(request.metadata())?;
         let now = Instant::now();
         let req = convert::generate_request(request.into_inner(), deadline, |id| {
             self.uploads().get(id, now).map(|u| (u.data, u.format_hint))
@@ -78,44 +71,7 @@ impl AfNext for Service {
         &self,
         request: Request<Streaming<pb::UploadAudioRequest>>,
     ) -> Result<Response<pb::UploadAudioResponse>, Status> {
-        let mut stream = request.into_inner();
-        let mut data = Vec::new();
-        let mut hint = None;
-        let mut first = true;
-        while let Some(msg) = stream.next().await {
-            let msg = msg?;
-            if first {
-                hint = convert::format_hint(msg.format);
-                first = false;
-            }
-            if data.len() + msg.chunk.len() > self.cfg.max_upload_bytes {
-                return Err(ApiError::TooLarge {
-                    what: "the upload",
-                    got: data.len() + msg.chunk.len(),
-                    limit: self.cfg.max_upload_bytes,
-                }
-                .into());
-            }
-            data.extend_from_slice(&msg.chunk);
-        }
-        if data.is_empty() {
-            return Err(ApiError::BadRequest {
-                location: "upload".into(),
-                problem: "no bytes were sent".into(),
-            }
-            .into());
-        }
-        let size = data.len() as u64;
-        let id =
-            self.uploads()
-                .put(data, hint, Instant::now())
-                .ok_or(ApiError::UploadStoreFull {
-                    limit: self.cfg.upload_store_bytes,
-                })?;
-        Ok(Response::new(pb::UploadAudioResponse {
-            upload_id: id,
-            size_bytes: size,
-        }))
+        crate::uploads::receive(request.into_inner(), &self.uploads, &self.cfg).await
     }
 
     async fn get_model_info(
@@ -181,7 +137,17 @@ impl AfNext for Service {
 
 /// Forwards engine events to the client until the last one, or until the client goes away (then dropping
 /// the handle cancels the request).
-async fn pump(mut h: RequestHandle, tx: mpsc::Sender<Result<pb::GenerateResponse, Status>>) {
+async fn pump(h: RequestHandle, tx: mpsc::Sender<Result<pb::GenerateResponse, Status>>) {
+    pump_as(h, tx, |m| m).await
+}
+
+/// [`pump`] with each message wrapped by `wrap` (the cluster's decoder service streams them inside its own
+/// response type).
+pub(crate) async fn pump_as<T>(
+    mut h: RequestHandle,
+    tx: mpsc::Sender<Result<T, Status>>,
+    wrap: impl Fn(pb::GenerateResponse) -> T,
+) {
     use pb::generate_response::Event as E;
     loop {
         let ev = tokio::select! {
@@ -223,7 +189,7 @@ async fn pump(mut h: RequestHandle, tx: mpsc::Sender<Result<pb::GenerateResponse
             Some(Event::Finished(s)) => (Ok(E::Finished(finished(&s))), true),
             Some(Event::Failed(e)) => (Err(engine_status(e)), true),
         };
-        let msg = msg.map(|e| pb::GenerateResponse { event: Some(e) });
+        let msg = msg.map(|e| wrap(pb::GenerateResponse { event: Some(e) }));
         if tx.send(msg).await.is_err() || last {
             return;
         }
@@ -301,6 +267,7 @@ pub async fn serve(
     let reflection_v1alpha = reflection().build_v1alpha()?;
     let max = cfg.max_message_bytes;
     let grace = cfg.grace_period;
+    let cfg_internal = cfg.internal_api;
     let api = AfNextServer::new(Service::new(engine.clone(), cfg))
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
@@ -318,11 +285,19 @@ pub async fn serve(
             });
         }
     };
+    let internal = cfg_internal.then(|| {
+        crate::cluster_pb::decoder_server::DecoderServer::new(
+            crate::decoder_svc::DecoderService::new(engine.clone()),
+        )
+        .max_decoding_message_size(crate::decoder_svc::MAX_WINDOW_MESSAGE)
+        .max_encoding_message_size(max)
+    });
     tonic::transport::Server::builder()
         .add_service(health_svc)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(api)
+        .add_optional_service(internal)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal)
         .await?;
     let cancelled = drained_rx.await.unwrap_or(0);

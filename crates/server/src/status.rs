@@ -20,6 +20,9 @@ pub enum ApiError {
     UploadStoreFull { limit: usize },
     #[error("invalid grpc-timeout header {0:?}")]
     BadTimeout(String),
+    /// No worker of a cluster tier can take the request now (the message says which and why).
+    #[error("{0}")]
+    Unavailable(String),
     #[error(transparent)]
     Engine(#[from] EngineError),
 }
@@ -32,6 +35,7 @@ impl From<ApiError> for Status {
             }
             ApiError::TooLarge { .. } => Code::OutOfRange,
             ApiError::UploadStoreFull { .. } => Code::ResourceExhausted,
+            ApiError::Unavailable(_) => Code::Unavailable,
             ApiError::Engine(e) => engine_code(e),
         };
         Status::new(code, e.to_string())

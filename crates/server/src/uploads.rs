@@ -2,8 +2,62 @@
 //! bytes (oldest dropped first), expiring after a time-to-live. The clock is an argument, for tests.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use tokio_stream::StreamExt;
+use tonic::{Response, Status, Streaming};
+
+use crate::config::ServerConfig;
+use crate::convert;
+use crate::pb;
+use crate::status::ApiError;
+
+/// The `UploadAudio` RPC over `store` (shared by the embedded server and the router).
+pub async fn receive(
+    mut stream: Streaming<pb::UploadAudioRequest>,
+    store: &Mutex<UploadStore>,
+    cfg: &ServerConfig,
+) -> Result<Response<pb::UploadAudioResponse>, Status> {
+    let mut data = Vec::new();
+    let mut hint = None;
+    let mut first = true;
+    while let Some(msg) = stream.next().await {
+        let msg = msg?;
+        if first {
+            hint = convert::format_hint(msg.format);
+            first = false;
+        }
+        if data.len() + msg.chunk.len() > cfg.max_upload_bytes {
+            return Err(ApiError::TooLarge {
+                what: "the upload",
+                got: data.len() + msg.chunk.len(),
+                limit: cfg.max_upload_bytes,
+            }
+            .into());
+        }
+        data.extend_from_slice(&msg.chunk);
+    }
+    if data.is_empty() {
+        return Err(ApiError::BadRequest {
+            location: "upload".into(),
+            problem: "no bytes were sent".into(),
+        }
+        .into());
+    }
+    let size = data.len() as u64;
+    let id = store
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .put(data, hint, Instant::now())
+        .ok_or(ApiError::UploadStoreFull {
+            limit: cfg.upload_store_bytes,
+        })?;
+    Ok(Response::new(pb::UploadAudioResponse {
+        upload_id: id,
+        size_bytes: size,
+    }))
+}
 
 #[derive(Debug, Clone)]
 pub struct Upload {

@@ -1,0 +1,27 @@
+//! Outgoing gRPC links between tiers (router -> decoders and encoders, encoders -> decoders): one place
+//! that turns an address into a channel, so transport settings apply to every link alike.
+
+use std::time::Duration;
+
+use tonic::transport::{Channel, Endpoint};
+
+/// How this process dials other tiers.
+#[derive(Debug, Clone, Default)]
+pub struct Links {
+    /// Time to establish a connection.
+    pub connect_timeout: Option<Duration>,
+}
+
+impl Links {
+    /// A connected channel to `addr` (`host:port`).
+    pub async fn channel(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
+        let mut ep = Endpoint::from_shared(format!("http://{addr}"))?
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(10));
+        if let Some(t) = self.connect_timeout {
+            ep = ep.connect_timeout(t);
+        }
+        ep.connect().await
+    }
+}
