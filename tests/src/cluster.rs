@@ -70,3 +70,80 @@ pub fn router(decoders: &[&str], encoders: &[&str], extra: &[&str]) -> Server {
     args.extend(strings(extra));
     Server::spawn(&args)
 }
+
+/// A real etcd (apt `etcd-server`) on free loopback ports with its own data directory; killed on drop.
+/// `None` (the test is skipped) when there is no `etcd` binary, except under `CI=true`, where that fails.
+pub struct Etcd {
+    child: Option<Child>,
+    pub endpoint: String,
+    peer: String,
+    dir: std::path::PathBuf,
+}
+
+impl Etcd {
+    pub fn start(tag: &str) -> Option<Etcd> {
+        let found = Command::new("etcd")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !found {
+            if std::env::var("CI").is_ok_and(|v| v == "true") {
+                panic!("etcd is not installed (apt etcd-server); .ci/run installs it");
+            }
+            eprintln!("skipped: no etcd binary (apt etcd-server)");
+            return None;
+        }
+        let mut e = Etcd {
+            child: None,
+            endpoint: format!("http://127.0.0.1:{}", free_port()),
+            peer: format!("http://127.0.0.1:{}", free_port()),
+            dir: crate::tempdir(&format!("etcd-{tag}")),
+        };
+        e.spawn();
+        Some(e)
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new("etcd")
+            .args(["--name", "t", "--data-dir"])
+            .arg(&self.dir)
+            .args(["--listen-client-urls", &self.endpoint])
+            .args(["--advertise-client-urls", &self.endpoint])
+            .args(["--listen-peer-urls", &self.peer])
+            .args(["--initial-advertise-peer-urls", &self.peer])
+            .args(["--initial-cluster", &format!("t={}", self.peer)])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start etcd");
+        self.child = Some(child);
+        // Ready when the client port answers.
+        let addr = self.endpoint.trim_start_matches("http://").to_string();
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while std::net::TcpStream::connect(&addr).is_err() {
+            assert!(std::time::Instant::now() < end, "etcd did not start");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    /// Stops etcd (SIGTERM) and starts it again on the same ports and data.
+    pub fn restart(&mut self, down_for: std::time::Duration) {
+        if let Some(mut c) = self.child.take() {
+            crate::signal(&c, "-TERM");
+            crate::wait_exit(&mut c, std::time::Duration::from_secs(10));
+        }
+        std::thread::sleep(down_for);
+        self.spawn();
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -16,6 +16,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use tokio_stream::wrappers::TcpListenerStream;
 
+use crate::etcd_args::EtcdArgs;
 use crate::model_args::ModelArgs;
 use crate::serve::ApiArgs;
 
@@ -35,6 +36,8 @@ pub struct EncoderArgs {
     /// Seconds a decoder may take to accept one window's embeddings.
     #[arg(long, default_value_t = 30)]
     pub push_timeout_s: u64,
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
 }
 
 pub fn run_encoder(args: EncoderArgs) -> Result<()> {
@@ -56,9 +59,22 @@ pub fn run_encoder(args: EncoderArgs) -> Result<()> {
             .with_context(|| format!("binding {}", args.listen))?;
         let (health, health_svc) = tonic_health::server::health_reporter();
         health.set_serving::<EncoderServer<EncoderService>>().await;
-        println!("afnext serving on {}", listener.local_addr()?);
+        let bound = listener.local_addr()?;
+        let registration = match args.etcd.config() {
+            Some(c) => Some(afnext_discovery::register(
+                c,
+                afnext_discovery::ENCODERS,
+                &args.etcd.advertised(bound)?,
+            )),
+            None => None,
+        };
+        println!("afnext serving on {bound}");
+        // SIGTERM: leave the registry, stop accepting, finish the windows in flight, exit.
         let signal = async move {
             crate::serve::shutdown_signal().await;
+            if let Some(r) = registration {
+                r.deregister().await;
+            }
             health
                 .set_not_serving::<EncoderServer<EncoderService>>()
                 .await;
@@ -97,6 +113,8 @@ pub struct RouterArgs {
     /// Milliseconds between health checks of every worker.
     #[arg(long, default_value_t = 1000)]
     pub health_interval_ms: u64,
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
 }
 
 pub fn run_router(args: RouterArgs) -> Result<()> {
@@ -116,6 +134,22 @@ pub fn run_router(args: RouterArgs) -> Result<()> {
         let pool = Arc::new(Pool::new());
         pool.set(Tier::Decoder, &cfg.decoders);
         pool.set(Tier::Encoder, &cfg.encoders);
+        // Members from etcd join the static ones.
+        let _watch = args.etcd.config().map(|c| {
+            let (pool, st_dec, st_enc) = (pool.clone(), cfg.decoders.clone(), cfg.encoders.clone());
+            afnext_discovery::watch(c, move |m| {
+                for (tier, name, fixed) in [
+                    (Tier::Decoder, afnext_discovery::DECODERS, &st_dec),
+                    (Tier::Encoder, afnext_discovery::ENCODERS, &st_enc),
+                ] {
+                    let mut all = fixed.clone();
+                    all.extend(m.get(name).into_iter().flatten().cloned());
+                    all.sort();
+                    all.dedup();
+                    pool.set(tier, &all);
+                }
+            })
+        });
         let every = cfg.health_interval;
         let dispatcher = Arc::new(Dispatcher::new(pool, Links::default(), cfg));
         let listener = tokio::net::TcpListener::bind(args.api.listen)

@@ -40,6 +40,8 @@ pub struct DecoderArgs {
     #[arg(long, default_value_t = 600)]
     pub join_timeout_s: u64,
     #[command(flatten)]
+    pub etcd: crate::etcd_args::EtcdArgs,
+    #[command(flatten)]
     pub serve: ServeArgs,
 }
 
@@ -82,7 +84,8 @@ pub fn run(args: DecoderArgs) -> Result<()> {
     if args.rank == 0 {
         let model = AfNext::load_in_group(&dir, dtype, &device, group)
             .with_context(|| format!("loading the model from {}", dir.display()))?;
-        return crate::serve::run_with(args.serve, &dir, model, true);
+        let role = crate::serve::LeaderRole { etcd: args.etcd };
+        return crate::serve::run_with(args.serve, &dir, model, Some(role));
     }
     let w = Weights::load(&dir, dtype, &device)?;
     let decoder = Qwen2::load_shard(&w, &model_cfg.text, group)

@@ -3,6 +3,7 @@
 
 mod cluster;
 mod decoder;
+mod etcd_args;
 mod generate;
 mod input;
 mod inspect;

@@ -123,17 +123,25 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let dtype = args.model.dtype.dtype();
     let model = AfNext::load(&dir, dtype, &device)
         .with_context(|| format!("loading the model from {}", dir.display()))?;
-    run_with(args, &dir, model, false)
+    run_with(args, &dir, model, None)
+}
+
+/// How a decoder group leader joins its cluster.
+#[derive(Debug, Clone)]
+pub struct LeaderRole {
+    pub etcd: crate::etcd_args::EtcdArgs,
 }
 
 /// Serves `model` (loaded from `dir`): the engine, the gRPC API and the metrics endpoint, until a signal.
-/// `internal_api`: also serve the cluster's decoder API (a decoder group leader).
+/// `leader`: a decoder group leader, which also serves the cluster's decoder API and registers in etcd
+/// (deregistering on SIGTERM, or when its group loses a rank).
 pub fn run_with(
     args: ServeArgs,
     dir: &std::path::Path,
     model: AfNext,
-    internal_api: bool,
+    leader: Option<LeaderRole>,
 ) -> Result<()> {
+    let internal_api = leader.is_some();
     let dir = dir.to_path_buf();
     let gen = GenerationDefaults::load(&dir, &model.cfg.text)?;
     let proc = PromptProcessor::load(&dir)?;
@@ -159,9 +167,46 @@ pub fn run_with(
             println!("metrics on http://{}", l.local_addr()?);
             tokio::spawn(afnext_server::metrics::serve_metrics(l, engine.clone()));
         }
+        let bound = listener.local_addr()?;
+        let registration = match leader
+            .as_ref()
+            .and_then(|l| l.etcd.config().map(|c| (l, c)))
+        {
+            Some((l, c)) => {
+                let addr = l.etcd.advertised(bound)?;
+                Some(afnext_discovery::register(
+                    c,
+                    afnext_discovery::DECODERS,
+                    &addr,
+                ))
+            }
+            None => None,
+        };
+        let registration = Arc::new(tokio::sync::Mutex::new(registration));
+        // A group that lost a rank leaves the registry at once.
+        {
+            let (engine, reg) = (engine.clone(), registration.clone());
+            tokio::spawn(async move {
+                while engine.group_lost().is_none() {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                if let Some(r) = reg.lock().await.take() {
+                    r.deregister().await;
+                }
+            });
+        }
+        let shutdown = {
+            let reg = registration.clone();
+            async move {
+                shutdown_signal().await;
+                if let Some(r) = reg.lock().await.take() {
+                    r.deregister().await;
+                }
+            }
+        };
         // Tests and scripts read this line to find a port-0 server.
-        println!("afnext serving on {}", listener.local_addr()?);
-        let out = afnext_server::serve(engine, cfg, listener, shutdown_signal())
+        println!("afnext serving on {bound}");
+        let out = afnext_server::serve(engine, cfg, listener, shutdown)
             .await
             .map_err(|e| anyhow::anyhow!("server failed: {e}"))?;
         eprintln!(
