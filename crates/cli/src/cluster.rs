@@ -11,7 +11,6 @@ use afnext_prompt::PromptProcessor;
 use afnext_router::{Dispatcher, Pool, RouterConfig, Tier};
 use afnext_server::cluster_pb::encoder_server::EncoderServer;
 use afnext_server::encoder_svc::{EncoderConfig, EncoderService};
-use afnext_server::links::Links;
 use anyhow::{Context, Result};
 use clap::Args;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -38,6 +37,8 @@ pub struct EncoderArgs {
     pub push_timeout_s: u64,
     #[command(flatten)]
     pub etcd: EtcdArgs,
+    #[command(flatten)]
+    pub tls: crate::tls_args::TlsArgs,
 }
 
 pub fn run_encoder(args: EncoderArgs) -> Result<()> {
@@ -53,7 +54,7 @@ pub fn run_encoder(args: EncoderArgs) -> Result<()> {
         push_timeout: Duration::from_secs(args.push_timeout_s),
     };
     runtime()?.block_on(async move {
-        let svc = EncoderService::start(tower, frontend, cfg, Links::default());
+        let svc = EncoderService::start(tower, frontend, cfg, args.tls.links()?);
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("binding {}", args.listen))?;
@@ -79,7 +80,11 @@ pub fn run_encoder(args: EncoderArgs) -> Result<()> {
                 .set_not_serving::<EncoderServer<EncoderService>>()
                 .await;
         };
-        tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(t) = args.tls.files().server().context("TLS of the listener")? {
+            builder = builder.tls_config(t)?;
+        }
+        builder
             .add_service(health_svc)
             .add_service(EncoderServer::new(svc).max_decoding_message_size(64 << 20))
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal)
@@ -129,7 +134,8 @@ pub fn run_router(args: RouterArgs) -> Result<()> {
         health_interval: Duration::from_millis(args.health_interval_ms),
         ..RouterConfig::default()
     };
-    let server_cfg = args.api.server_config(&args.model, false);
+    let server_cfg = args.api.server_config(&args.model, false)?;
+    let links = args.api.tls.links()?;
     runtime()?.block_on(async move {
         let pool = Arc::new(Pool::new());
         pool.set(Tier::Decoder, &cfg.decoders);
@@ -151,7 +157,7 @@ pub fn run_router(args: RouterArgs) -> Result<()> {
             })
         });
         let every = cfg.health_interval;
-        let dispatcher = Arc::new(Dispatcher::new(pool, Links::default(), cfg));
+        let dispatcher = Arc::new(Dispatcher::new(pool, links, cfg));
         let listener = tokio::net::TcpListener::bind(args.api.listen)
             .await
             .with_context(|| format!("binding {}", args.api.listen))?;

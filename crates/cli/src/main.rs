@@ -10,6 +10,7 @@ mod inspect;
 mod model_args;
 mod pipeline;
 mod serve;
+mod tls_args;
 
 use clap::{Parser, Subcommand};
 

@@ -54,9 +54,13 @@ pub struct ServeArgs {
     pub max_prompt_tokens: Option<usize>,
 }
 
-/// The public API's address and limits (`afnext serve`, decoder leaders and the router).
+/// The public API's address, limits, TLS and keys (`afnext serve`, decoder leaders and the router).
 #[derive(Debug, Args)]
 pub struct ApiArgs {
+    #[command(flatten)]
+    pub tls: crate::tls_args::TlsArgs,
+    #[command(flatten)]
+    pub keys: crate::tls_args::KeyArgs,
     /// gRPC address (port 0 picks a free port; the bound address is printed).
     #[arg(long, default_value = "0.0.0.0:50051")]
     pub listen: SocketAddr,
@@ -81,8 +85,8 @@ pub struct ApiArgs {
 }
 
 impl ApiArgs {
-    pub fn server_config(&self, model: &ModelArgs, internal_api: bool) -> ServerConfig {
-        ServerConfig {
+    pub fn server_config(&self, model: &ModelArgs, internal_api: bool) -> Result<ServerConfig> {
+        Ok(ServerConfig {
             max_message_bytes: self.max_message_mib * MIB,
             max_upload_bytes: self.max_upload_mib * MIB,
             upload_store_bytes: self.upload_store_mib * MIB,
@@ -93,7 +97,9 @@ impl ApiArgs {
             device: model.device.clone(),
             dtype: format!("{:?}", model.dtype).to_lowercase(),
             internal_api,
-        }
+            tls: self.tls.files().server().context("TLS of the listener")?,
+            api_keys: self.keys.keys()?,
+        })
     }
 }
 
@@ -151,7 +157,7 @@ pub fn run_with(
         gen,
         args.engine_config(),
     )?);
-    let cfg = args.api.server_config(&args.model, internal_api);
+    let cfg = args.api.server_config(&args.model, internal_api)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -46,9 +46,12 @@ pub async fn serve(
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
     let max = cfg.max_message_bytes;
+    let (tls, keys) = (cfg.tls.clone(), cfg.api_keys.clone());
     let api = AfNextServer::new(service::RouterService::new(proc, dispatcher.clone(), cfg))
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
+    // API keys guard the public API; health and reflection stay open for probes and tools.
+    let api = tonic::service::interceptor::InterceptedService::new(api, keys);
     let poller = tokio::spawn(poll_health(dispatcher, health_interval));
     let signal = async move {
         shutdown.await;
@@ -56,7 +59,11 @@ pub async fn serve(
             .set_not_serving::<AfNextServer<service::RouterService>>()
             .await;
     };
-    let r = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(t) = tls {
+        builder = builder.tls_config(t)?;
+    }
+    let r = builder
         .add_service(health_svc)
         .add_service(reflection().build_v1()?)
         .add_service(reflection().build_v1alpha()?)

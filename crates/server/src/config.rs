@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct ServerConfig {
     /// Largest request message, inline audio included (bytes).
     pub max_message_bytes: usize,
@@ -20,6 +20,10 @@ pub struct ServerConfig {
     pub dtype: String,
     /// Also serve the cluster's internal `afnext.cluster.v1.Decoder` API (a decoder group leader).
     pub internal_api: bool,
+    /// TLS on the listener (none: plaintext).
+    pub tls: Option<tonic::transport::ServerTlsConfig>,
+    /// Keys the public API requires (empty: none).
+    pub api_keys: crate::tls::ApiKeys,
 }
 
 impl Default for ServerConfig {
@@ -35,6 +39,8 @@ impl Default for ServerConfig {
             device: "cpu".into(),
             dtype: "f32".into(),
             internal_api: false,
+            tls: None,
+            api_keys: crate::tls::ApiKeys::default(),
         }
     }
 }

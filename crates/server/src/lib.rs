@@ -13,6 +13,7 @@ pub mod links;
 pub mod metrics;
 pub mod service;
 pub mod status;
+pub mod tls;
 pub mod uploads;
 pub mod wire;
 

@@ -268,9 +268,12 @@ pub async fn serve(
     let max = cfg.max_message_bytes;
     let grace = cfg.grace_period;
     let cfg_internal = cfg.internal_api;
+    let tls = cfg.tls.clone();
+    let keys = cfg.api_keys.clone();
     let api = AfNextServer::new(Service::new(engine.clone(), cfg))
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
+    let api = tonic::service::interceptor::InterceptedService::new(api, keys);
     let (drained_tx, drained_rx) = tokio::sync::oneshot::channel();
     let signal = {
         let engine = engine.clone();
@@ -292,7 +295,11 @@ pub async fn serve(
         .max_decoding_message_size(crate::decoder_svc::MAX_WINDOW_MESSAGE)
         .max_encoding_message_size(max)
     });
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(t) = tls {
+        builder = builder.tls_config(t)?;
+    }
+    builder
         .add_service(health_svc)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
