@@ -79,13 +79,10 @@ fn run_group(ck: &str, world: usize, audio: &Tensor, steps: usize) -> (Vec<Vec<f
                 step(0, &ids[..cut], Some(&a1));
                 let mut logits = vec![step(cut, &ids[cut..], Some(&a2))];
                 let mut tokens = Vec::new();
-                let mut pos = ids.len();
-                for _ in 0..steps {
-                    let last = logits.last().unwrap();
-                    let t = argmax(last);
+                for pos in ids.len()..ids.len() + steps {
+                    let t = argmax(logits.last().unwrap());
                     tokens.push(t);
                     logits.push(step(pos, &[t], None));
-                    pos += 1;
                 }
                 (logits, tokens)
             })

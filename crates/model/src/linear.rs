@@ -40,12 +40,15 @@ enum Kernel {
     },
 }
 
+/// A row-parallel layer's group and the bias it adds after the sum (f32).
+type Reduce = (Arc<dyn Collective>, Option<Arc<Vec<f32>>>);
+
 /// A linear layer, whole or one rank's part of it (see the module documentation).
 #[derive(Debug, Clone)]
 pub struct ParallelLinear {
     kernel: Kernel,
     /// Row-parallel: the group to sum over, and the bias added after the sum (f32).
-    reduce: Option<(Arc<dyn Collective>, Option<Arc<Vec<f32>>>)>,
+    reduce: Option<Reduce>,
 }
 
 impl ParallelLinear {

@@ -57,17 +57,17 @@ impl TextShard {
             return Err(refuse(format!("has no rank {rank}")));
         }
         let (nh, nkv) = (c.num_attention_heads, c.num_key_value_heads);
-        if nh % world != 0 {
+        if !nh.is_multiple_of(world) {
             return Err(refuse(format!(
                 "does not divide num_attention_heads {nh}: each rank must hold whole query heads \
                  (use a divisor of {nh})"
             )));
         }
         let qpr = nh / world;
-        let kv_heads = if nkv % world == 0 {
+        let kv_heads = if nkv.is_multiple_of(world) {
             let k = nkv / world;
             rank * k..(rank + 1) * k
-        } else if world % nkv == 0 {
+        } else if world.is_multiple_of(nkv) {
             // Replicated kv heads: query head i uses kv head i / (nh / nkv).
             let kv = rank * qpr / (nh / nkv);
             kv..kv + 1
@@ -76,7 +76,7 @@ impl TextShard {
                 "neither divides nor is a multiple of num_key_value_heads {nkv}"
             )));
         };
-        if c.intermediate_size % world != 0 {
+        if !c.intermediate_size.is_multiple_of(world) {
             return Err(refuse(format!(
                 "does not divide intermediate_size {}",
                 c.intermediate_size
