@@ -43,9 +43,10 @@ pub struct EncoderArgs {
 
 pub fn run_encoder(args: EncoderArgs) -> Result<()> {
     let dir = args.model.resolve()?;
-    let device = args.model.device()?;
-    let tower = AudioTower::load(&dir, args.model.dtype.dtype(), &device)
+    let (model_cfg, w) = args.model.weights(&dir)?;
+    let tower = AudioTower::from_weights(model_cfg, &w)
         .with_context(|| format!("loading the audio path of {}", dir.display()))?;
+    drop(w);
     let proc = PromptProcessor::load(&dir)?;
     let frontend = Frontend::new(&proc.config().frontend)?;
     let cfg = EncoderConfig {

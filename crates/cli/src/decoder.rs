@@ -15,7 +15,6 @@ use afnext_collectives::tcp::{TcpConfig, TcpGroup};
 use afnext_collectives::{Collective, Single};
 use afnext_model::config::AfNextConfig;
 use afnext_model::decoder::Qwen2;
-use afnext_model::weights::Weights;
 use afnext_model::AfNext;
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -54,8 +53,6 @@ pub fn run(args: DecoderArgs) -> Result<()> {
         );
     }
     let dir = args.serve.model.resolve()?;
-    let device = args.serve.model.device()?;
-    let dtype = args.serve.model.dtype.dtype();
     let cfg = TcpConfig {
         join_timeout: Duration::from_secs(args.join_timeout_s),
         op_timeout: Duration::from_secs(args.collective_timeout_s),
@@ -82,12 +79,13 @@ pub fn run(args: DecoderArgs) -> Result<()> {
         }
     };
     if args.rank == 0 {
-        let model = AfNext::load_in_group(&dir, dtype, &device, group)
+        let (cfg, w) = args.serve.model.weights(&dir)?;
+        let model = AfNext::from_weights_in(cfg, &w, group)
             .with_context(|| format!("loading the model from {}", dir.display()))?;
         let role = crate::serve::LeaderRole { etcd: args.etcd };
         return crate::serve::run_with(args.serve, &dir, model, Some(role));
     }
-    let w = Weights::load(&dir, dtype, &device)?;
+    let (_, w) = args.serve.model.weights(&dir)?;
     let decoder = Qwen2::load_shard(&w, &model_cfg.text, group)
         .with_context(|| format!("loading rank {}'s share of {}", args.rank, dir.display()))?;
     drop(w);

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use afnext_model::hub::{self, HubConfig};
+use afnext_model::weights::Weights;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use clap::{Args, ValueEnum};
@@ -46,6 +47,10 @@ pub struct ModelArgs {
     /// Only use the local hub cache.
     #[arg(long, env = "HF_HUB_OFFLINE", value_parser = parse_flag, default_value = "0")]
     pub hf_hub_offline: bool,
+    /// Benchmarks only: random weights from this seed for the checkpoint's config.json (tokenizer and
+    /// config are still read from --model; no safetensors are needed). Answers are meaningless.
+    #[arg(long, value_name = "SEED")]
+    pub random_weights: Option<u64>,
 }
 
 /// HF-style boolean environment values: 1/true/yes/on.
@@ -75,6 +80,18 @@ impl ModelArgs {
 
     pub fn device(&self) -> Result<Device> {
         parse_device(&self.device)
+    }
+
+    /// The weights of the checkpoint in `dir` (memory-mapped), or random ones with `--random-weights`.
+    pub fn weights(&self, dir: &std::path::Path) -> Result<(afnext_model::AfNextConfig, Weights)> {
+        let cfg = afnext_model::AfNextConfig::load(dir)?;
+        let (dtype, device) = (self.dtype.dtype(), self.device()?);
+        let w = match self.random_weights {
+            Some(seed) => Weights::random(seed, cfg.text.tie_word_embeddings, dtype, &device),
+            None => Weights::load(dir, dtype, &device)
+                .with_context(|| format!("loading the weights of {}", dir.display()))?,
+        };
+        Ok((cfg, w))
     }
 }
 

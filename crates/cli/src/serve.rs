@@ -46,6 +46,10 @@ pub struct ServeArgs {
     /// Windows per encoder forward.
     #[arg(long, default_value_t = 4)]
     pub encoder_batch: usize,
+    /// In a cluster, wait for all of a request's audio windows before prefilling any (to measure what
+    /// streaming prefill saves).
+    #[arg(long)]
+    pub no_streaming_prefill: bool,
     /// Largest max_new_tokens a request may ask for (default: generation_config.json's max_new_tokens).
     #[arg(long)]
     pub max_new_tokens_limit: Option<usize>,
@@ -119,15 +123,15 @@ impl ServeArgs {
             max_new_tokens_limit: self.max_new_tokens_limit,
             max_prompt_tokens: self.max_prompt_tokens,
             frontend_threads: 1,
+            streaming_prefill: !self.no_streaming_prefill,
         }
     }
 }
 
 pub fn run(args: ServeArgs) -> Result<()> {
     let dir = args.model.resolve()?;
-    let device = args.model.device()?;
-    let dtype = args.model.dtype.dtype();
-    let model = AfNext::load(&dir, dtype, &device)
+    let (cfg, w) = args.model.weights(&dir)?;
+    let model = AfNext::from_weights(cfg, &w)
         .with_context(|| format!("loading the model from {}", dir.display()))?;
     run_with(args, &dir, model, None)
 }

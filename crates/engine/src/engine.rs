@@ -46,6 +46,9 @@ pub struct EngineConfig {
     pub max_prompt_tokens: Option<usize>,
     /// Threads for the log-mel front end of one audio.
     pub frontend_threads: usize,
+    /// Prepared requests (cluster) prefill each audio window as it arrives; off: only once all arrived
+    /// (encode everything first; kept to measure what streaming saves).
+    pub streaming_prefill: bool,
 }
 
 impl Default for EngineConfig {
@@ -59,6 +62,7 @@ impl Default for EngineConfig {
             max_new_tokens_limit: None,
             max_prompt_tokens: None,
             frontend_threads: 1,
+            streaming_prefill: true,
         }
     }
 }
@@ -343,7 +347,8 @@ impl Engine {
             sched,
             kv,
             shared.clone(),
-        );
+        )
+        .streaming_prefill(cfg.streaming_prefill);
         let mut threads = Vec::new();
         threads.push(
             std::thread::Builder::new()

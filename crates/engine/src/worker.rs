@@ -63,6 +63,7 @@ struct Active {
 
 pub(crate) struct Worker {
     model: Arc<AfNext>,
+    streaming: bool,
     /// The other ranks of a tensor-parallel group (none alone).
     ranks: Option<Ranks>,
     proc: Arc<PromptProcessor>,
@@ -83,6 +84,7 @@ impl Worker {
         shared: Arc<Shared>,
     ) -> Self {
         Worker {
+            streaming: true,
             ranks: Ranks::of(&model.decoder),
             model,
             proc,
@@ -197,6 +199,12 @@ impl Worker {
         }
     }
 
+    /// Prefill audio rows as they arrive (see [`crate::EngineConfig::streaming_prefill`]).
+    pub fn streaming_prefill(mut self, on: bool) -> Self {
+        self.streaming = on;
+        self
+    }
+
     fn add(&mut self, r: Ready) {
         let job = r.job;
         if job.cancelled() {
@@ -296,11 +304,12 @@ impl Worker {
             return;
         }
         let have = a.audio.len();
-        let ready = a
-            .sound_pos
-            .get(have)
-            .copied()
-            .unwrap_or(a.job.prompt_ids.len());
+        let ready = match a.sound_pos.get(have) {
+            None => a.job.prompt_ids.len(),
+            Some(&p) if self.streaming => p,
+            // Encode everything first: nothing of the prompt runs before the last window.
+            Some(_) => 0,
+        };
         self.sched.set_ready(id, ready);
     }
 

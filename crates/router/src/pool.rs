@@ -149,10 +149,17 @@ mod tests {
         let p = Pool::new();
         let addrs: Vec<String> = (0..4).map(|i| format!("d{i}:1")).collect();
         p.set(Tier::Decoder, &addrs);
-        let a = p.pick(Tier::Decoder, Some("session-7"), &[]).unwrap().addr.clone();
+        let a = p
+            .pick(Tier::Decoder, Some("session-7"), &[])
+            .unwrap()
+            .addr
+            .clone();
         for _ in 0..5 {
             assert_eq!(
-                p.pick(Tier::Decoder, Some("session-7"), &[]).unwrap().addr.clone(),
+                p.pick(Tier::Decoder, Some("session-7"), &[])
+                    .unwrap()
+                    .addr
+                    .clone(),
                 a
             );
         }
@@ -160,7 +167,10 @@ mod tests {
         let other: Vec<String> = addrs.iter().filter(|x| **x != a).take(1).cloned().collect();
         p.remove(Tier::Decoder, &other[0]);
         assert_eq!(
-            p.pick(Tier::Decoder, Some("session-7"), &[]).unwrap().addr.clone(),
+            p.pick(Tier::Decoder, Some("session-7"), &[])
+                .unwrap()
+                .addr
+                .clone(),
             a
         );
         // Without a session: leases held spread the next picks.
@@ -174,7 +184,10 @@ mod tests {
         // A failed member is avoided while others are healthy.
         p.failed(Tier::Decoder, &a);
         assert_ne!(
-            p.pick(Tier::Decoder, Some("session-7"), &[]).unwrap().addr.clone(),
+            p.pick(Tier::Decoder, Some("session-7"), &[])
+                .unwrap()
+                .addr
+                .clone(),
             a
         );
     }
