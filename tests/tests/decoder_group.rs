@@ -95,7 +95,23 @@ async fn a_tp2_group_of_processes_answers_like_serve_and_stops_cleanly() {
         .unwrap()
         .into_inner();
     assert!(!info.model.is_empty());
-    lead.signal("-TERM");
+    // SIGTERM to every rank (as Kubernetes does) while a request runs: it completes, then all exit 0.
+    let mut s = c.generate(requests().remove(1)).await.unwrap().into_inner();
+    let mut ids = Vec::new();
+    let mut signalled = false;
+    while let Some(m) = s.message().await.unwrap() {
+        if !signalled {
+            for f in &followers {
+                signal(f, "-TERM");
+            }
+            lead.signal("-TERM");
+            signalled = true;
+        }
+        if let Some(pb::generate_response::Event::Delta(d)) = m.event {
+            ids.extend(d.token_ids);
+        }
+    }
+    assert_eq!(ids, want[1]);
     assert!(lead.wait_exit(Duration::from_secs(20)).success());
     for f in &mut followers {
         let st = wait_exit(f, Duration::from_secs(10));

@@ -93,6 +93,25 @@ pub fn run(args: DecoderArgs) -> Result<()> {
         "afnext decoder: rank {} of {} following",
         args.rank, args.tp
     );
+    // SIGTERM/SIGINT on a follower: keep serving the group while rank 0 drains (it stops the group when
+    // done), and leave after the grace period if it never does.
+    let grace = Duration::from_secs(args.serve.api.grace_period_s);
+    let rank = args.rank;
+    std::thread::Builder::new()
+        .name("afnext-signals".into())
+        .spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(crate::serve::shutdown_signal());
+            std::thread::sleep(grace);
+            eprintln!("afnext decoder: rank {rank} leaving after the grace period");
+            std::process::exit(0);
+        })
+        .context("starting the signal thread")?;
     afnext_engine::group::run_follower(&decoder)
         .with_context(|| format!("rank {} of the decoder group", args.rank))?;
     eprintln!("afnext decoder: rank {} stopped", args.rank);
