@@ -7,6 +7,8 @@
 //! * [`Single`]: a group of one; every operation is the identity.
 //! * [`tcp::TcpGroup`]: processes on CPUs connected by TCP in a star around rank 0. Rank 0 adds the
 //!   contributions in rank order, so every rank gets the same bits and a run is reproducible.
+//! * `nccl::NcclGroup` (feature `nccl`): GPUs, through cudarc's NCCL bindings, bootstrapped over a TCP
+//!   group.
 //!
 //! Errors are typed: a peer that went away or stalled past the operation timeout fails the operation (and,
 //! in the decoder, the whole group) instead of hanging.
@@ -15,6 +17,8 @@ use std::time::Duration;
 
 use candle_core::{DType, Tensor};
 
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub mod tcp;
 
 #[derive(Debug, thiserror::Error)]
