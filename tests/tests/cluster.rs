@@ -95,6 +95,41 @@ async fn router_encoders_and_a_tp2_group_answer_exactly_like_serve() {
     assert_eq!(u.audio_cache_hits, 1);
     assert!(u.cached_tokens > 0, "{u:?}");
     assert_eq!(stats(&mut c).await.windows_encoded, before);
+    // Cancellation reaches the group: a dropped stream frees its blocks there.
+    let mut long = req(vec![user(vec![text("Count forever.")])], 2000);
+    long.ignore_eos = true;
+    let mut s = c.generate(long).await.unwrap().into_inner();
+    while !matches!(
+        s.message().await.unwrap().unwrap().event,
+        Some(pb::generate_response::Event::Delta(_))
+    ) {}
+    drop(s);
+    let mut d = dec.client().await;
+    afnext_e2e::grpc::wait_for(&mut d, "the cancelled request freed", |st| {
+        st.in_flight_requests == 0 && st.kv_blocks_used == 0
+    })
+    .await;
+    // Deadlines travel too.
+    let mut r = tonic::Request::new({
+        let mut l = req(vec![user(vec![text("Count forever.")])], 2000);
+        l.ignore_eos = true;
+        l
+    });
+    r.set_timeout(Duration::from_millis(300));
+    let e = match c.generate(r).await {
+        Err(e) => e,
+        Ok(s) => {
+            let mut s = s.into_inner();
+            loop {
+                match s.message().await {
+                    Ok(Some(_)) => continue,
+                    Ok(None) => panic!("a 2000-token request finished within 300 ms"),
+                    Err(e) => break e,
+                }
+            }
+        }
+    };
+    assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
     // Bad input is refused by the router with the same status as serve.
     let bad = run(
         &mut c,

@@ -88,7 +88,8 @@ impl Collective for NcclGroup {
     fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()> {
         let comm = self.comm.lock().unwrap_or_else(|p| p.into_inner());
         let mut d = self.stream.clone_htod(buf).map_err(gpu)?;
-        comm.all_reduce_in_place(&mut d, &ReduceOp::Sum).map_err(gpu)?;
+        comm.all_reduce_in_place(&mut d, &ReduceOp::Sum)
+            .map_err(gpu)?;
         let out = self.stream.clone_dtoh(&d).map_err(gpu)?;
         buf.copy_from_slice(&out);
         Ok(())
