@@ -233,6 +233,8 @@ pub fn top2_gap(l: &[f32]) -> f32 {
 pub struct Server {
     pub child: Child,
     pub addr: String,
+    /// The `/metrics` endpoint's address, when the process serves one.
+    pub metrics: Option<String>,
 }
 
 impl Server {
@@ -254,18 +256,26 @@ impl Server {
             .expect("start afnext");
         let out = child.stdout.take().unwrap();
         let mut lines = BufReader::new(out).lines();
+        let mut metrics = None;
         let addr = loop {
             let line = lines
                 .next()
                 .unwrap_or_else(|| panic!("afnext {args:?} exited before listening"))
                 .unwrap();
+            if let Some(a) = line.strip_prefix("metrics on http://") {
+                metrics = Some(a.to_string());
+            }
             if let Some(a) = line.strip_prefix("afnext serving on ") {
                 break a.to_string();
             }
         };
         // Keep draining stdout so the server never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
-        Server { child, addr }
+        Server {
+            child,
+            addr,
+            metrics,
+        }
     }
 
     pub async fn client(
@@ -307,6 +317,34 @@ pub fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatu
         assert!(Instant::now() < end, "process {} did not exit", child.id());
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// GET `path` from an HTTP endpoint (`/metrics`, `/live`, `/ready`): the status code and the body.
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to the HTTP endpoint");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\n\r\n").as_bytes())
+        .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    (code, body)
+}
+
+/// Prometheus text as `name{labels}` -> value.
+pub fn parse_metrics(text: &str) -> HashMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect()
 }
 
 /// A free loopback port (bound and released; fine for tests on one machine).

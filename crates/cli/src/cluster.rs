@@ -35,6 +35,9 @@ pub struct EncoderArgs {
     /// Seconds a decoder may take to accept one window's embeddings.
     #[arg(long, default_value_t = 30)]
     pub push_timeout_s: u64,
+    /// HTTP address for /metrics, /live and /ready (off when absent).
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
     #[command(flatten)]
     pub etcd: EtcdArgs,
     #[command(flatten)]
@@ -70,10 +73,26 @@ pub fn run_encoder(args: EncoderArgs) -> Result<()> {
             )),
             None => None,
         };
+        let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        if let Some(addr) = args.metrics_listen {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding {addr}"))?;
+            println!("metrics on http://{}", l.local_addr()?);
+            let probe = afnext_server::encoder_svc::EncoderProbe {
+                stats: svc.stats(),
+                registered: registration
+                    .as_ref()
+                    .map(|r| Arc::new(r.probe()) as Arc<dyn Fn() -> bool + Send + Sync>),
+                draining: draining.clone(),
+            };
+            tokio::spawn(afnext_server::prom::serve_http(l, Arc::new(probe)));
+        }
         println!("afnext serving on {bound}");
         // SIGTERM: leave the registry, stop accepting, finish the windows in flight, exit.
         let signal = async move {
             crate::serve::shutdown_signal().await;
+            draining.store(true, std::sync::atomic::Ordering::SeqCst);
             if let Some(r) = registration {
                 r.deregister().await;
             }
@@ -162,11 +181,24 @@ pub fn run_router(args: RouterArgs) -> Result<()> {
         let listener = tokio::net::TcpListener::bind(args.api.listen)
             .await
             .with_context(|| format!("binding {}", args.api.listen))?;
+        let metrics = Arc::new(afnext_router::service::RouterMetrics::default());
+        if let Some(addr) = args.api.metrics_listen {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding {addr}"))?;
+            println!("metrics on http://{}", l.local_addr()?);
+            let probe = afnext_router::service::RouterProbe {
+                metrics: metrics.clone(),
+                dispatcher: dispatcher.clone(),
+            };
+            tokio::spawn(afnext_server::prom::serve_http(l, Arc::new(probe)));
+        }
         println!("afnext serving on {}", listener.local_addr()?);
         afnext_router::serve(
             proc,
             dispatcher,
             server_cfg,
+            metrics,
             every,
             listener,
             crate::serve::shutdown_signal(),

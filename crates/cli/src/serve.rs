@@ -170,13 +170,6 @@ pub fn run_with(
         let listener = tokio::net::TcpListener::bind(args.api.listen)
             .await
             .with_context(|| format!("binding {}", args.api.listen))?;
-        if let Some(addr) = args.api.metrics_listen {
-            let l = tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("binding {addr}"))?;
-            println!("metrics on http://{}", l.local_addr()?);
-            tokio::spawn(afnext_server::metrics::serve_metrics(l, engine.clone()));
-        }
         let bound = listener.local_addr()?;
         let registration = match leader
             .as_ref()
@@ -192,6 +185,22 @@ pub fn run_with(
             }
             None => None,
         };
+        let requests = Arc::new(afnext_server::metrics::RequestMetrics::default());
+        if let Some(addr) = args.api.metrics_listen {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding {addr}"))?;
+            println!("metrics on http://{}", l.local_addr()?);
+            let registered = registration
+                .as_ref()
+                .map(|r| Arc::new(r.probe()) as Arc<dyn Fn() -> bool + Send + Sync>);
+            let probe = afnext_server::metrics::EngineProbe {
+                engine: engine.clone(),
+                requests: requests.clone(),
+                registered,
+            };
+            tokio::spawn(afnext_server::prom::serve_http(l, Arc::new(probe)));
+        }
         let registration = Arc::new(tokio::sync::Mutex::new(registration));
         // A group that lost a rank leaves the registry at once.
         {
@@ -216,7 +225,7 @@ pub fn run_with(
         };
         // Tests and scripts read this line to find a port-0 server.
         println!("afnext serving on {bound}");
-        let out = afnext_server::serve(engine, cfg, listener, shutdown)
+        let out = afnext_server::serve(engine, cfg, requests, listener, shutdown)
             .await
             .map_err(|e| anyhow::anyhow!("server failed: {e}"))?;
         eprintln!(

@@ -53,6 +53,12 @@ impl Registration {
         self.registered.load(Ordering::SeqCst)
     }
 
+    /// A readiness check that stays valid after the registration is moved (readiness probes).
+    pub fn probe(&self) -> impl Fn() -> bool + Send + Sync + 'static {
+        let flag = self.registered.clone();
+        move || flag.load(Ordering::SeqCst)
+    }
+
     /// Removes the entry now (revokes the lease) and stops renewing it.
     pub async fn deregister(self) {
         let _ = self.stop.send(true);

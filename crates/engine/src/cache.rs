@@ -78,7 +78,22 @@ impl EmbeddingCache {
         }
     }
 
+    /// Looks `key` up and counts the hit or miss (once per audio part of a request).
     pub fn get(&mut self, key: &AudioKey) -> Option<Arc<AudioEmbeds>> {
+        let r = self.take(key);
+        match r {
+            Some(_) => self.hits += 1,
+            None => self.misses += 1,
+        }
+        r
+    }
+
+    /// Looks `key` up again without counting (a second look after the first miss).
+    pub fn recheck(&mut self, key: &AudioKey) -> Option<Arc<AudioEmbeds>> {
+        self.take(key)
+    }
+
+    fn take(&mut self, key: &AudioKey) -> Option<Arc<AudioEmbeds>> {
         self.tick += 1;
         let tick = self.tick;
         match self.map.get_mut(key) {
@@ -86,13 +101,9 @@ impl EmbeddingCache {
                 self.lru.remove(t);
                 *t = tick;
                 self.lru.insert(tick, *key);
-                self.hits += 1;
                 Some(e.clone())
             }
-            None => {
-                self.misses += 1;
-                None
-            }
+            None => None,
         }
     }
 

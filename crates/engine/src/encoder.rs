@@ -72,7 +72,7 @@ impl EncoderThread {
                 } => (key, features, seconds),
             };
             // Another request may have encoded the same audio meanwhile.
-            if let Some(hit) = self.shared.cache(|c| c.get(&key)) {
+            if let Some(hit) = self.shared.cache(|c| c.recheck(&key)) {
                 rows.push(hit.rows.clone());
                 continue;
             }

@@ -155,10 +155,13 @@ pub struct EngineStats {
     pub block_size: usize,
     pub preemptions: u64,
     pub embeddings: CacheStats,
+    /// Windows encoded for this engine's requests: by its encoder thread, or pushed by encoder workers.
     pub windows_encoded: u64,
     pub tokens_generated: u64,
     pub requests_finished: u64,
     pub steps: u64,
+    /// Seconds of audio in accepted requests.
+    pub audio_seconds: f64,
 }
 
 /// The caller's end of a request. Dropping it cancels the request (its KV blocks are freed at the next step).
@@ -516,6 +519,7 @@ impl Engine {
             cancel: cancel.clone(),
             _in_flight: in_flight,
         };
+        self.received_audio(job.usage.audio_seconds);
         let sent = self
             .enc_tx
             .lock()
@@ -572,6 +576,15 @@ impl Engine {
     }
 
     /// The prompt fits the prompt limit, and with its completion the KV cache.
+    /// Counts an accepted request's audio.
+    pub(crate) fn received_audio(&self, seconds: f64) {
+        self.shared
+            .stats
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .audio_seconds += seconds;
+    }
+
     pub(crate) fn check_lengths(&self, prompt: usize, max_new: usize) -> Result<()> {
         let max_prompt = self.max_prompt_tokens();
         if prompt > max_prompt {

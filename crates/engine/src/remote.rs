@@ -149,9 +149,11 @@ impl Engine {
             audio: None,
             stream: Some(stream),
         };
+        let seconds = ready.job.usage.audio_seconds;
         if self.loop_tx.send(Command::Add(Box::new(ready))).is_err() {
             return Err(EngineError::ShuttingDown);
         }
+        self.received_audio(seconds);
         Ok(Accepted {
             handle: RequestHandle {
                 id,

@@ -277,6 +277,9 @@ impl Worker {
         };
         match stream.accept(audio, window, rows) {
             Ok(true) => {
+                self.shared
+                    .windows_encoded
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let _ = a.job.tx.send(Event::EncodeProgress {
                     windows_done: stream.windows_done,
                     windows_total: stream.windows_total,

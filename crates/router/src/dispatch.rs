@@ -8,6 +8,7 @@
 //! blocks) and aborts the window calls.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,6 +16,7 @@ use afnext_server::cluster_pb::decoder_client::DecoderClient;
 use afnext_server::cluster_pb::encoder_client::EncoderClient;
 use afnext_server::cluster_pb::{self as cpb, submit_response::Event as SE};
 use afnext_server::links::Links;
+use afnext_server::metrics::Tracker;
 use afnext_server::pb;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -27,6 +29,29 @@ use crate::prepare::Prepared;
 
 type Tx = mpsc::Sender<Result<pb::GenerateResponse, Status>>;
 
+/// The client's stream, recording what it is sent.
+struct Relay<'a> {
+    tx: Tx,
+    tracker: Mutex<&'a mut Tracker>,
+}
+
+impl Relay<'_> {
+    async fn send(&self, m: Result<pb::GenerateResponse, Status>) -> Result<(), ()> {
+        {
+            let mut t = self.tracker.lock().unwrap_or_else(|p| p.into_inner());
+            match &m {
+                Ok(g) => t.event(g),
+                Err(s) => t.error(s),
+            }
+        }
+        self.tx.send(m).await.map_err(drop)
+    }
+
+    async fn closed(&self) {
+        self.tx.closed().await
+    }
+}
+
 enum Outcome {
     Done,
     /// The group failed before streaming a token: try another.
@@ -38,8 +63,17 @@ fn retryable(s: &Status) -> bool {
     matches!(s.code(), Code::Unavailable | Code::Unknown | Code::Aborted)
 }
 
+/// Counters of the router's retries.
+#[derive(Debug, Default)]
+pub struct DispatchStats {
+    pub windows_sent: AtomicU64,
+    pub window_retries: AtomicU64,
+    pub decoder_retries: AtomicU64,
+}
+
 pub struct Dispatcher {
     pub pool: Arc<Pool>,
+    pub stats: DispatchStats,
     links: Links,
     cfg: RouterConfig,
     channels: Mutex<HashMap<String, Channel>>,
@@ -49,6 +83,7 @@ impl Dispatcher {
     pub fn new(pool: Arc<Pool>, links: Links, cfg: RouterConfig) -> Self {
         Dispatcher {
             pool,
+            stats: DispatchStats::default(),
             links,
             cfg,
             channels: Mutex::new(HashMap::new()),
@@ -91,7 +126,12 @@ impl Dispatcher {
         session: String,
         deadline: Option<Instant>,
         tx: Tx,
+        mut tracker: Tracker,
     ) {
+        let tx = &Relay {
+            tx,
+            tracker: Mutex::new(&mut tracker),
+        };
         let mut tried = Vec::new();
         let mut last = None;
         for _ in 0..self.cfg.decoder_attempts.max(1) {
@@ -99,9 +139,10 @@ impl Dispatcher {
                 break;
             };
             tried.push(lease.addr.clone());
-            match self.attempt(&lease.addr, &p, deadline, &tx).await {
+            match self.attempt(&lease.addr, &p, deadline, tx).await {
                 Outcome::Done => return,
                 Outcome::Retry(st) => {
+                    self.stats.decoder_retries.fetch_add(1, Ordering::Relaxed);
                     self.pool.failed(Tier::Decoder, &lease.addr);
                     self.forget(&lease.addr);
                     last = Some(st);
@@ -124,7 +165,7 @@ impl Dispatcher {
         dec: &str,
         p: &Prepared,
         deadline: Option<Instant>,
-        tx: &Tx,
+        tx: &Relay<'_>,
     ) -> Outcome {
         let ch = match self.channel(dec).await {
             Ok(c) => c,
@@ -167,6 +208,7 @@ impl Dispatcher {
                 continue;
             }
             for w in &audio.windows {
+                self.stats.windows_sent.fetch_add(1, Ordering::Relaxed);
                 let samples = audio.samples[w.start..w.start + w.len].to_vec();
                 encodes.spawn(self.clone().encode_window(
                     dec.to_string(),
@@ -272,6 +314,7 @@ impl Dispatcher {
                 Ok(Ok(_)) => return Ok(()),
                 Ok(Err(st)) if st.code() == Code::InvalidArgument => return Err(st),
                 Ok(Err(st)) => {
+                    self.stats.window_retries.fetch_add(1, Ordering::Relaxed);
                     self.pool.failed(Tier::Encoder, &lease.addr);
                     if retryable(&st) {
                         self.forget(&lease.addr);
@@ -279,6 +322,7 @@ impl Dispatcher {
                     last = Some(format!("{}: {}", lease.addr, st.message()));
                 }
                 Err(_) => {
+                    self.stats.window_retries.fetch_add(1, Ordering::Relaxed);
                     self.pool.failed(Tier::Encoder, &lease.addr);
                     last = Some(format!("{}: no answer within {timeout:?}", lease.addr));
                 }

@@ -32,6 +32,7 @@ pub async fn serve(
     proc: Arc<PromptProcessor>,
     dispatcher: Arc<Dispatcher>,
     cfg: ServerConfig,
+    metrics: Arc<service::RouterMetrics>,
     health_interval: Duration,
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -47,9 +48,14 @@ pub async fn serve(
     };
     let max = cfg.max_message_bytes;
     let (tls, keys) = (cfg.tls.clone(), cfg.api_keys.clone());
-    let api = AfNextServer::new(service::RouterService::new(proc, dispatcher.clone(), cfg))
-        .max_decoding_message_size(max)
-        .max_encoding_message_size(max);
+    let api = AfNextServer::new(service::RouterService::new(
+        proc,
+        dispatcher.clone(),
+        cfg,
+        metrics,
+    ))
+    .max_decoding_message_size(max)
+    .max_encoding_message_size(max);
     // API keys guard the public API; health and reflection stay open for probes and tools.
     let api = tonic::service::interceptor::InterceptedService::new(api, keys);
     let poller = tokio::spawn(poll_health(dispatcher, health_interval));

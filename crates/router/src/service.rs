@@ -18,16 +18,100 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::dispatch::Dispatcher;
 use crate::pool::Tier;
 
+/// The router's own metrics (the members and retries come from the dispatcher).
+#[derive(Debug, Default)]
+pub struct RouterMetrics {
+    pub requests: Arc<afnext_server::metrics::RequestMetrics>,
+    pub audio_seconds: afnext_server::prom::FloatCounter,
+}
+
+/// `/metrics`, `/live`, `/ready` of a router.
+pub struct RouterProbe {
+    pub metrics: Arc<RouterMetrics>,
+    pub dispatcher: Arc<Dispatcher>,
+}
+
+impl afnext_server::prom::Probe for RouterProbe {
+    fn metrics(&self) -> String {
+        use afnext_server::prom::metric;
+        use std::sync::atomic::Ordering;
+        let mut out = String::new();
+        self.metrics.requests.render(&mut out);
+        metric(
+            &mut out,
+            "afnext_audio_seconds_received_total",
+            "counter",
+            "Seconds of audio in requests the router prepared.",
+            self.metrics.audio_seconds.get(),
+        );
+        let st = &self.dispatcher.stats;
+        for (name, help, v) in [
+            (
+                "afnext_router_windows_sent_total",
+                "Windows sent to encoder workers (first tries).",
+                &st.windows_sent,
+            ),
+            (
+                "afnext_router_window_retries_total",
+                "Window sends that failed or timed out and were retried.",
+                &st.window_retries,
+            ),
+            (
+                "afnext_router_decoder_retries_total",
+                "Requests moved to another decoder group before their first token.",
+                &st.decoder_retries,
+            ),
+        ] {
+            metric(
+                &mut out,
+                name,
+                "counter",
+                help,
+                v.load(Ordering::Relaxed) as f64,
+            );
+        }
+        let pool = &self.dispatcher.pool;
+        out.push_str("# HELP afnext_router_members Workers known to the router.\n");
+        out.push_str("# TYPE afnext_router_members gauge\n");
+        for (tier, name) in [(Tier::Decoder, "decoder"), (Tier::Encoder, "encoder")] {
+            let all = pool.members(tier).len();
+            let healthy = pool.healthy(tier, &[]).len();
+            out.push_str(&format!(
+                "afnext_router_members{{tier=\"{name}\",state=\"healthy\"}} {healthy}\n\
+                 afnext_router_members{{tier=\"{name}\",state=\"down\"}} {}\n",
+                all - healthy
+            ));
+        }
+        out
+    }
+    fn live(&self) -> Result<(), String> {
+        Ok(())
+    }
+    fn ready(&self) -> Result<(), String> {
+        if self.dispatcher.pool.healthy(Tier::Decoder, &[]).is_empty() {
+            return Err("no healthy decoder group".into());
+        }
+        Ok(())
+    }
+}
+
 pub struct RouterService {
     proc: Arc<PromptProcessor>,
     dispatcher: Arc<Dispatcher>,
     cfg: ServerConfig,
     uploads: Arc<Mutex<UploadStore>>,
+    metrics: Arc<RouterMetrics>,
 }
 
 impl RouterService {
-    pub fn new(proc: Arc<PromptProcessor>, dispatcher: Arc<Dispatcher>, cfg: ServerConfig) -> Self {
+    pub fn new(
+        proc: Arc<PromptProcessor>,
+        dispatcher: Arc<Dispatcher>,
+        cfg: ServerConfig,
+        metrics: Arc<RouterMetrics>,
+    ) -> Self {
         RouterService {
+            metrics,
             uploads: Arc::new(Mutex::new(UploadStore::new(
                 cfg.upload_store_bytes,
                 cfg.upload_ttl,
@@ -36,6 +120,28 @@ impl RouterService {
             dispatcher,
             cfg,
         }
+    }
+
+    /// Converts and prepares a request (audio decoding and tokenization on the blocking pool).
+    async fn prepare(
+        &self,
+        inner: pb::GenerateRequest,
+        deadline: Option<Instant>,
+    ) -> Result<crate::prepare::Prepared, Status> {
+        let sampling = inner.sampling.unwrap_or_default();
+        let now = Instant::now();
+        let req = convert::generate_request(inner, deadline, |id| {
+            self.uploads
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(id, now)
+                .map(|u| (u.data, u.format_hint))
+        })?;
+        let proc = self.proc.clone();
+        tokio::task::spawn_blocking(move || crate::prepare::prepare(&proc, req, sampling))
+            .await
+            .map_err(|e| Status::internal(format!("request preparation failed: {e}")))?
+            .map_err(engine_status)
     }
 
     /// A public-API client of a healthy decoder group (model information and statistics come from them).
@@ -57,26 +163,31 @@ impl AfNext for RouterService {
         &self,
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
-        let deadline = convert::deadline(request.metadata())?;
-        let inner = request.into_inner();
-        let session = inner.session_id.clone();
-        let sampling = inner.sampling.unwrap_or_default();
-        let now = Instant::now();
-        let req = convert::generate_request(inner, deadline, |id| {
-            self.uploads
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(id, now)
-                .map(|u| (u.data, u.format_hint))
-        })?;
-        let proc = self.proc.clone();
-        let prepared =
-            tokio::task::spawn_blocking(move || crate::prepare::prepare(&proc, req, sampling))
-                .await
-                .map_err(|e| Status::internal(format!("request preparation failed: {e}")))?
-                .map_err(engine_status)?;
+        let mut tracker = self.metrics.requests.track();
+        let session = request.get_ref().session_id.clone();
+        let deadline = match convert::deadline(request.metadata()) {
+            Ok(d) => d,
+            Err(e) => {
+                let s = Status::from(e);
+                tracker.error(&s);
+                return Err(s);
+            }
+        };
+        let prepared = match self.prepare(request.into_inner(), deadline).await {
+            Ok(p) => p,
+            Err(s) => {
+                tracker.error(&s);
+                return Err(s);
+            }
+        };
+        let seconds: f64 = prepared.submit.audios.iter().map(|a| a.seconds).sum();
+        self.metrics.audio_seconds.add(seconds);
         let (tx, rx) = mpsc::channel(64);
-        tokio::spawn(self.dispatcher.clone().run(prepared, session, deadline, tx));
+        tokio::spawn(
+            self.dispatcher
+                .clone()
+                .run(prepared, session, deadline, tx, tracker),
+        );
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 

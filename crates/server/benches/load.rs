@@ -270,6 +270,7 @@ fn main() {
             let srv = tokio::spawn(afnext_server::serve(
                 engine.clone(),
                 ServerConfig::default(),
+                Default::default(),
                 l,
                 async move {
                     let _ = stop_rx.await;

@@ -15,6 +15,7 @@ use tonic::{Request, Response, Status};
 use crate::cluster_pb::decoder_server::Decoder;
 use crate::cluster_pb::{self as cpb, submit_response::Event as SE};
 use crate::convert;
+use crate::metrics::RequestMetrics;
 use crate::status::{engine_status, ApiError};
 
 /// Largest PushWindow message: one 30 s window of the full model in f32 is 750 x 3584 x 4 bytes (10.75 MB).
@@ -22,11 +23,12 @@ pub const MAX_WINDOW_MESSAGE: usize = 64 << 20;
 
 pub struct DecoderService {
     engine: Arc<Engine>,
+    metrics: Arc<RequestMetrics>,
 }
 
 impl DecoderService {
-    pub fn new(engine: Arc<Engine>) -> Self {
-        DecoderService { engine }
+    pub fn new(engine: Arc<Engine>, metrics: Arc<RequestMetrics>) -> Self {
+        DecoderService { engine, metrics }
     }
 }
 
@@ -76,9 +78,18 @@ impl Decoder for DecoderService {
         &self,
         request: Request<cpb::SubmitRequest>,
     ) -> Result<Response<Self::SubmitStream>, Status> {
-        let deadline = convert::deadline(request.metadata())?;
-        let req = prepared(request.into_inner(), deadline)?;
-        let acc = self.engine.submit_prepared(req).map_err(engine_status)?;
+        let mut tracker = self.metrics.track();
+        let acc = convert::deadline(request.metadata())
+            .map_err(Status::from)
+            .and_then(|d| prepared(request.into_inner(), d))
+            .and_then(|req| self.engine.submit_prepared(req).map_err(engine_status));
+        let acc = match acc {
+            Ok(a) => a,
+            Err(s) => {
+                tracker.error(&s);
+                return Err(s);
+            }
+        };
         let (tx, rx) = mpsc::channel(64);
         let first = cpb::SubmitResponse {
             event: Some(SE::Accepted(cpb::Accepted {
@@ -89,7 +100,7 @@ impl Decoder for DecoderService {
         tx.send(Ok(first))
             .await
             .map_err(|_| Status::internal("stream closed at once"))?;
-        tokio::spawn(crate::service::pump_as(acc.handle, tx, |m| {
+        tokio::spawn(crate::service::pump_as(acc.handle, tx, tracker, |m| {
             cpb::SubmitResponse {
                 event: Some(SE::Generate(m)),
             }

@@ -22,6 +22,7 @@ use crate::cluster_pb::decoder_client::DecoderClient;
 use crate::cluster_pb::encoder_server::Encoder;
 use crate::cluster_pb::{self as cpb};
 use crate::links::Links;
+use crate::prom::{metric, Histogram, Probe, BATCH_BUCKETS, LATENCY_BUCKETS};
 use crate::status::ApiError;
 
 /// Encoder worker settings.
@@ -46,13 +47,100 @@ impl Default for EncoderConfig {
 }
 
 /// Counters of an encoder worker (for statistics and metrics).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct EncoderStats {
     pub windows_encoded: AtomicU64,
     pub batches: AtomicU64,
     /// Windows queued and not yet taken by the model thread.
     pub queued: AtomicUsize,
     pub windows_dropped: AtomicU64,
+    pub batch_size: Histogram,
+    pub batch_seconds: Histogram,
+}
+
+impl Default for EncoderStats {
+    fn default() -> Self {
+        EncoderStats {
+            windows_encoded: AtomicU64::new(0),
+            batches: AtomicU64::new(0),
+            queued: AtomicUsize::new(0),
+            windows_dropped: AtomicU64::new(0),
+            batch_size: Histogram::new(BATCH_BUCKETS),
+            batch_seconds: Histogram::new(LATENCY_BUCKETS),
+        }
+    }
+}
+
+impl EncoderStats {
+    pub fn render(&self, out: &mut String) {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
+        metric(
+            out,
+            "afnext_encoder_windows_total",
+            "counter",
+            "Windows encoded by this worker.",
+            get(&self.windows_encoded),
+        );
+        metric(
+            out,
+            "afnext_encoder_batches_total",
+            "counter",
+            "Encoder forwards.",
+            get(&self.batches),
+        );
+        metric(
+            out,
+            "afnext_encoder_windows_dropped_total",
+            "counter",
+            "Queued windows dropped because their caller went away.",
+            get(&self.windows_dropped),
+        );
+        metric(
+            out,
+            "afnext_encoder_queue_depth",
+            "gauge",
+            "Windows waiting for the model.",
+            self.queued.load(Ordering::SeqCst) as f64,
+        );
+        self.batch_size.render(
+            out,
+            "afnext_encoder_batch_size",
+            "Windows per encoder forward.",
+        );
+        self.batch_seconds.render(
+            out,
+            "afnext_encoder_batch_seconds",
+            "Time of one encoder forward (front end, encoder, RoTE, projector).",
+        );
+    }
+}
+
+/// `/metrics`, `/live`, `/ready` of an encoder worker.
+pub struct EncoderProbe {
+    pub stats: Arc<EncoderStats>,
+    /// Registered in etcd (ready without it when discovery is off).
+    pub registered: Option<Arc<dyn Fn() -> bool + Send + Sync>>,
+    pub draining: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Probe for EncoderProbe {
+    fn metrics(&self) -> String {
+        let mut out = String::new();
+        self.stats.render(&mut out);
+        out
+    }
+    fn live(&self) -> Result<(), String> {
+        Ok(())
+    }
+    fn ready(&self) -> Result<(), String> {
+        if self.draining.load(Ordering::SeqCst) {
+            return Err("draining".into());
+        }
+        match &self.registered {
+            Some(r) if !r() => Err("not registered in etcd yet".into()),
+            _ => Ok(()),
+        }
+    }
 }
 
 struct WindowJob {
@@ -158,6 +246,7 @@ fn model_loop(
             }
         }
         let idx: Vec<usize> = jobs.iter().map(|j| j.index).collect();
+        let t0 = std::time::Instant::now();
         let result = Tensor::from_vec(
             feats,
             (jobs.len(), cfg.n_mels, cfg.frames_per_window()),
@@ -173,6 +262,8 @@ fn model_loop(
             .windows_encoded
             .fetch_add(jobs.len() as u64, Ordering::Relaxed);
         stats.batches.fetch_add(1, Ordering::Relaxed);
+        stats.batch_size.observe(jobs.len() as f64);
+        stats.batch_seconds.observe(t0.elapsed().as_secs_f64());
         for (i, (j, f)) in jobs.into_iter().zip(failed).enumerate() {
             let r = match (&result, f) {
                 (_, Some(e)) => Err(e),

@@ -11,6 +11,7 @@ pub mod decoder_svc;
 pub mod encoder_svc;
 pub mod links;
 pub mod metrics;
+pub mod prom;
 pub mod service;
 pub mod status;
 pub mod tls;

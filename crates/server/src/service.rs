@@ -14,6 +14,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::config::ServerConfig;
 use crate::convert;
+use crate::metrics::{RequestMetrics, Tracker};
 use crate::pb;
 use crate::pb::af_next_server::{AfNext, AfNextServer};
 use crate::status::engine_status;
@@ -23,11 +24,13 @@ pub struct Service {
     engine: Arc<Engine>,
     cfg: ServerConfig,
     uploads: Arc<Mutex<UploadStore>>,
+    metrics: Arc<RequestMetrics>,
 }
 
 impl Service {
-    pub fn new(engine: Arc<Engine>, cfg: ServerConfig) -> Self {
+    pub fn new(engine: Arc<Engine>, cfg: ServerConfig, metrics: Arc<RequestMetrics>) -> Self {
         Service {
+            metrics,
             uploads: Arc::new(Mutex::new(UploadStore::new(
                 cfg.upload_store_bytes,
                 cfg.upload_ttl,
@@ -35,6 +38,20 @@ impl Service {
             engine,
             cfg,
         }
+    }
+
+    /// Checks, prepares and submits a request.
+    async fn start(&self, request: Request<pb::GenerateRequest>) -> Result<RequestHandle, Status> {
+        let deadline = convert::deadline(request.metadata())?;
+        let now = Instant::now();
+        let req = convert::generate_request(request.into_inner(), deadline, |id| {
+            self.uploads().get(id, now).map(|u| (u.data, u.format_hint))
+        })?;
+        let engine = self.engine.clone();
+        tokio::task::spawn_blocking(move || engine.submit(req))
+            .await
+            .map_err(|e| Status::internal(format!("request preparation failed: {e}")))?
+            .map_err(engine_status)
     }
 
     fn uploads(&self) -> std::sync::MutexGuard<'_, UploadStore> {
@@ -52,19 +69,20 @@ impl AfNext for Service {
         &self,
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
-        let deadline = convert::deadline(request.metadata())?;
-        let now = Instant::now();
-        let req = convert::generate_request(request.into_inner(), deadline, |id| {
-            self.uploads().get(id, now).map(|u| (u.data, u.format_hint))
-        })?;
-        let engine = self.engine.clone();
-        let handle = tokio::task::spawn_blocking(move || engine.submit(req))
-            .await
-            .map_err(|e| Status::internal(format!("request preparation failed: {e}")))?
-            .map_err(engine_status)?;
-        let (tx, rx) = mpsc::channel(64);
-        tokio::spawn(pump(handle, tx));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let tracker = self.metrics.track();
+        let r = self.start(request).await;
+        match r {
+            Ok(handle) => {
+                let (tx, rx) = mpsc::channel(64);
+                tokio::spawn(pump_as(handle, tx, tracker, |m| m));
+                Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+            }
+            Err(s) => {
+                let mut tracker = tracker;
+                tracker.error(&s);
+                Err(s)
+            }
+        }
     }
 
     async fn upload_audio(
@@ -136,16 +154,12 @@ impl AfNext for Service {
 }
 
 /// Forwards engine events to the client until the last one, or until the client goes away (then dropping
-/// the handle cancels the request).
-async fn pump(h: RequestHandle, tx: mpsc::Sender<Result<pb::GenerateResponse, Status>>) {
-    pump_as(h, tx, |m| m).await
-}
-
-/// [`pump`] with each message wrapped by `wrap` (the cluster's decoder service streams them inside its own
-/// response type).
+/// the handle cancels the request), recording them in `tracker`. Each message is wrapped by `wrap` (the
+/// cluster's decoder service streams them inside its own response type).
 pub(crate) async fn pump_as<T>(
     mut h: RequestHandle,
     tx: mpsc::Sender<Result<T, Status>>,
+    mut tracker: Tracker,
     wrap: impl Fn(pb::GenerateResponse) -> T,
 ) {
     use pb::generate_response::Event as E;
@@ -189,7 +203,12 @@ pub(crate) async fn pump_as<T>(
             Some(Event::Finished(s)) => (Ok(E::Finished(finished(&s))), true),
             Some(Event::Failed(e)) => (Err(engine_status(e)), true),
         };
-        let msg = msg.map(|e| wrap(pb::GenerateResponse { event: Some(e) }));
+        let msg = msg.map(|e| pb::GenerateResponse { event: Some(e) });
+        match &msg {
+            Ok(m) => tracker.event(m),
+            Err(s) => tracker.error(s),
+        }
+        let msg = msg.map(&wrap);
         if tx.send(msg).await.is_err() || last {
             return;
         }
@@ -239,6 +258,7 @@ pub struct ServeOutcome {
 pub async fn serve(
     engine: Arc<Engine>,
     cfg: ServerConfig,
+    metrics: Arc<RequestMetrics>,
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<ServeOutcome, Box<dyn std::error::Error + Send + Sync>> {
@@ -270,7 +290,7 @@ pub async fn serve(
     let cfg_internal = cfg.internal_api;
     let tls = cfg.tls.clone();
     let keys = cfg.api_keys.clone();
-    let api = AfNextServer::new(Service::new(engine.clone(), cfg))
+    let api = AfNextServer::new(Service::new(engine.clone(), cfg, metrics.clone()))
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
     let api = tonic::service::interceptor::InterceptedService::new(api, keys);
@@ -290,7 +310,7 @@ pub async fn serve(
     };
     let internal = cfg_internal.then(|| {
         crate::cluster_pb::decoder_server::DecoderServer::new(
-            crate::decoder_svc::DecoderService::new(engine.clone()),
+            crate::decoder_svc::DecoderService::new(engine.clone(), metrics.clone()),
         )
         .max_decoding_message_size(crate::decoder_svc::MAX_WINDOW_MESSAGE)
         .max_encoding_message_size(max)
