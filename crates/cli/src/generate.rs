@@ -5,7 +5,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use afnext_model::config::GenerationDefaults;
-use afnext_model::{AfNext, GenerationParams, SamplingParams};
+use afnext_model::{AfNext, GenerationParams};
 use afnext_prompt::PromptProcessor;
 use anyhow::{Context, Result};
 use clap::Args;
@@ -24,23 +24,8 @@ pub struct GenerateArgs {
     /// Most tokens to generate (default: the checkpoint's generation_config.json, else 2048).
     #[arg(long)]
     pub max_new_tokens: Option<usize>,
-    /// 0 = greedy.
-    #[arg(long, default_value_t = 0.0)]
-    pub temperature: f32,
-    /// Nucleus sampling mass (1 = off).
-    #[arg(long, default_value_t = 1.0)]
-    pub top_p: f32,
-    /// Keep the k most likely tokens (0 = off).
-    #[arg(long, default_value_t = 0)]
-    pub top_k: usize,
-    /// transformers' repetition penalty over prompt and output ids (1 = off; AF-Next's card uses 1.2).
-    #[arg(long, default_value_t = 1.0)]
-    pub repetition_penalty: f32,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// Stop when the text contains this string (repeatable); the text ends before it.
-    #[arg(long = "stop")]
-    pub stop: Vec<String>,
+    #[command(flatten)]
+    pub sampling: crate::input::SamplingArgs,
     /// Print one JSON object at the end instead of streaming text.
     #[arg(long)]
     pub json: bool,
@@ -64,14 +49,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let params = GenerationParams {
         max_new_tokens: args.max_new_tokens.unwrap_or(defaults.max_new_tokens),
         eos_token_ids: defaults.eos_token_ids.clone(),
-        stop_strings: args.stop.clone(),
-        sampling: SamplingParams {
-            temperature: args.temperature,
-            top_k: args.top_k,
-            top_p: args.top_p,
-            repetition_penalty: args.repetition_penalty,
-            seed: args.seed,
-        },
+        stop_strings: args.sampling.stop.clone(),
+        sampling: args.sampling.params(),
         prefill_chunk: 512,
     };
     let stream = !args.json;

@@ -1,6 +1,7 @@
 //! `afnext`: the one binary of the AF-Next serving cluster. Each subcommand composes the typed
 //! configuration of the crates it runs; this crate is the only one that reads flags or the environment.
 
+mod ask;
 mod cluster;
 mod decoder;
 mod etcd_args;
@@ -27,6 +28,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Ask a running server or router (uploads audio with progress, streams the answer).
+    Ask(ask::AskArgs),
     /// Answer one request with the model in this process, streaming the text (or --json).
     Generate(generate::GenerateArgs),
     /// Write every stage (processor outputs, encoder, RoTE, projector, logits, greedy ids) for one input.
@@ -44,6 +47,7 @@ enum Command {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Ask(args) => ask::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Serve(args) => serve::run(args),
