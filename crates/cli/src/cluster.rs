@@ -38,6 +38,9 @@ pub struct EncoderArgs {
     /// HTTP address for /metrics, /live and /ready (off when absent).
     #[arg(long)]
     pub metrics_listen: Option<SocketAddr>,
+    /// OTLP/gRPC endpoint for traces (default: the OTEL_EXPORTER_OTLP_* variables; off when unset).
+    #[arg(long)]
+    pub otlp_endpoint: Option<String>,
     #[command(flatten)]
     pub etcd: EtcdArgs,
     #[command(flatten)]
@@ -45,6 +48,7 @@ pub struct EncoderArgs {
 }
 
 pub fn run_encoder(args: EncoderArgs) -> Result<()> {
+    let _telemetry = afnext_telemetry::init("encoder", args.otlp_endpoint.as_deref())?;
     let dir = args.model.resolve()?;
     let (model_cfg, w) = args.model.weights(&dir)?;
     let tower = AudioTower::from_weights(model_cfg, &w)
@@ -143,6 +147,7 @@ pub struct RouterArgs {
 }
 
 pub fn run_router(args: RouterArgs) -> Result<()> {
+    let _telemetry = afnext_telemetry::init("router", args.api.otlp_endpoint.as_deref())?;
     let dir = args.model.resolve()?;
     let proc = Arc::new(PromptProcessor::load(&dir)?);
     let cfg = RouterConfig {

@@ -52,6 +52,12 @@ pub fn run(args: DecoderArgs) -> Result<()> {
             args.tp
         );
     }
+    let role = if args.rank == 0 {
+        "decoder".to_string()
+    } else {
+        format!("decoder-rank-{}", args.rank)
+    };
+    let _telemetry = afnext_telemetry::init(&role, args.serve.api.otlp_endpoint.as_deref())?;
     let dir = args.serve.model.resolve()?;
     let cfg = TcpConfig {
         join_timeout: Duration::from_secs(args.join_timeout_s),

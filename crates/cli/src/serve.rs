@@ -61,6 +61,10 @@ pub struct ServeArgs {
 /// The public API's address, limits, TLS and keys (`afnext serve`, decoder leaders and the router).
 #[derive(Debug, Args)]
 pub struct ApiArgs {
+    /// OTLP/gRPC endpoint for traces (default: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or
+    /// OTEL_EXPORTER_OTLP_ENDPOINT; off when none is set). OTEL_SERVICE_NAME names the process.
+    #[arg(long)]
+    pub otlp_endpoint: Option<String>,
     #[command(flatten)]
     pub tls: crate::tls_args::TlsArgs,
     #[command(flatten)]
@@ -129,6 +133,7 @@ impl ServeArgs {
 }
 
 pub fn run(args: ServeArgs) -> Result<()> {
+    let _telemetry = afnext_telemetry::init("serve", args.api.otlp_endpoint.as_deref())?;
     let dir = args.model.resolve()?;
     let (cfg, w) = args.model.weights(&dir)?;
     let model = AfNext::from_weights(cfg, &w)

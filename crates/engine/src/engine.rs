@@ -267,6 +267,8 @@ pub(crate) struct Job {
     pub cancel: Arc<AtomicBool>,
     /// Held for its `Drop`: the request counts as in flight until the job is gone.
     pub _in_flight: InFlight,
+    /// The request's trace span (steps computing it are children of, or linked to, it).
+    pub span: tracing::Span,
 }
 
 impl Job {
@@ -429,6 +431,15 @@ impl Engine {
     /// Validates and prepares `req` and queues it. Errors here are the client's (bad input, limits) or
     /// capacity; later failures arrive as [`Event::Failed`].
     pub fn submit(&self, req: GenerateRequest) -> Result<RequestHandle> {
+        self.submit_traced(req, tracing::Span::none())
+    }
+
+    /// [`Engine::submit`] as part of the trace of `span`.
+    pub fn submit_traced(
+        &self,
+        req: GenerateRequest,
+        span: tracing::Span,
+    ) -> Result<RequestHandle> {
         let t0 = Instant::now();
         let (max_new, in_flight) = self.begin(&req.sampling, req.max_new_tokens)?;
         let overflow = if req.truncate_audio {
@@ -518,6 +529,7 @@ impl Engine {
             tx,
             cancel: cancel.clone(),
             _in_flight: in_flight,
+            span,
         };
         self.received_audio(job.usage.audio_seconds);
         let sent = self

@@ -51,7 +51,7 @@ impl Ranks {
         })
     }
 
-    pub fn step(&self, plan: &StepPlan, audio: Option<&Tensor>) -> Result<()> {
+    pub fn step(&self, plan: &StepPlan, audio: Option<&Tensor>, trace: String) -> Result<()> {
         let audio = match audio {
             Some(a) => a
                 .to_dtype(DType::F32)
@@ -63,6 +63,7 @@ impl Ranks {
         self.send(&GroupMsg::Step {
             plan: plan.clone(),
             audio,
+            trace,
         })
     }
 
@@ -107,7 +108,9 @@ pub fn run_follower(decoder: &Qwen2) -> Result<()> {
                         .with_key_chunk(key_chunk),
                 );
             }
-            GroupMsg::Step { plan, audio } => {
+            GroupMsg::Step { plan, audio, trace } => {
+                let span = afnext_telemetry::span_from("decoder.follower_step", &trace);
+                let _entered = span.enter();
                 let kv = kv.as_ref().ok_or_else(|| {
                     EngineError::Internal("rank 0 sent a step before the cache size".into())
                 })?;

@@ -44,6 +44,8 @@ pub struct PreparedRequest {
     pub deadline: Option<Instant>,
     /// Time the caller spent preparing (reported in the timings).
     pub prepare_time: Duration,
+    /// The request's trace span.
+    pub span: tracing::Span,
 }
 
 /// A prepared request the engine took.
@@ -143,6 +145,7 @@ impl Engine {
             tx,
             cancel: cancel.clone(),
             _in_flight: in_flight,
+            span: req.span,
         };
         let ready = Ready {
             job,

@@ -397,8 +397,26 @@ impl Worker {
             1 => audio.pop(),
             _ => Some(Tensor::cat(&audio, 0).map_err(model_err)?),
         };
+        // One span per step: a child of its first request's span, linked to the others'.
+        let first = step.items.first().and_then(|it| self.active.get(&it.id));
+        let span = match first {
+            Some(a) => tracing::info_span!(
+                parent: &a.job.span,
+                "step",
+                otel.name = "decoder.step",
+                sequences = step.items.len(),
+                rows = plan.ids.len()
+            ),
+            None => tracing::Span::none(),
+        };
+        for it in step.items.iter().skip(1) {
+            if let Some(a) = self.active.get(&it.id) {
+                afnext_telemetry::link(&span, &a.job.span);
+            }
+        }
+        let _entered = span.enter();
         if let Some(r) = &self.ranks {
-            r.step(&plan, audio.as_ref())?;
+            r.step(&plan, audio.as_ref(), afnext_telemetry::traceparent(&span))?;
         }
         let logits = self
             .model

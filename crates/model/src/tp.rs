@@ -131,8 +131,12 @@ pub enum GroupMsg {
         key_chunk: usize,
     },
     /// One step; `audio` holds the audio rows (`[n, hidden]`, f32, row-major) in the order of the
-    /// [`AUDIO_ROW`] markers.
-    Step { plan: StepPlan, audio: Vec<f32> },
+    /// [`AUDIO_ROW`] markers; `trace` is rank 0's step span as a W3C `traceparent` (empty: untraced).
+    Step {
+        plan: StepPlan,
+        audio: Vec<f32>,
+        trace: String,
+    },
     /// A liveness check while idle: every rank answers with a one-value all-reduce.
     Ping,
     /// The group shuts down.
@@ -193,8 +197,10 @@ impl GroupMsg {
                 w.u64(*block_size);
                 w.u64(*key_chunk);
             }
-            GroupMsg::Step { plan, audio } => {
+            GroupMsg::Step { plan, audio, trace } => {
                 w.0.push(2);
+                w.u64(trace.len());
+                w.0.extend_from_slice(trace.as_bytes());
                 w.u64(plan.seqs.len());
                 for s in &plan.seqs {
                     w.u64(s.start);
@@ -224,6 +230,9 @@ impl GroupMsg {
                 key_chunk: r.u64()?,
             },
             2 => {
+                let tn = r.u64()?;
+                let trace = String::from_utf8(r.take(tn)?.to_vec())
+                    .map_err(|_| ModelError::Input("trace context is not UTF-8".into()))?;
                 let n = r.u64()?;
                 let mut seqs = Vec::with_capacity(n.min(4096));
                 for _ in 0..n {
@@ -251,6 +260,7 @@ impl GroupMsg {
                         sample_rows,
                     },
                     audio,
+                    trace,
                 }
             }
             3 => GroupMsg::Ping,
@@ -328,6 +338,7 @@ mod tests {
                 sample_rows: vec![1],
             },
             audio: vec![0.5, -1.25],
+            trace: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),
         };
         for m in [
             m,

@@ -18,6 +18,7 @@ use afnext_server::cluster_pb::{self as cpb, submit_response::Event as SE};
 use afnext_server::links::Links;
 use afnext_server::metrics::Tracker;
 use afnext_server::pb;
+use afnext_telemetry::Instrument;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tonic::transport::Channel;
@@ -176,6 +177,8 @@ impl Dispatcher {
         if let Some(d) = deadline {
             req.set_timeout(d.saturating_duration_since(Instant::now()));
         }
+        let span = tracing::Span::current();
+        afnext_telemetry::inject(&span, req.metadata_mut());
         let mut stream = match client.submit(req).await {
             Ok(r) => r.into_inner(),
             Err(st) if retryable(&st) => return Outcome::Retry(st),
@@ -210,14 +213,25 @@ impl Dispatcher {
             for w in &audio.windows {
                 self.stats.windows_sent.fetch_add(1, Ordering::Relaxed);
                 let samples = audio.samples[w.start..w.start + w.len].to_vec();
-                encodes.spawn(self.clone().encode_window(
-                    dec.to_string(),
-                    accepted.request_id,
-                    ai as u32,
-                    w.index as u32,
-                    samples,
-                    deadline,
-                ));
+                let window = tracing::info_span!(
+                    parent: &span,
+                    "window",
+                    otel.name = "router.window",
+                    audio = ai,
+                    window = w.index
+                );
+                encodes.spawn(
+                    self.clone()
+                        .encode_window(
+                            dec.to_string(),
+                            accepted.request_id,
+                            ai as u32,
+                            w.index as u32,
+                            samples,
+                            deadline,
+                        )
+                        .instrument(window),
+                );
             }
         }
         let mut streamed = false;
@@ -308,6 +322,7 @@ impl Dispatcher {
                 }],
             });
             req.set_timeout(timeout);
+            afnext_telemetry::inject(&tracing::Span::current(), req.metadata_mut());
             let call =
                 tokio::time::timeout(timeout + Duration::from_millis(200), client.encode(req));
             match call.await {

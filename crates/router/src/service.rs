@@ -15,6 +15,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
+use afnext_telemetry::Instrument;
+
 use crate::dispatch::Dispatcher;
 use crate::pool::Tier;
 
@@ -164,6 +166,7 @@ impl AfNext for RouterService {
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
         let mut tracker = self.metrics.requests.track();
+        let span = afnext_telemetry::server_span("afnext.v1.AfNext/Generate", request.metadata());
         let session = request.get_ref().session_id.clone();
         let deadline = match convert::deadline(request.metadata()) {
             Ok(d) => d,
@@ -173,7 +176,11 @@ impl AfNext for RouterService {
                 return Err(s);
             }
         };
-        let prepared = match self.prepare(request.into_inner(), deadline).await {
+        let prepared = match self
+            .prepare(request.into_inner(), deadline)
+            .instrument(span.clone())
+            .await
+        {
             Ok(p) => p,
             Err(s) => {
                 tracker.error(&s);
@@ -186,7 +193,8 @@ impl AfNext for RouterService {
         tokio::spawn(
             self.dispatcher
                 .clone()
-                .run(prepared, session, deadline, tx, tracker),
+                .run(prepared, session, deadline, tx, tracker)
+                .instrument(span),
         );
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }

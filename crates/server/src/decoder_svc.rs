@@ -14,6 +14,8 @@ use tonic::{Request, Response, Status};
 
 use crate::cluster_pb::decoder_server::Decoder;
 use crate::cluster_pb::{self as cpb, submit_response::Event as SE};
+use afnext_telemetry::Instrument;
+
 use crate::convert;
 use crate::metrics::RequestMetrics;
 use crate::status::{engine_status, ApiError};
@@ -41,7 +43,11 @@ fn bad(location: &str, problem: String) -> Status {
 }
 
 /// The engine request of a Submit.
-fn prepared(r: cpb::SubmitRequest, deadline: Option<Instant>) -> Result<PreparedRequest, Status> {
+fn prepared(
+    r: cpb::SubmitRequest,
+    deadline: Option<Instant>,
+    span: tracing::Span,
+) -> Result<PreparedRequest, Status> {
     let mut audios = Vec::with_capacity(r.audios.len());
     for (i, a) in r.audios.into_iter().enumerate() {
         let key: [u8; 32] = a.key.as_slice().try_into().map_err(|_| {
@@ -65,6 +71,7 @@ fn prepared(r: cpb::SubmitRequest, deadline: Option<Instant>) -> Result<Prepared
         ignore_eos: r.ignore_eos,
         deadline,
         prepare_time: Duration::from_micros(r.prepare_us),
+        span,
     })
 }
 
@@ -79,9 +86,11 @@ impl Decoder for DecoderService {
         request: Request<cpb::SubmitRequest>,
     ) -> Result<Response<Self::SubmitStream>, Status> {
         let mut tracker = self.metrics.track();
+        let span =
+            afnext_telemetry::server_span("afnext.cluster.v1.Decoder/Submit", request.metadata());
         let acc = convert::deadline(request.metadata())
             .map_err(Status::from)
-            .and_then(|d| prepared(request.into_inner(), d))
+            .and_then(|d| prepared(request.into_inner(), d, span.clone()))
             .and_then(|req| self.engine.submit_prepared(req).map_err(engine_status));
         let acc = match acc {
             Ok(a) => a,
@@ -100,11 +109,12 @@ impl Decoder for DecoderService {
         tx.send(Ok(first))
             .await
             .map_err(|_| Status::internal("stream closed at once"))?;
-        tokio::spawn(crate::service::pump_as(acc.handle, tx, tracker, |m| {
-            cpb::SubmitResponse {
+        tokio::spawn(
+            crate::service::pump_as(acc.handle, tx, tracker, |m| cpb::SubmitResponse {
                 event: Some(SE::Generate(m)),
-            }
-        }));
+            })
+            .instrument(span),
+        );
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -112,6 +122,11 @@ impl Decoder for DecoderService {
         &self,
         request: Request<cpb::PushWindowRequest>,
     ) -> Result<Response<cpb::PushWindowResponse>, Status> {
+        let span = afnext_telemetry::server_span(
+            "afnext.cluster.v1.Decoder/PushWindow",
+            request.metadata(),
+        );
+        let _entered = span.enter();
         let p = request.into_inner();
         let rows = crate::wire::rows_of(&p)?;
         self.engine

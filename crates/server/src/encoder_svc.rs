@@ -21,6 +21,8 @@ use tonic::{Request, Response, Status};
 use crate::cluster_pb::decoder_client::DecoderClient;
 use crate::cluster_pb::encoder_server::Encoder;
 use crate::cluster_pb::{self as cpb};
+use afnext_telemetry::Instrument;
+
 use crate::links::Links;
 use crate::prom::{metric, Histogram, Probe, BATCH_BUCKETS, LATENCY_BUCKETS};
 use crate::status::ApiError;
@@ -289,7 +291,19 @@ impl Encoder for EncoderService {
         &self,
         request: Request<cpb::EncodeRequest>,
     ) -> Result<Response<cpb::EncodeResponse>, Status> {
+        let span =
+            afnext_telemetry::server_span("afnext.cluster.v1.Encoder/Encode", request.metadata());
         let r = request.into_inner();
+        self.encode_in(r, &span).instrument(span.clone()).await
+    }
+}
+
+impl EncoderService {
+    async fn encode_in(
+        &self,
+        r: cpb::EncodeRequest,
+        span: &tracing::Span,
+    ) -> Result<Response<cpb::EncodeResponse>, Status> {
         if r.decoder.is_empty() {
             return Err(bad("decoder".into(), "is empty".into()));
         }
@@ -350,6 +364,7 @@ impl Encoder for EncoderService {
                 .map_err(|e| Status::internal(e.to_string()))?;
             let mut req = Request::new(push);
             req.set_timeout(self.cfg.push_timeout);
+            afnext_telemetry::inject(span, req.metadata_mut());
             client.push_window(req).await.map_err(|s| {
                 Status::new(
                     if s.code() == tonic::Code::InvalidArgument {

@@ -14,6 +14,8 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::config::ServerConfig;
 use crate::convert;
+use afnext_telemetry::Instrument;
+
 use crate::metrics::{RequestMetrics, Tracker};
 use crate::pb;
 use crate::pb::af_next_server::{AfNext, AfNextServer};
@@ -41,14 +43,18 @@ impl Service {
     }
 
     /// Checks, prepares and submits a request.
-    async fn start(&self, request: Request<pb::GenerateRequest>) -> Result<RequestHandle, Status> {
+    async fn start(
+        &self,
+        request: Request<pb::GenerateRequest>,
+        span: tracing::Span,
+    ) -> Result<RequestHandle, Status> {
         let deadline = convert::deadline(request.metadata())?;
         let now = Instant::now();
         let req = convert::generate_request(request.into_inner(), deadline, |id| {
             self.uploads().get(id, now).map(|u| (u.data, u.format_hint))
         })?;
         let engine = self.engine.clone();
-        tokio::task::spawn_blocking(move || engine.submit(req))
+        tokio::task::spawn_blocking(move || engine.submit_traced(req, span))
             .await
             .map_err(|e| Status::internal(format!("request preparation failed: {e}")))?
             .map_err(engine_status)
@@ -70,11 +76,15 @@ impl AfNext for Service {
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
         let tracker = self.metrics.track();
-        let r = self.start(request).await;
+        let span = afnext_telemetry::server_span("afnext.v1.AfNext/Generate", request.metadata());
+        let r = self
+            .start(request, span.clone())
+            .instrument(span.clone())
+            .await;
         match r {
             Ok(handle) => {
                 let (tx, rx) = mpsc::channel(64);
-                tokio::spawn(pump_as(handle, tx, tracker, |m| m));
+                tokio::spawn(pump_as(handle, tx, tracker, |m| m).instrument(span));
                 Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
             }
             Err(s) => {
