@@ -71,6 +71,7 @@ fn prepare(model: &AfNext, proc: &PromptProcessor, conv: &Conversation, bytes: &
         ignore_eos: false,
         deadline: None,
         prepare_time: Duration::ZERO,
+        span: tracing::Span::none(),
     };
     Prepared { req, windows }
 }

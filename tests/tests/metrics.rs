@@ -43,7 +43,7 @@ async fn serve_metrics_count_the_traffic() {
     assert_eq!(bad.code(), Code::InvalidArgument);
     let after = scrape(&srv);
     let d = |k: &str| delta(&before, &after, k);
-    let usage = |o: &afnext_e2e::grpc::Out| o.finished.clone().unwrap().usage.unwrap();
+    let usage = |o: &afnext_e2e::grpc::Out| o.finished.unwrap().usage.unwrap();
     let (u1, u2) = (usage(&first), usage(&again));
     assert!(
         (d("afnext_audio_seconds_received_total") - (u1.audio_seconds + u2.audio_seconds)).abs()
