@@ -210,3 +210,59 @@ fn inspect_writes_model_stages_under_reference_names() {
     }
     let _ = std::fs::remove_file(&out);
 }
+
+/// The router needs only the tokenizer and configs of a hub model: it starts from a cache without weights,
+/// where `serve` cannot.
+#[test]
+fn the_router_starts_from_a_hub_cache_without_weights() {
+    use std::io::{BufRead, BufReader};
+    let home = tempdir("hf-home-noweights");
+    let repo = home.join("hub/models--afnext-test--noweights");
+    let rev = "0123456789abcdef0123456789abcdef01234567";
+    let snap = repo.join("snapshots").join(rev);
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), rev).unwrap();
+    for f in std::fs::read_dir(ckpt("tiny-a")).unwrap() {
+        let f = f.unwrap().path();
+        if f.extension().is_some_and(|e| e == "safetensors") {
+            continue;
+        }
+        std::fs::copy(&f, snap.join(f.file_name().unwrap())).unwrap();
+    }
+    let env = [("HF_HOME", home.to_str().unwrap()), ("HF_HUB_OFFLINE", "1")];
+    let mut child = std::process::Command::new(afnext_bin())
+        .args([
+            "router",
+            "--model",
+            "afnext-test/noweights",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .envs(env)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let line = BufReader::new(child.stdout.take().unwrap())
+        .lines()
+        .next()
+        .unwrap()
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(line.starts_with("afnext serving on"), "{line}");
+    let o = afnext(
+        &[
+            "serve",
+            "--model",
+            "afnext-test/noweights",
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        &env,
+    );
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("model.safetensors"), "{err}");
+    let _ = std::fs::remove_dir_all(&home);
+}

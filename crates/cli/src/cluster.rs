@@ -148,7 +148,7 @@ pub struct RouterArgs {
 
 pub fn run_router(args: RouterArgs) -> Result<()> {
     let _telemetry = afnext_telemetry::init("router", args.api.otlp_endpoint.as_deref())?;
-    let dir = args.model.resolve()?;
+    let dir = args.model.resolve_without_weights()?;
     let proc = Arc::new(PromptProcessor::load(&dir)?);
     let cfg = RouterConfig {
         decoders: args.decoders.clone(),

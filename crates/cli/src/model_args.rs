@@ -70,12 +70,22 @@ impl ModelArgs {
             offline: self.hf_hub_offline,
             revision: self.revision.clone(),
             progress: true,
+            weights: true,
         }
     }
 
     /// The checkpoint directory (downloading it when --model is a repo id).
     pub fn resolve(&self) -> Result<PathBuf> {
         Ok(hub::resolve(&self.model, &self.hub())?)
+    }
+
+    /// The checkpoint directory with only its tokenizer and configs (the router loads no weights).
+    pub fn resolve_without_weights(&self) -> Result<PathBuf> {
+        let cfg = HubConfig {
+            weights: false,
+            ..self.hub()
+        };
+        Ok(hub::resolve(&self.model, &cfg)?)
     }
 
     pub fn device(&self) -> Result<Device> {

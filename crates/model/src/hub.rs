@@ -22,6 +22,8 @@ pub struct HubConfig {
     pub revision: Option<String>,
     /// Show download progress bars.
     pub progress: bool,
+    /// Also fetch the safetensors (a router needs only the tokenizer and configs).
+    pub weights: bool,
 }
 
 /// Gets one file of the repo (`required`: a miss is an error), returning its cached path.
@@ -94,6 +96,12 @@ pub fn resolve(model: &str, cfg: &HubConfig) -> Result<PathBuf> {
     }
     for f in OPTIONAL {
         fetch(f, false)?;
+    }
+    if !cfg.weights {
+        return Ok(config
+            .parent()
+            .expect("a cached file has a parent directory")
+            .to_path_buf());
     }
     match fetch("model.safetensors.index.json", false)? {
         Some(index) => {
