@@ -29,6 +29,35 @@ pub struct HubConfig {
 /// Gets one file of the repo (`required`: a miss is an error), returning its cached path.
 type Fetch<'a> = dyn FnMut(&str, bool) -> Result<Option<PathBuf>> + 'a;
 
+/// How long a download waits for another process (a pod sharing the cache) that holds the file's lock:
+/// hf-hub itself gives up after 5 s, far less than a 4 GB shard takes.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Runs `get` until it does not fail on another process's download lock, or `limit` has passed (then the
+/// last error is returned). `waiting` is called once, when the first lock failure is seen.
+fn wait_for_lock<T>(
+    mut get: impl FnMut() -> std::result::Result<T, hf_hub::api::sync::ApiError>,
+    limit: std::time::Duration,
+    pause: std::time::Duration,
+    waiting: impl FnOnce(),
+) -> std::result::Result<T, hf_hub::api::sync::ApiError> {
+    let end = std::time::Instant::now() + limit;
+    let mut waiting = Some(waiting);
+    loop {
+        match get() {
+            Err(hf_hub::api::sync::ApiError::LockAcquisition(_))
+                if std::time::Instant::now() < end =>
+            {
+                if let Some(w) = waiting.take() {
+                    w();
+                }
+                std::thread::sleep(pause);
+            }
+            r => return r,
+        }
+    }
+}
+
 /// Files a checkpoint needs besides the weights.
 const REQUIRED: &[&str] = &["config.json", "tokenizer.json"];
 const OPTIONAL: &[&str] = &[
@@ -84,10 +113,18 @@ pub fn resolve(model: &str, cfg: &HubConfig) -> Result<PathBuf> {
         }
         let api = b.build().map_err(|e| err(e.to_string()))?;
         let r = api.repo(repo);
-        Box::new(move |file: &str, required: bool| match r.get(file) {
-            Ok(p) => Ok(Some(p)),
-            Err(e) if required => Err(err(format!("cannot download {file}: {e}"))),
-            Err(_) => Ok(None),
+        Box::new(move |file: &str, required: bool| {
+            let got = wait_for_lock(
+                || r.get(file),
+                LOCK_WAIT,
+                std::time::Duration::from_secs(2),
+                || eprintln!("afnext: another process is downloading {file}; waiting for it"),
+            );
+            match got {
+                Ok(p) => Ok(Some(p)),
+                Err(e) if required => Err(err(format!("cannot download {file}: {e}"))),
+                Err(_) => Ok(None),
+            }
         })
     };
     let config = fetch(REQUIRED[0], true)?.expect("required file; this is a bug");
@@ -132,4 +169,52 @@ pub fn resolve(model: &str, cfg: &HubConfig) -> Result<PathBuf> {
         .parent()
         .expect("a cached file has a parent directory")
         .to_path_buf())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hf_hub::api::sync::ApiError;
+    use std::time::Duration;
+
+    #[test]
+    fn a_download_lock_held_elsewhere_is_waited_for_within_the_limit() {
+        let mut calls = 0;
+        let mut told = 0;
+        let r = wait_for_lock(
+            || {
+                calls += 1;
+                if calls < 4 {
+                    Err(ApiError::LockAcquisition("x.lock".into()))
+                } else {
+                    Ok(calls)
+                }
+            },
+            Duration::from_secs(5),
+            Duration::from_millis(1),
+            || told += 1,
+        );
+        assert_eq!(r.unwrap(), 4);
+        assert_eq!(told, 1);
+        // Past the limit the lock error is returned; other errors at once.
+        let r: std::result::Result<(), _> = wait_for_lock(
+            || Err(ApiError::LockAcquisition("x.lock".into())),
+            Duration::from_millis(20),
+            Duration::from_millis(5),
+            || {},
+        );
+        assert!(matches!(r, Err(ApiError::LockAcquisition(_))));
+        let mut n = 0;
+        let r: std::result::Result<(), _> = wait_for_lock(
+            || {
+                n += 1;
+                Err(ApiError::IoError(std::io::Error::other("network")))
+            },
+            Duration::from_secs(5),
+            Duration::from_millis(1),
+            || {},
+        );
+        assert!(r.is_err());
+        assert_eq!(n, 1);
+    }
 }
