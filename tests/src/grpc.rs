@@ -105,3 +105,32 @@ pub async fn run(
     );
     Ok(o)
 }
+
+/// Reads `s` until at least `n` tokens have streamed.
+pub async fn tokens_flow(s: &mut tonic::Streaming<pb::GenerateResponse>, n: usize) {
+    let mut got = 0;
+    while got < n {
+        if let Some(E::Delta(d)) = s.message().await.unwrap().unwrap().event {
+            got += d.token_ids.len();
+        }
+    }
+}
+
+/// The error status that ends `s`, failing the test unless it comes within `limit` (`after` names the cause).
+pub async fn error_within(
+    s: &mut tonic::Streaming<pb::GenerateResponse>,
+    limit: Duration,
+    after: &str,
+) -> tonic::Status {
+    let t0 = Instant::now();
+    let status = loop {
+        match tokio::time::timeout(limit, s.message()).await {
+            Err(_) => panic!("no error within {limit:?} of {after}"),
+            Ok(Ok(Some(_))) => continue,
+            Ok(Ok(None)) => panic!("the stream ended normally after {after}"),
+            Ok(Err(st)) => break st,
+        }
+    };
+    assert!(t0.elapsed() < limit, "{:?} after {after}", t0.elapsed());
+    status
+}

@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use afnext_e2e::cluster::{decoder_group, encoder, router};
-use afnext_e2e::grpc::{audio, clip, req, run, stats, text, user};
+use afnext_e2e::grpc::{audio, clip, error_within, req, run, stats, text, tokens_flow, user};
 use afnext_e2e::{free_port, signal, wait_exit, Server};
 use afnext_server::pb;
 use tonic::Code;
@@ -213,25 +213,9 @@ async fn a_group_that_loses_a_rank_fails_fast_is_avoided_and_takes_traffic_after
     long.ignore_eos = true;
     long.session_id = session.clone();
     let mut s = c.generate(long).await.unwrap().into_inner();
-    let mut got = 0;
-    while got < 3 {
-        if let Some(pb::generate_response::Event::Delta(d)) =
-            s.message().await.unwrap().unwrap().event
-        {
-            got += d.token_ids.len();
-        }
-    }
+    tokens_flow(&mut s, 3).await;
     signal(&a_followers[0], "-KILL");
-    let t0 = Instant::now();
-    let status = loop {
-        match tokio::time::timeout(Duration::from_secs(5), s.message()).await {
-            Err(_) => panic!("no error within 5 s of killing a rank"),
-            Ok(Ok(Some(_))) => continue,
-            Ok(Ok(None)) => panic!("the stream ended normally after a rank died"),
-            Ok(Err(st)) => break st,
-        }
-    };
-    assert!(t0.elapsed() < Duration::from_secs(5));
+    let status = error_within(&mut s, Duration::from_secs(5), "killing a rank").await;
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     // The same session (and every other) is now served by group B.
     tokio::time::sleep(Duration::from_millis(700)).await;

@@ -1,48 +1,19 @@
 //! `afnext decoder --tp 2` as real processes over loopback TCP: the same tokens as `afnext serve`, a clean
 //! stop of the whole group on SIGTERM, and UNAVAILABLE within 5 s (then NOT_SERVING) when a rank is killed.
 
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use afnext_e2e::cluster::decoder_group;
 use afnext_e2e::grpc::{audio, clip, req, run, text, user};
-use afnext_e2e::{afnext_bin, ckpt, free_port, signal, wait_exit, Server};
+use afnext_e2e::grpc::{error_within, tokens_flow};
+use afnext_e2e::{afnext_bin, ckpt, signal, wait_exit, Server};
 use afnext_server::pb;
 use tonic::Code;
 
 /// Rank 0 (serving the API) and the follower ranks of a TP group on tiny-a.
-fn group(tp: usize) -> (Server, Vec<Child>) {
-    let addr = format!("127.0.0.1:{}", free_port());
-    let model = ckpt("tiny-a").display().to_string();
-    let followers = (1..tp)
-        .map(|r| {
-            Command::new(afnext_bin())
-                .args(["decoder", "--model", &model, "--tp", &tp.to_string()])
-                .args(["--rank", &r.to_string(), "--group-addr", &addr])
-                .stdout(Stdio::null())
-                .stderr(Stdio::inherit())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
-    let args: Vec<String> = [
-        "decoder",
-        "--model",
-        &model,
-        "--tp",
-        &tp.to_string(),
-        "--rank",
-        "0",
-        "--group-addr",
-        &addr,
-        "--listen",
-        "127.0.0.1:0",
-        "--collective-timeout-s",
-        "10",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    (Server::spawn(&args), followers)
+fn group(tp: usize) -> (Server, Vec<std::process::Child>) {
+    decoder_group(tp, 0, &[])
 }
 
 fn requests() -> Vec<pb::GenerateRequest> {
@@ -130,25 +101,9 @@ async fn killing_a_rank_fails_in_flight_requests_within_5s_and_the_group_stops_s
     long.ignore_eos = true;
     let mut s = c.generate(long).await.unwrap().into_inner();
     // Wait until tokens flow, then kill rank 1.
-    let mut got = 0;
-    while got < 3 {
-        if let Some(pb::generate_response::Event::Delta(d)) =
-            s.message().await.unwrap().unwrap().event
-        {
-            got += d.token_ids.len();
-        }
-    }
+    tokens_flow(&mut s, 3).await;
     signal(&followers[0], "-KILL");
-    let t0 = Instant::now();
-    let status = loop {
-        match tokio::time::timeout(Duration::from_secs(5), s.message()).await {
-            Err(_) => panic!("no error within 5 s of killing a rank"),
-            Ok(Ok(Some(_))) => continue,
-            Ok(Ok(None)) => panic!("the stream ended normally after a rank died"),
-            Ok(Err(st)) => break st,
-        }
-    };
-    assert!(t0.elapsed() < Duration::from_secs(5));
+    let status = error_within(&mut s, Duration::from_secs(5), "killing a rank").await;
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert!(
         status.message().contains("decoder group"),

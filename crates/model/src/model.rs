@@ -87,13 +87,7 @@ pub struct AudioTower {
 }
 
 impl AudioTower {
-    /// Loads only the audio path's tensors of a checkpoint.
-    pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        let cfg = AfNextConfig::load(dir)?;
-        let w = Weights::load(dir, dtype, device)?;
-        Self::from_weights(cfg, &w)
-    }
-
+    /// The audio path of the weights `w` (only its tensors are read).
     pub fn from_weights(cfg: AfNextConfig, w: &Weights) -> Result<Self> {
         Ok(AudioTower {
             encoder: AudioEncoder::load(w, &cfg.audio)?,

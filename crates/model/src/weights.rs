@@ -162,14 +162,7 @@ impl Weights {
                 return random_tensor(*seed, name, shape, dtype, &self.device)
             }
         };
-        let view = st.get(&stored)?;
-        if view.shape() != shape {
-            return Err(ModelError::ShapeMismatch {
-                name: stored,
-                expected: shape.to_vec(),
-                got: view.shape().to_vec(),
-            });
-        }
+        checked_view(st, &stored, shape)?;
         Ok(st.load(&stored, &self.device)?.to_dtype(dtype)?)
     }
 }
@@ -209,14 +202,7 @@ impl Weights {
                 return Ok(full.narrow(dim, range.start, range.len())?.contiguous()?);
             }
         };
-        let view = st.get(&stored)?;
-        if view.shape() != shape {
-            return Err(ModelError::ShapeMismatch {
-                name: stored,
-                expected: shape.to_vec(),
-                got: view.shape().to_vec(),
-            });
-        }
+        let view = checked_view(st, &stored, shape)?;
         let dtype = match view.dtype() {
             safetensors::Dtype::F32 => DType::F32,
             safetensors::Dtype::BF16 => DType::BF16,
@@ -248,6 +234,23 @@ impl Weights {
                 .to_dtype(self.dtype)?,
         )
     }
+}
+
+/// The stored tensor `stored`, which must have `shape` (the error names the tensor and both shapes).
+fn checked_view<'a>(
+    st: &'a MmapedSafetensors,
+    stored: &str,
+    shape: &[usize],
+) -> Result<safetensors::tensor::TensorView<'a>> {
+    let view = st.get(stored)?;
+    if view.shape() != shape {
+        return Err(ModelError::ShapeMismatch {
+            name: stored.to_string(),
+            expected: shape.to_vec(),
+            got: view.shape().to_vec(),
+        });
+    }
+    Ok(view)
 }
 
 fn random_tensor(
