@@ -15,9 +15,33 @@ pub mod cluster;
 pub mod grpc;
 use safetensors::{Dtype, SafeTensors};
 
-/// `tests/fixtures` of this package.
+/// The device the model tests run on, from `AFNEXT_TEST_DEVICE`: `cpu` (the default) or `cuda:N`.
+/// `scripts/gpu-check.sh` runs the golden tests with `cuda:0` on a lent GPU. One device per test process:
+/// candle refuses to mix tensors of two `CudaDevice`s, and each `new_cuda` makes a new one.
+pub fn test_device() -> candle_core::Device {
+    static DEV: std::sync::OnceLock<candle_core::Device> = std::sync::OnceLock::new();
+    DEV.get_or_init(|| match std::env::var("AFNEXT_TEST_DEVICE").as_deref() {
+        Err(_) | Ok("") | Ok("cpu") => candle_core::Device::Cpu,
+        Ok(s) => {
+            let n = s
+                .strip_prefix("cuda:")
+                .or((s == "cuda").then_some("0"))
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("AFNEXT_TEST_DEVICE must be cpu or cuda:N, got {s:?}"));
+            candle_core::Device::new_cuda(n)
+                .unwrap_or_else(|e| panic!("AFNEXT_TEST_DEVICE={s}: {e}"))
+        }
+    })
+    .clone()
+}
+
+/// `tests/fixtures` of this package, or `$AFNEXT_FIXTURES` (test executables carried to another machine,
+/// as scripts/gpu-check.sh does, find the fixtures of the checkout they run in).
 pub fn fixtures_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+    match std::env::var_os("AFNEXT_FIXTURES") {
+        Some(p) => PathBuf::from(p),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures"),
+    }
 }
 
 /// The `afnext` binary of this build: `$AFNEXT_BIN`, or `afnext` next to the test executable's `deps/`

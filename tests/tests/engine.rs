@@ -5,14 +5,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use afnext_e2e::{ckpt, fixtures_dir, lone_logits, top2_gap};
+use afnext_e2e::{ckpt, fixtures_dir, lone_logits, test_device, top2_gap};
 use afnext_engine::{
     Engine, EngineConfig, EngineError, Event, GenerateRequest, SchedulerConfig, Summary,
 };
 use afnext_model::config::GenerationDefaults;
 use afnext_model::{AfNext, SamplingParams};
 use afnext_prompt::{AudioSource, Conversation, PromptProcessor};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 
 fn engine(ck: &str, cfg: EngineConfig) -> Engine {
     engine_in(ck, cfg, DType::F32)
@@ -20,7 +20,7 @@ fn engine(ck: &str, cfg: EngineConfig) -> Engine {
 
 fn engine_in(ck: &str, cfg: EngineConfig, dtype: DType) -> Engine {
     let dir = ckpt(ck);
-    let model = AfNext::load(&dir, dtype, &Device::Cpu).unwrap();
+    let model = AfNext::load(&dir, dtype, &test_device()).unwrap();
     let gen = GenerationDefaults::load(&dir, &model.cfg.text).unwrap();
     let proc = PromptProcessor::load(&dir).unwrap();
     Engine::start(Arc::new(model), Arc::new(proc), gen, cfg).unwrap()
@@ -135,7 +135,7 @@ fn sixteen_concurrent_requests_match_each_request_run_alone() {
     wait_idle(&e);
     let s = e.stats();
     assert_eq!(s.kv.used, 0, "blocks leaked: {s:?}");
-    let model = AfNext::load(&ckpt("tiny-a"), DType::F32, &Device::Cpu).unwrap();
+    let model = AfNext::load(&ckpt("tiny-a"), DType::F32, &test_device()).unwrap();
     let proc = PromptProcessor::load(&ckpt("tiny-a")).unwrap();
     let mut divergences = 0;
     for (i, (a, t)) in alone.iter().zip(&together).enumerate() {
@@ -182,7 +182,7 @@ fn bf16_batched_requests_equal_their_lone_runs() {
 fn batched_engine_matches_the_single_sequence_generator() {
     let e = engine("tiny-b", EngineConfig::default());
     let dir = ckpt("tiny-b");
-    let model = AfNext::load(&dir, DType::F32, &Device::Cpu).unwrap();
+    let model = AfNext::load(&dir, DType::F32, &test_device()).unwrap();
     let proc = PromptProcessor::load(&dir).unwrap();
     let gen = GenerationDefaults::load(&dir, &model.cfg.text).unwrap();
     let conv = Conversation::single_turn(
@@ -363,9 +363,9 @@ fn deadlines_and_queue_limits() {
 /// The paged path with a key chunk of 7 (online softmax over many chunks), scattered blocks, a prompt split
 /// over two steps and two sequences in one step, against the contiguous single-sequence cache.
 #[test]
-fn paged_attention_in_key_chunks_matches_the_contiguous_cache() {
+fn paged_attention_in_attn_blocks_matches_the_contiguous_cache() {
     use afnext_model::paged::{PagedKv, SeqStep};
-    let model = AfNext::load(&ckpt("tiny-b"), DType::F32, &Device::Cpu).unwrap();
+    let model = AfNext::load(&ckpt("tiny-b"), DType::F32, &test_device()).unwrap();
     let v = model.cfg.text.vocab_size as u32;
     let ids: Vec<u32> = (0..100u32).map(|i| (i * 37 + 11) % v).collect();
     let emb = model.decoder.embed_rows(&ids).unwrap();
@@ -375,9 +375,9 @@ fn paged_attention_in_key_chunks_matches_the_contiguous_cache() {
         .unwrap()
         .squeeze(0)
         .unwrap();
-    let kv = PagedKv::new(&model.cfg.text, 64, 4, DType::F32, &Device::Cpu)
+    let kv = PagedKv::new(&model.cfg.text, 64, 4, DType::F32, &test_device())
         .unwrap()
-        .with_key_chunk(7);
+        .with_attn_block(7);
     // Sequence A uses blocks 63, 61, 59, ... ; sequence B (the same tokens) blocks 0, 2, 4, ...
     let table_a: Vec<u32> = (0..25).map(|i| 63 - 2 * i).collect();
     let table_b: Vec<u32> = (0..25).map(|i| 2 * i).collect();
@@ -424,4 +424,112 @@ fn paged_attention_in_key_chunks_matches_the_contiguous_cache() {
             .unwrap();
         assert!(d < 1e-5, "paged hidden states differ by {d}");
     }
+}
+
+/// Decode steps attended for all sequences at once (padded gather, the GPU's default) against the
+/// per-sequence path, with sequences of different lengths in scattered blocks.
+#[test]
+fn batched_decode_attention_matches_per_sequence_attention() {
+    use afnext_model::paged::{PagedKv, SeqStep};
+    for ck in ["tiny-a", "tiny-b"] {
+        let model = AfNext::load(&ckpt(ck), DType::F32, &test_device()).unwrap();
+        let v = model.cfg.text.vocab_size as u32;
+        let pool = |batched: usize| {
+            PagedKv::new(&model.cfg.text, 64, 4, DType::F32, &test_device())
+                .unwrap()
+                .with_decode_batch_keys(batched)
+        };
+        let (per_seq, batched) = (pool(0), pool(1 << 20));
+        let tables: [Vec<u32>; 3] = [
+            (0..10).map(|i| 63 - 3 * i).collect(),
+            (0..10).map(|i| 2 * i).collect(),
+            (0..10).map(|i| 2 * i + 1).collect(),
+        ];
+        let lens = [30usize, 17, 5];
+        let rows = |n: usize, salt: u32| {
+            let ids: Vec<u32> = (0..n as u32).map(|i| (i * 31 + salt) % v).collect();
+            model.decoder.embed_rows(&ids).unwrap()
+        };
+        let prompt: Vec<SeqStep> = (0..3)
+            .map(|i| SeqStep {
+                start: 0,
+                len: lens[i],
+                block_table: tables[i].clone(),
+            })
+            .collect();
+        let x = Tensor::cat(&[rows(30, 1), rows(17, 2), rows(5, 3)], 0).unwrap();
+        for kv in [&per_seq, &batched] {
+            model.decoder.forward_paged(&x, &prompt, kv).unwrap();
+        }
+        for step in 0..3 {
+            let seqs: Vec<SeqStep> = (0..3)
+                .map(|i| SeqStep {
+                    start: lens[i] + step,
+                    len: 1,
+                    block_table: tables[i].clone(),
+                })
+                .collect();
+            let x = rows(3, 7 + step as u32);
+            let a = model.decoder.forward_paged(&x, &seqs, &per_seq).unwrap();
+            let b = model.decoder.forward_paged(&x, &seqs, &batched).unwrap();
+            let d: f32 = (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            eprintln!("{ck} step {step}: batched decode differs by {d:.2e}");
+            assert!(d < 1e-5, "{ck} step {step}: batched decode differs by {d}");
+        }
+    }
+}
+
+/// A long step into consecutive blocks writes the cache with one copy per run of slots (not the scatter
+/// kernel), and attends in many small query blocks: the hidden states are the contiguous cache's.
+#[test]
+fn long_steps_write_runs_of_slots_and_attend_in_blocks() {
+    use afnext_model::paged::{PagedKv, SeqStep};
+    let model = AfNext::load(&ckpt("tiny-a"), DType::F32, &test_device()).unwrap();
+    let v = model.cfg.text.vocab_size as u32;
+    let ids: Vec<u32> = (0..150u32).map(|i| (i * 13 + 5) % v).collect();
+    let emb = model.decoder.embed_rows(&ids).unwrap();
+    let mut cache = model.new_cache();
+    let want = model
+        .prefill(&emb.unsqueeze(0).unwrap(), &mut cache, 4096, true)
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    let kv = PagedKv::new(&model.cfg.text, 64, 4, DType::F32, &test_device())
+        .unwrap()
+        .with_attn_block(16);
+    // Blocks 10..48 are consecutive except for one jump: two runs for the first step.
+    let mut table: Vec<u32> = (10..30).collect();
+    table.extend(40..60);
+    let step = |start: usize, len: usize| {
+        model
+            .decoder
+            .forward_paged(
+                &emb.narrow(0, start, len).unwrap(),
+                &[SeqStep {
+                    start,
+                    len,
+                    block_table: table.clone(),
+                }],
+                &kv,
+            )
+            .unwrap()
+    };
+    let got = Tensor::cat(&[step(0, 100), step(100, 50)], 0).unwrap();
+    let d: f32 = (got - want)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    eprintln!("runs + blocks: hidden states differ by {d:.2e}");
+    assert!(d < 1e-5, "hidden states differ by {d}");
 }

@@ -4,10 +4,10 @@
 use std::sync::atomic::AtomicBool;
 
 use afnext_audio::Overflow;
-use afnext_e2e::{ckpt, fixtures_dir, get, load_tensors};
+use afnext_e2e::{ckpt, fixtures_dir, get, load_tensors, test_device};
 use afnext_model::{AfNext, FinishReason, GenerationParams, IncrementalDecoder, SamplingParams};
 use afnext_prompt::{prepare, AudioSource, Conversation, PromptProcessor};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 
 struct Setup {
     model: AfNext,
@@ -19,7 +19,7 @@ struct Setup {
 fn setup(ck: &str, dtype: DType) -> Setup {
     let dir = ckpt(ck);
     let proc = PromptProcessor::load(&dir).unwrap();
-    let model = AfNext::load(&dir, dtype, &Device::Cpu).unwrap();
+    let model = AfNext::load(&dir, dtype, &test_device()).unwrap();
     let conv = Conversation::single_turn(
         None,
         Some(AudioSource::Path(
@@ -30,7 +30,7 @@ fn setup(ck: &str, dtype: DType) -> Setup {
     let p = prepare(&proc, &conv, Overflow::Reject).unwrap();
     let fe = afnext_audio::Frontend::new(&proc.config().frontend).unwrap();
     let f = afnext_prompt::prepare::features(&fe, &p.audios[0], 1).unwrap();
-    let x = Tensor::from_vec(f.features.clone(), (1, f.n_mels, f.frames), &Device::Cpu).unwrap();
+    let x = Tensor::from_vec(f.features.clone(), (1, f.n_mels, f.frames), &test_device()).unwrap();
     let stages = model
         .encode_windows(&x, &[f.plan.windows[0].valid_frames], &[0])
         .unwrap();
@@ -153,7 +153,7 @@ fn bf16_stays_close_to_the_f32_reference() {
             .collect();
         let mut cache = s.model.new_cache();
         let h = s.model.prefill(&s.embeds, &mut cache, 512, true).unwrap();
-        let idx = Tensor::from_vec(rows.clone(), rows.len(), &Device::Cpu).unwrap();
+        let idx = Tensor::from_vec(rows.clone(), rows.len(), &test_device()).unwrap();
         let logits = s
             .model
             .decoder

@@ -5,11 +5,13 @@
 use std::sync::atomic::AtomicBool;
 
 use afnext_audio::{Frontend, Overflow};
-use afnext_e2e::{ckpt, fixtures_dir, get, load_tensors, reference, Tensor as FxTensor};
+use afnext_e2e::{
+    ckpt, fixtures_dir, get, load_tensors, reference, test_device, Tensor as FxTensor,
+};
 use afnext_model::rote::{self, RoteTables};
 use afnext_model::{AfNext, AudioStages, GenerationParams, SamplingParams};
 use afnext_prompt::{prepare, Conversation, PreparedPrompt, PromptProcessor};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 
 struct Run {
     model: AfNext,
@@ -22,7 +24,7 @@ struct Run {
 fn run(ck: &str, case: &str, dtype: DType) -> Run {
     let dir = ckpt(ck);
     let proc = PromptProcessor::load(&dir).unwrap();
-    let model = AfNext::load(&dir, dtype, &Device::Cpu).unwrap();
+    let model = AfNext::load(&dir, dtype, &test_device()).unwrap();
     let path = fixtures_dir().join(format!("{case}.conversation.json"));
     let value: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
@@ -33,7 +35,7 @@ fn run(ck: &str, case: &str, dtype: DType) -> Run {
     let f = afnext_prompt::prepare::features(&fe, audio, 2).unwrap();
     let w = f.plan.windows.len();
     let feats =
-        Tensor::from_vec(f.features.clone(), (w, f.n_mels, f.frames), &Device::Cpu).unwrap();
+        Tensor::from_vec(f.features.clone(), (w, f.n_mels, f.frames), &test_device()).unwrap();
     let valid: Vec<usize> = f.plan.windows.iter().map(|x| x.valid_frames).collect();
     let idx: Vec<usize> = f.plan.windows.iter().map(|x| x.index).collect();
     let stages = model.encode_windows(&feats, &valid, &idx).unwrap();
@@ -162,7 +164,7 @@ fn check_audio_path(ck: &str, case: &str) {
     // RoTE applied to the reference encoder rows equals the reference post-RoTE rows up to the 1-ulp cos/sin
     // differences above: |x| * 6e-8 for |x| of a few units, so 1e-6 absolute.
     let enc_ref_t =
-        Tensor::from_vec(enc_ref.f32().unwrap(), (w, rows.len(), d), &Device::Cpu).unwrap();
+        Tensor::from_vec(enc_ref.f32().unwrap(), (w, rows.len(), d), &test_device()).unwrap();
     let post = host(&rote::apply(&enc_ref_t, &sel).unwrap());
     let post_ref = get(&m, "post_rote_hidden").unwrap().f32().unwrap();
     diff(
@@ -187,7 +189,7 @@ fn check_audio_path(ck: &str, case: &str) {
             let x = Tensor::from_slice(
                 &post_ref[(win * rows.len() + pos) * d..][..d],
                 (1, d),
-                &Device::Cpu,
+                &test_device(),
             )
             .unwrap();
             got.extend(host(&r.model.audio.projector.forward(&x).unwrap()));
@@ -368,7 +370,7 @@ fn windows_encode_independently() {
     let x = Tensor::from_vec(
         f.features[2 * wl..3 * wl].to_vec(),
         (1, f.n_mels, f.frames),
-        &Device::Cpu,
+        &test_device(),
     )
     .unwrap();
     let alone = r.model.encode_windows(&x, &[w.valid_frames], &[2]).unwrap();

@@ -1,6 +1,7 @@
 //! `afnext decoder --tp N --rank R`: one rank of a tensor-parallel decoder group.
 //!
-//! Rank 0 binds `--group-addr`, waits for ranks 1..N to join (TCP collectives on CPUs), loads the audio path
+//! Rank 0 binds `--group-addr`, waits for ranks 1..N to join (TCP collectives on CPUs; NCCL, bootstrapped over the same TCP link, when
+//! built with `--features cuda` and run with `--device cuda:N`), loads the audio path
 //! and its decoder share, and serves the gRPC API like `afnext serve` plus the cluster's internal decoder
 //! API (prepared requests from routers, window embeddings from encoder workers); its engine tells the other
 //! ranks each step what to run. Ranks 1..N connect to `--group-addr`, load only their share and follow until rank 0
@@ -17,6 +18,7 @@ use afnext_model::config::AfNextConfig;
 use afnext_model::decoder::Qwen2;
 use afnext_model::AfNext;
 use anyhow::{bail, Context, Result};
+use candle_core::Device;
 use clap::Args;
 
 use crate::serve::ServeArgs;
@@ -66,32 +68,16 @@ pub fn run(args: DecoderArgs) -> Result<()> {
     // Refuse an impossible split before anyone waits for a group.
     let model_cfg = AfNextConfig::load(&dir)?;
     afnext_model::tp::TextShard::new(&model_cfg.text, args.rank, args.tp)?;
-    let group: Arc<dyn Collective> = if args.tp == 1 {
-        Arc::new(Single)
-    } else {
-        let Some(addr) = args.group_addr.as_deref() else {
-            bail!("--group-addr is required when --tp is more than 1");
-        };
-        if args.rank == 0 {
-            let l = std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
-            eprintln!(
-                "afnext decoder: rank 0 waiting for {} rank(s) on {}",
-                args.tp - 1,
-                l.local_addr()?
-            );
-            Arc::new(TcpGroup::lead(l, args.tp, cfg)?)
-        } else {
-            Arc::new(TcpGroup::join(args.rank, args.tp, addr, cfg)?)
-        }
-    };
+    let device = args.serve.model.device()?;
+    let group = form_group(&args, cfg, &device)?;
     if args.rank == 0 {
-        let (cfg, w) = args.serve.model.weights(&dir)?;
+        let (cfg, w) = args.serve.model.weights_on(&dir, &device)?;
         let model = AfNext::from_weights_in(cfg, &w, group)
             .with_context(|| format!("loading the model from {}", dir.display()))?;
         let role = crate::serve::LeaderRole { etcd: args.etcd };
         return crate::serve::run_with(args.serve, &dir, model, Some(role));
     }
-    let (_, w) = args.serve.model.weights(&dir)?;
+    let (_, w) = args.serve.model.weights_on(&dir, &device)?;
     let decoder = Qwen2::load_shard(&w, &model_cfg.text, group)
         .with_context(|| format!("loading rank {}'s share of {}", args.rank, dir.display()))?;
     drop(w);
@@ -122,4 +108,35 @@ pub fn run(args: DecoderArgs) -> Result<()> {
         .with_context(|| format!("rank {} of the decoder group", args.rank))?;
     eprintln!("afnext decoder: rank {} stopped", args.rank);
     Ok(())
+}
+
+/// The collective group of this rank: none for one rank; TCP between ranks on the CPU; NCCL over the same
+/// TCP bootstrap (which keeps carrying rank 0's step plans) when this build has CUDA and the model is on a GPU.
+fn form_group(args: &DecoderArgs, cfg: TcpConfig, device: &Device) -> Result<Arc<dyn Collective>> {
+    if args.tp == 1 {
+        return Ok(Arc::new(Single));
+    }
+    let Some(addr) = args.group_addr.as_deref() else {
+        bail!("--group-addr is required when --tp is more than 1");
+    };
+    let tcp = if args.rank == 0 {
+        let l = std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
+        eprintln!(
+            "afnext decoder: rank 0 waiting for {} rank(s) on {}",
+            args.tp - 1,
+            l.local_addr()?
+        );
+        TcpGroup::lead(l, args.tp, cfg)?
+    } else {
+        TcpGroup::join(args.rank, args.tp, addr, cfg)?
+    };
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        let g = afnext_collectives::nccl::NcclGroup::with_stream(Arc::new(tcp), d.cuda_stream())
+            .context("forming the NCCL group")?;
+        eprintln!("afnext decoder: rank {} joined the NCCL group", args.rank);
+        return Ok(Arc::new(g));
+    }
+    let _ = device;
+    Ok(Arc::new(tcp))
 }

@@ -94,8 +94,18 @@ impl ModelArgs {
 
     /// The weights of the checkpoint in `dir` (memory-mapped), or random ones with `--random-weights`.
     pub fn weights(&self, dir: &std::path::Path) -> Result<(afnext_model::AfNextConfig, Weights)> {
+        self.weights_on(dir, &self.device()?)
+    }
+
+    /// As [`Self::weights`], on a device the caller already opened (a CUDA device is one stream: the NCCL
+    /// group of a decoder rank must run on the model's own).
+    pub fn weights_on(
+        &self,
+        dir: &std::path::Path,
+        device: &Device,
+    ) -> Result<(afnext_model::AfNextConfig, Weights)> {
         let cfg = afnext_model::AfNextConfig::load(dir)?;
-        let (dtype, device) = (self.dtype.dtype(), self.device()?);
+        let (dtype, device) = (self.dtype.dtype(), device.clone());
         let w = match self.random_weights {
             Some(seed) => Weights::random(seed, cfg.text.tie_word_embeddings, dtype, &device),
             None => Weights::load(dir, dtype, &device)

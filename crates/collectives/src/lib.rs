@@ -7,7 +7,7 @@
 //! * [`Single`]: a group of one; every operation is the identity.
 //! * [`tcp::TcpGroup`]: processes on CPUs connected by TCP in a star around rank 0. Rank 0 adds the
 //!   contributions in rank order, so every rank gets the same bits and a run is reproducible.
-//! * `nccl::NcclGroup` (feature `nccl`): GPUs, through cudarc's NCCL bindings, bootstrapped over a TCP
+//! * `nccl::NcclGroup` (feature `nccl`, or `cuda` for the GPU build): GPUs, through cudarc's NCCL bindings, bootstrapped over a TCP
 //!   group.
 //!
 //! Errors are typed: a peer that went away or stalled past the operation timeout fails the operation (and,
@@ -17,7 +17,13 @@ use std::time::Duration;
 
 use candle_core::{DType, Tensor};
 
-#[cfg(feature = "nccl")]
+#[cfg(all(feature = "nccl", feature = "cuda"))]
+compile_error!(
+    "features `nccl` (cudarc loaded at run time, for CPU-only CI) and `cuda` (cudarc linked as candle links it) \
+     cannot be combined: pick one"
+);
+
+#[cfg(any(feature = "nccl", feature = "cuda"))]
 pub mod nccl;
 pub mod tcp;
 

@@ -4,9 +4,13 @@
 //! group's TCP link ([`TcpGroup`], which also carries rank 0's step instructions), so no second rendezvous
 //! service is needed. Then every rank opens its communicator on its GPU.
 //!
-//! This build exchanges host buffers (copy to the device, NCCL, copy back): it is the correct, portable
-//! baseline that compiles and runs its id exchange on machines without a GPU. The CUDA build of the model
-//! overrides the tensor methods to reduce candle's device buffers in place.
+//! Two builds share this file:
+//! * feature `nccl` (cudarc loads libcuda/libnccl at run time): the byte-slice methods copy host buffers to
+//!   the device and back. It compiles and runs its id exchange on machines without a GPU (CI).
+//! * feature `cuda` (cudarc linked as candle links it): additionally, [`Collective::all_reduce_tensor`] of a
+//!   candle CUDA tensor runs NCCL on candle's own buffers and stream, so the decoder's row-parallel sums never
+//!   leave the GPU. Form the group with [`NcclGroup::with_stream`] on the model's device stream
+//!   (`CudaDevice::cuda_stream`), so that NCCL is ordered with the kernels that produce its input.
 
 use std::sync::{Arc, Mutex};
 
@@ -21,9 +25,16 @@ fn gpu(e: impl std::fmt::Debug) -> CollectiveError {
 }
 
 /// True when libnccl can be loaded (it can without a GPU; a communicator then needs one).
+#[cfg(feature = "nccl")]
 pub fn nccl_present() -> bool {
     // SAFETY: only probes whether the shared library can be opened.
     unsafe { cudarc::nccl::sys::is_culib_present() }
+}
+
+/// The CUDA build links libnccl, so it is present whenever the program started.
+#[cfg(feature = "cuda")]
+pub fn nccl_present() -> bool {
+    true
 }
 
 /// Rank 0 makes a unique id and broadcasts it over `bootstrap`; every rank returns the same id.
@@ -59,14 +70,18 @@ unsafe impl Sync for NcclGroup {}
 impl NcclGroup {
     /// Forms the NCCL group of the ranks of `bootstrap`, this rank on GPU `ordinal`.
     pub fn new(bootstrap: Arc<TcpGroup>, ordinal: usize) -> Result<Self> {
+        let ctx = CudaContext::new(ordinal).map_err(gpu)?;
+        Self::with_stream(bootstrap, ctx.default_stream())
+    }
+
+    /// Forms the group with NCCL running on `stream` (in the CUDA build: the model device's stream).
+    pub fn with_stream(bootstrap: Arc<TcpGroup>, stream: Arc<CudaStream>) -> Result<Self> {
         if !nccl_present() {
             return Err(CollectiveError::Setup(
                 "libnccl is not loadable (install NCCL or set LD_LIBRARY_PATH)".into(),
             ));
         }
         let id = exchange_id(bootstrap.as_ref())?;
-        let ctx = CudaContext::new(ordinal).map_err(gpu)?;
-        let stream = ctx.default_stream();
         let comm = Comm::from_rank(stream.clone(), bootstrap.rank(), bootstrap.world_size(), id)
             .map_err(gpu)?;
         Ok(NcclGroup {
@@ -125,6 +140,69 @@ impl Collective for NcclGroup {
     fn broadcast(&self, root: usize, bytes: Vec<u8>) -> Result<Vec<u8>> {
         self.bootstrap.broadcast(root, bytes)
     }
+
+    /// CUDA tensors are summed by NCCL on the device, in f32 as the TCP group sums (and also for one rank,
+    /// so that a one-GPU run exercises the same path as a group).
+    #[cfg(feature = "cuda")]
+    fn all_reduce_tensor(&self, t: &candle_core::Tensor) -> Result<candle_core::Tensor> {
+        use candle_core::DType;
+        if !t.device().is_cuda() {
+            let mut v: Vec<f32> = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+            self.all_reduce_sum(&mut v)?;
+            return Ok(
+                candle_core::Tensor::from_vec(v, t.shape(), t.device())?.to_dtype(t.dtype())?
+            );
+        }
+        let sum = t
+            .to_dtype(DType::F32)?
+            .contiguous()?
+            .apply_op1_no_bwd(&device::AllReduce(self))?;
+        Ok(sum.to_dtype(t.dtype())?)
+    }
+}
+
+/// NCCL on candle's device buffers, as a candle custom op (the public way to reach a tensor's storage).
+#[cfg(feature = "cuda")]
+mod device {
+    use candle_core::backend::BackendStorage;
+    use candle_core::{CpuStorage, CudaStorage, CustomOp1, Layout, Shape};
+
+    use super::NcclGroup;
+
+    pub(super) struct AllReduce<'a>(pub(super) &'a NcclGroup);
+
+    fn err(e: impl std::fmt::Debug) -> candle_core::Error {
+        candle_core::Error::Msg(format!("NCCL all-reduce: {e:?}"))
+    }
+
+    impl CustomOp1 for AllReduce<'_> {
+        fn name(&self) -> &'static str {
+            "nccl-all-reduce-sum"
+        }
+
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+            Err(err("a CPU tensor reached the device path"))
+        }
+
+        fn cuda_fwd(
+            &self,
+            s: &CudaStorage,
+            l: &Layout,
+        ) -> candle_core::Result<(CudaStorage, Shape)> {
+            let (start, end) = l
+                .contiguous_offsets()
+                .ok_or_else(|| err("the input is not contiguous"))?;
+            let src = s.as_cuda_slice::<f32>()?.slice(start..end);
+            let mut dst = self.0.stream.alloc_zeros::<f32>(end - start).map_err(err)?;
+            let comm = self.0.comm.lock().unwrap_or_else(|p| p.into_inner());
+            comm.all_reduce(&src, &mut dst, &cudarc::nccl::safe::ReduceOp::Sum)
+                .map_err(err)?;
+            Ok((
+                CudaStorage::wrap_cuda_slice(dst, s.device().clone()),
+                l.shape().clone(),
+            ))
+        }
+    }
 }
 
 #[cfg(test)]
@@ -154,5 +232,59 @@ mod tests {
         let id = *exchange_id(&g).unwrap().internal();
         assert_eq!(f.join().unwrap(), id);
         assert!(id.iter().any(|&c| c != 0));
+    }
+
+    /// One rank on the GPU: NCCL sums candle's device buffer on candle's stream (an identity for one rank,
+    /// which still runs the whole device path: storage access, NCCL, wrapping the result). Needs a GPU; it
+    /// skips without one unless `AFNEXT_EXPECT_GPU` is set (scripts/gpu-check.sh sets it).
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn one_rank_sums_device_tensors_on_the_gpu() {
+        use candle_core::{DType, Device, Tensor};
+        let dev = match Device::new_cuda(0) {
+            Ok(d) => d,
+            Err(e) => {
+                assert!(
+                    std::env::var("AFNEXT_EXPECT_GPU").is_err(),
+                    "no GPU but AFNEXT_EXPECT_GPU is set: {e}"
+                );
+                eprintln!("skipped: no GPU ({e})");
+                return;
+            }
+        };
+        let Device::Cuda(cuda) = &dev else {
+            unreachable!()
+        };
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let tcp = Arc::new(TcpGroup::lead(l, 1, TcpConfig::default()).unwrap());
+        let g = NcclGroup::with_stream(tcp, cuda.cuda_stream()).unwrap();
+        for dtype in [DType::F32, DType::BF16] {
+            let t = Tensor::randn(0f32, 1.0, (3, 1000), &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let s = g.all_reduce_tensor(&t).unwrap();
+            assert!(s.device().is_cuda());
+            assert_eq!(s.dtype(), dtype);
+            let want: Vec<f32> = t
+                .to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let got: Vec<f32> = s
+                .to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert_eq!(got, want);
+        }
+        // The host path of the same group.
+        let mut v = vec![1.5f32, -2.0, 3.25];
+        g.all_reduce_sum(&mut v).unwrap();
+        assert_eq!(v, [1.5, -2.0, 3.25]);
     }
 }

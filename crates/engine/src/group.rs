@@ -47,7 +47,7 @@ impl Ranks {
         self.send(&GroupMsg::Init {
             num_blocks: kv.num_blocks(),
             block_size: kv.block_size(),
-            key_chunk: kv.key_chunk(),
+            attn_block: kv.attn_block(),
         })
     }
 
@@ -101,11 +101,11 @@ pub fn run_follower(decoder: &Qwen2) -> Result<()> {
             GroupMsg::Init {
                 num_blocks,
                 block_size,
-                key_chunk,
+                attn_block,
             } => {
                 kv = Some(
                     PagedKv::new(&local, num_blocks, block_size, dtype, &device)?
-                        .with_key_chunk(key_chunk),
+                        .with_attn_block(attn_block),
                 );
             }
             GroupMsg::Step { plan, audio, trace } => {

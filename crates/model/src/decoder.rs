@@ -32,6 +32,15 @@ impl RmsNorm {
         })
     }
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if x.device().is_cuda() {
+            // One fused kernel (f32 accumulation) instead of eight launches: decode on a GPU is launch-bound.
+            // It rounds once after the weight instead of before it (bf16: within a rounding step).
+            return Ok(candle_nn::ops::rms_norm(
+                &x.contiguous()?,
+                &self.weight,
+                self.eps as f32,
+            )?);
+        }
         let dtype = x.dtype();
         let xf = x.to_dtype(DType::F32)?;
         let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
@@ -93,13 +102,33 @@ impl Rope {
         }
         let c = Tensor::from_vec(c, (len, 2 * half), dev)?.to_dtype(dtype)?;
         let s = Tensor::from_vec(s, (len, 2 * half), dev)?.to_dtype(dtype)?;
+        if dev.is_cuda() {
+            // The fused CUDA kernel takes the first half (the halves are equal); `apply` sees the width.
+            return Ok((
+                c.narrow(1, 0, half)?.contiguous()?,
+                s.narrow(1, 0, half)?.contiguous()?,
+            ));
+        }
         Ok((c, s))
     }
 
     /// `x * cos + rotate_half(x) * sin`, `x`: (b, heads, len, head_dim) with cos/sin (len, head_dim), or
-    /// (rows, heads, head_dim) with cos/sin (rows, 1, head_dim).
+    /// (rows, heads, head_dim) with cos/sin (rows, 1, head_dim). On CUDA the tables are half as wide and one
+    /// fused kernel does it (same arithmetic per element: x1*cos - x2*sin, x2*cos + x1*sin).
     fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         let hd = x.dim(D::Minus1)?;
+        if cos.dim(D::Minus1)? * 2 == hd {
+            let flat = |t: &Tensor| -> Result<Tensor> {
+                let n = t.dim(0)?;
+                Ok(t.reshape((n, hd / 2))?)
+            };
+            let (c, s) = (flat(cos)?, flat(sin)?);
+            return Ok(match x.rank() {
+                3 => candle_nn::rotary_emb::rope_thd(&x.unsqueeze(0)?.contiguous()?, &c, &s)?
+                    .squeeze(0)?,
+                _ => candle_nn::rotary_emb::rope(&x.contiguous()?, &c, &s)?,
+            });
+        }
         let x1 = x.narrow(D::Minus1, 0, hd / 2)?;
         let x2 = x.narrow(D::Minus1, hd / 2, hd / 2)?;
         let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
@@ -284,8 +313,14 @@ impl DecoderLayer {
         let q = Rope::apply(&self.q.forward(&y)?.reshape((t, nh, hd))?, cos, sin)?;
         let k = Rope::apply(&self.k.forward(&y)?.reshape((t, nkv, hd))?, cos, sin)?;
         let v = self.v.forward(&y)?;
-        kv.0.scatter_set(&index.write, &k.reshape((t, nkv * hd))?.contiguous()?, 0)?;
-        kv.1.scatter_set(&index.write, &v.contiguous()?, 0)?;
+        index
+            .write
+            .apply(kv.0, &k.reshape((t, nkv * hd))?.contiguous()?)?;
+        index.write.apply(kv.1, &v.contiguous()?)?;
+        if let Some(d) = &index.decode {
+            let o = paged::attend_decode(&q, d, kv, c)?;
+            return self.output(h, &o);
+        }
         // Few-query sequences on the CPU: one fused pass over the pool; longer chunks: blocked matmuls.
         let short: Vec<bool> = seqs
             .iter()
@@ -309,12 +344,12 @@ impl DecoderLayer {
             fused => {
                 let mut outs = Vec::with_capacity(seqs.len());
                 let mut row = 0;
-                for ((s, chunks), &is_short) in seqs.iter().zip(&index.read).zip(&short) {
+                for ((s, slots), &is_short) in seqs.iter().zip(&index.read).zip(&short) {
                     match &fused {
                         Some(f) if is_short => outs.push(f.narrow(0, row, s.len)?),
                         _ => {
                             let qs = q.narrow(0, row, s.len)?.transpose(0, 1)?.contiguous()?;
-                            outs.push(paged::attend(&qs, s.start, chunks, kv, c)?);
+                            outs.push(paged::attend(&qs, s.start, slots, kv, c, index.attn_block)?);
                         }
                     }
                     row += s.len;

@@ -2,7 +2,7 @@
 //! Reference: transformers 5.23 `models/audioflamingo3/modeling_audioflamingo3.py` (encoder), as used by
 //! `models/musicflamingo`.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::Tensor;
 
 pub use afnext_audio::{conv_len, tokens_for_frames};
 
@@ -69,8 +69,8 @@ impl EncoderLayer {
         })
     }
 
-    /// `h`: (b, t, d); `mask`: additive (b, 1, 1, t).
-    fn forward(&self, h: &Tensor, mask: &Tensor, heads: usize) -> Result<Tensor> {
+    /// `h`: (b, t, d); `valid_keys[i]`: keys window `i` attends to (the rest are padding).
+    fn forward(&self, h: &Tensor, valid_keys: &[usize], heads: usize) -> Result<Tensor> {
         let (b, t, d) = h.dims3()?;
         let hd = d / heads;
         let y = self.attn_norm.forward(h)?;
@@ -84,10 +84,32 @@ impl EncoderLayer {
                 .contiguous()?)
         };
         let (q, k, v) = (split(q)?, split(k)?, split(v)?);
-        // (b, heads, t, t); softmax in the activation dtype (no f32 up-cast in this encoder).
-        let scores = q.matmul(&k.t()?)?.broadcast_add(mask)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let o = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
+        // The reference adds finfo.min to the scores of padding keys, which softmax turns into exact zeros:
+        // the same as leaving those keys out. So full windows (all but an audio's last) attend with no mask
+        // at all, and a partial window attends over its valid keys only. (An additive mask broadcast over
+        // heads and queries cost two thirds of the encoder's GPU time.)
+        let attend = |q: &Tensor, k: &Tensor, v: &Tensor| -> Result<Tensor> {
+            // Softmax in the activation dtype (no f32 up-cast in this encoder).
+            let probs = candle_nn::ops::softmax_last_dim(&q.matmul(&k.t()?)?)?;
+            Ok(probs.matmul(v)?)
+        };
+        let mut o = attend(&q, &k, &v)?;
+        if valid_keys.iter().any(|&n| n < t) {
+            let mut rows = Vec::with_capacity(b);
+            for (i, &n) in valid_keys.iter().enumerate() {
+                let one = |x: &Tensor| x.narrow(0, i, 1);
+                rows.push(if n < t {
+                    let keys = |x: &Tensor| -> Result<Tensor> {
+                        Ok(one(x)?.narrow(2, 0, n)?.contiguous()?)
+                    };
+                    attend(&one(&q)?, &keys(&k)?, &keys(&v)?)?
+                } else {
+                    one(&o)?
+                });
+            }
+            o = Tensor::cat(&rows, 0)?;
+        }
+        let o = o.transpose(1, 2)?.reshape((b, t, d))?;
         let h = (h + self.out.forward(&o)?)?;
         let y = self.ffn_norm.forward(&h)?;
         let f = self.fc2.forward(&self.fc1.forward(&y)?.gelu_erf()?)?;
@@ -163,29 +185,14 @@ impl AudioEncoder {
         // (b, d, t) -> (b, t, d), plus every learned position (no re-basing for partial windows).
         let mut h = c.transpose(1, 2)?.broadcast_add(&self.positions)?;
         let t = self.cfg.max_source_positions;
-        let mask = key_mask(valid_frames, t, h.dtype(), h.device())?;
+        // Keys a window attends to: conv positions `< (F - 1) // 2 + 1` (spec 5); queries are never masked.
+        let valid_keys: Vec<usize> = valid_frames.iter().map(|&f| conv_len(f).min(t)).collect();
         for layer in &self.layers {
-            h = layer.forward(&h, &mask, self.cfg.num_attention_heads)?;
+            h = layer.forward(&h, &valid_keys, self.cfg.num_attention_heads)?;
         }
         // Average-pool pairs of rows (kernel 2, stride 2), then the final LayerNorm (after the pool).
         let d = self.cfg.hidden_size;
         let pooled = (h.reshape((b, t / 2, 2, d))?.sum(2)? / 2.0)?;
         self.final_norm.forward(&pooled)
     }
-}
-
-/// Additive key mask (b, 1, 1, t): 0 for conv positions `< (F - 1) // 2 + 1`, the dtype's minimum after
-/// (as the reference's `finfo.min`); queries are never masked.
-fn key_mask(valid_frames: &[usize], t: usize, dtype: DType, device: &Device) -> Result<Tensor> {
-    let min = match dtype {
-        DType::BF16 => f32::from(half::bf16::MIN),
-        DType::F16 => f32::from(half::f16::MIN),
-        _ => f32::MIN,
-    };
-    let mut m = vec![0f32; valid_frames.len() * t];
-    for (row, &f) in m.chunks_mut(t).zip(valid_frames) {
-        let lc = conv_len(f);
-        row[lc.min(t)..].fill(min);
-    }
-    Ok(Tensor::from_vec(m, (valid_frames.len(), 1, 1, t), device)?.to_dtype(dtype)?)
 }

@@ -1,23 +1,40 @@
 //! The decoder's paged KV cache and the attention that reads it, for the serving engine.
 //!
 //! Keys and values of every layer live in one pool of fixed-size blocks: tensors of shape
-//! `[num_blocks * block_size, kv_heads * head_dim]`, written in place (`scatter_set`, on any candle device).
+//! `[num_blocks * block_size, kv_heads * head_dim]`, written in place (`slice_set` per run of consecutive
+//! slots for long steps, `scatter_set` for short ones; on any candle device).
 //! A sequence owns a block table (block ids in position order); position `p` of the sequence lives in slot
 //! `table[p / block_size] * block_size + p % block_size`. Which blocks are free, shared or cached is decided by
 //! the engine's block manager; this module only reads and writes slots.
 //!
-//! Attention walks the context in chunks of at most [`KEY_CHUNK`] keys with an online softmax, so the score
-//! matrix of a 45 000-token prompt is never materialised: memory is `heads x query_rows x KEY_CHUNK`. When the
-//! whole context fits in one chunk (every fixture, most requests) the arithmetic is exactly the single-sequence
-//! path's: one matmul, a causal mask, softmax in f32.
+//! Attention takes a step's new queries in blocks of at most [`ATTN_BLOCK`] rows (fewer when the context is
+//! long: a block's scores stay under [`SCORE_BUDGET`] bytes), so the score matrix of a 45 000-token prompt is
+//! never materialised. A block attends to exactly the keys it can see, `0..=its last position`: no work on
+//! future keys, and the causal mask only on the block's own diagonal square (keys before the block need
+//! none). Each block's rows are whole, so the softmax is the reference's (f32, one fused pass), not an online
+//! rescaling; the GQA query heads of one kv head are the rows of one matmul, so keys are never copied per head.
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 
 use crate::config::TextConfig;
 use crate::error::{ModelError, Result};
 
-/// Keys attended per online-softmax step (default).
-pub const KEY_CHUNK: usize = 2048;
+/// Query rows per attention block (default; tests use small values to exercise many blocks).
+pub const ATTN_BLOCK: usize = 2048;
+
+/// Bytes a block's scores may take (`heads x rows x visible keys`, 14 bytes each over its bf16 and f32
+/// copies): 1 GiB bounds a 45 000-token context to blocks of ~60 rows with 28 heads.
+pub const SCORE_BUDGET: usize = 1 << 30;
+
+/// Steps with at least this many new rows write the cache with one copy per run of consecutive slots
+/// (candle's scatter kernel walks a column's rows serially: 4 ms per layer for a 8 192-row step on an H100).
+const RUN_WRITE_ROWS: usize = 64;
+
+/// Decode steps (one new row per sequence) on a GPU attend for all sequences at once when the batch's padded
+/// key count (sequences x longest context) is at most this: one gather and two batched matmuls per layer
+/// instead of a handful of small kernels per sequence (kernel launches dominate decode on a GPU). Bounds the
+/// gathered keys and values to 2 x this x kv width per layer.
+pub const DECODE_BATCH_KEYS: usize = 1 << 19;
 
 /// The block pool of every layer.
 #[derive(Debug)]
@@ -26,7 +43,8 @@ pub struct PagedKv {
     v: Vec<Tensor>,
     block_size: usize,
     num_blocks: usize,
-    key_chunk: usize,
+    attn_block: usize,
+    decode_batch_keys: usize,
 }
 
 impl PagedKv {
@@ -57,7 +75,9 @@ impl PagedKv {
             v,
             block_size,
             num_blocks,
-            key_chunk: KEY_CHUNK,
+            attn_block: ATTN_BLOCK,
+            // The CPU has its own fused decode path (paged_cpu); batching by padding only pays on a GPU.
+            decode_batch_keys: if dev.is_cpu() { 0 } else { DECODE_BATCH_KEYS },
         })
     }
 
@@ -70,14 +90,21 @@ impl PagedKv {
             * dtype.size_in_bytes()
     }
 
-    /// Sets the keys per online-softmax step (tests use small values to exercise the multi-chunk path).
-    pub fn with_key_chunk(mut self, keys: usize) -> Self {
-        self.key_chunk = keys.max(1);
+    /// Sets the query rows per attention block (tests use small values to exercise many blocks).
+    pub fn with_attn_block(mut self, keys: usize) -> Self {
+        self.attn_block = keys.max(1);
         self
     }
 
-    pub fn key_chunk(&self) -> usize {
-        self.key_chunk
+    /// Sets the padded-key limit of the batched decode attention (0 turns it off; tests turn it on on the
+    /// CPU to compare it with the per-sequence path).
+    pub fn with_decode_batch_keys(mut self, keys: usize) -> Self {
+        self.decode_batch_keys = keys;
+        self
+    }
+
+    pub fn attn_block(&self) -> usize {
+        self.attn_block
     }
 
     pub fn block_size(&self) -> usize {
@@ -126,51 +153,137 @@ pub(crate) fn slots(table: &[u32], block_size: usize, from: usize, to: usize) ->
 #[derive(Debug)]
 pub(crate) struct StepIndex {
     pub block_size: usize,
-    /// Write index `[T, width]` for `scatter_set` of the new keys/values.
-    pub write: Tensor,
-    /// Per sequence: key chunks as (first position, slot indices tensor).
-    pub read: Vec<Vec<(usize, Tensor)>>,
+    /// How the new keys/values are written.
+    pub write: Write,
+    /// Per sequence: the slots of its whole context (positions `0..start + len`).
+    pub read: Vec<Tensor>,
+    /// Query rows per attention block.
+    pub attn_block: usize,
+    /// Set for a decode step attended for all sequences at once (see [`DECODE_BATCH_KEYS`]).
+    pub decode: Option<DecodeIndex>,
+}
+
+/// The padded gather of a batched decode step: sequence `b`'s context is rows `b * ctx .. b * ctx + ctx`
+/// of `slots`; positions past its length point at one of its own slots and are masked out.
+#[derive(Debug)]
+pub struct DecodeIndex {
+    ctx: usize,
+    slots: Tensor,
+    /// `[B, 1, 1, ctx]`: 0 for a key of the sequence, -inf for padding.
+    mask: Tensor,
+}
+
+impl DecodeIndex {
+    fn new(seqs: &[SeqStep], block_size: usize, dev: &Device) -> Result<Self> {
+        let ctx = seqs.iter().map(SeqStep::context_len).max().unwrap_or(0);
+        let mut slots_v = Vec::with_capacity(seqs.len() * ctx);
+        let mut mask_v = Vec::with_capacity(seqs.len() * ctx);
+        for s in seqs {
+            let own = slots(&s.block_table, block_size, 0, s.context_len())?;
+            let pad = own[0];
+            slots_v.extend(
+                own.iter()
+                    .copied()
+                    .chain(std::iter::repeat_n(pad, ctx - own.len())),
+            );
+            mask_v.extend((0..ctx).map(|j| {
+                if j < own.len() {
+                    0f32
+                } else {
+                    f32::NEG_INFINITY
+                }
+            }));
+        }
+        Ok(DecodeIndex {
+            ctx,
+            slots: Tensor::from_vec(slots_v, seqs.len() * ctx, dev)?,
+            mask: Tensor::from_vec(mask_v, (seqs.len(), 1, 1, ctx), dev)?,
+        })
+    }
+}
+
+/// The new rows' destination slots.
+#[derive(Debug)]
+pub(crate) enum Write {
+    /// `[T, width]` element index for `scatter_set` (short steps: decode).
+    Scatter(Tensor),
+    /// `(first row, first slot, rows)` per run of consecutive slots (long steps: prefill).
+    Runs(Vec<(usize, usize, usize)>),
+}
+
+impl Write {
+    /// Writes `rows` `[T, width]` into the pool `dst`.
+    pub fn apply(&self, dst: &Tensor, rows: &Tensor) -> Result<()> {
+        match self {
+            Write::Scatter(index) => dst.scatter_set(index, rows, 0)?,
+            Write::Runs(runs) => {
+                for &(row, slot, n) in runs {
+                    dst.slice_set(&rows.narrow(0, row, n)?, 0, slot)?;
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 impl StepIndex {
     pub fn new(seqs: &[SeqStep], kv: &PagedKv, width: usize, dev: &Device) -> Result<Self> {
-        let (block_size, key_chunk) = (kv.block_size, kv.key_chunk);
+        let block_size = kv.block_size;
         let total: usize = seqs.iter().map(|s| s.len).sum();
-        let mut write = Vec::with_capacity(total * width);
+        let mut new_slots = Vec::with_capacity(total);
         let mut read = Vec::with_capacity(seqs.len());
         for s in seqs {
-            for slot in slots(&s.block_table, block_size, s.start, s.context_len())? {
-                write.extend(std::iter::repeat_n(slot, width));
-            }
-            let mut chunks = Vec::new();
-            let ctx = s.context_len();
-            for from in (0..ctx).step_by(key_chunk) {
-                let to = (from + key_chunk).min(ctx);
-                let idx = slots(&s.block_table, block_size, from, to)?;
-                chunks.push((from, Tensor::from_vec(idx, to - from, dev)?));
-            }
-            read.push(chunks);
+            let all = slots(&s.block_table, block_size, 0, s.context_len())?;
+            new_slots.extend_from_slice(&all[s.start..]);
+            read.push(Tensor::from_vec(all, s.context_len(), dev)?);
         }
+        let mut runs: Vec<(usize, usize, usize)> = Vec::new();
+        for (row, &slot) in new_slots.iter().enumerate() {
+            match runs.last_mut() {
+                Some((r, first, n)) if *r + *n == row && *first + *n == slot as usize => *n += 1,
+                _ => runs.push((row, slot as usize, 1)),
+            }
+        }
+        let write = if total >= RUN_WRITE_ROWS && runs.len() * RUN_WRITE_ROWS <= total * 4 {
+            Write::Runs(runs)
+        } else {
+            let index: Vec<u32> = new_slots
+                .iter()
+                .flat_map(|&slot| std::iter::repeat_n(slot, width))
+                .collect();
+            Write::Scatter(Tensor::from_vec(index, (total, width), dev)?)
+        };
+        let ctx_max = seqs.iter().map(SeqStep::context_len).max().unwrap_or(0);
+        let decode = (!seqs.is_empty()
+            && seqs.iter().all(|s| s.len == 1)
+            && seqs.len() * ctx_max <= kv.decode_batch_keys)
+            .then(|| DecodeIndex::new(seqs, block_size, dev))
+            .transpose()?;
         Ok(StepIndex {
             block_size,
-            write: Tensor::from_vec(write, (total, width), dev)?,
+            write,
             read,
+            attn_block: kv.attn_block,
+            decode,
         })
     }
 }
 
 /// Attention of one sequence's new queries `q` `[nh, len, hd]` (positions `start..start+len`) over its
-/// cached keys and values, returning `[len, nh * hd]` in `q`'s dtype.
+/// cached keys and values (`idx`: the slots of positions `0..start+len`), returning `[len, nh * hd]` in
+/// `q`'s dtype. See the module comment for the blocking.
 pub(crate) fn attend(
     q: &Tensor,
     start: usize,
-    chunks: &[(usize, Tensor)],
+    idx: &Tensor,
     kv: (&Tensor, &Tensor),
     c: &TextConfig,
+    attn_block: usize,
 ) -> Result<Tensor> {
     let (nh, len, hd) = q.dims3()?;
     let nkv = c.num_key_value_heads;
     let group = nh / nkv;
+    let ctx = start + len;
     let act = q.dtype();
     // As in the single-sequence path: on the CPU bf16 matmuls are slow, work in f32 there.
     let work = if q.device().is_cpu() && act == DType::BF16 {
@@ -178,97 +291,98 @@ pub(crate) fn attend(
     } else {
         act
     };
-    let q = q.to_dtype(work)?;
-    let scale = (hd as f64).powf(-0.5);
-    let gather = |t: &Tensor, idx: &Tensor| -> Result<Tensor> {
-        let n = idx.dim(0)?;
-        let x = t
-            .index_select(idx, 0)?
-            .reshape((n, nkv, hd))?
-            .transpose(0, 1)?;
-        let x = if group == 1 {
-            x
+    // Keys and values of the whole context, once per layer: [nkv, ctx, hd].
+    let gather = |t: &Tensor| -> Result<Tensor> {
+        Ok(t.index_select(idx, 0)?
+            .reshape((ctx, nkv, hd))?
+            .transpose(0, 1)?
+            .to_dtype(work)?
+            .contiguous()?)
+    };
+    let (k, v) = (gather(kv.0)?, gather(kv.1)?);
+    // The softmax scale goes into q (in f32, one rounding) rather than over every score.
+    let q = (q.to_dtype(DType::F32)? * (hd as f64).powf(-0.5))?
+        .to_dtype(work)?
+        .reshape((nkv, group, len, hd))?;
+    let rows = (SCORE_BUDGET / (14 * nh * ctx)).clamp(1, attn_block.max(1));
+    let mut outs = Vec::with_capacity(len.div_ceil(rows));
+    for r0 in (0..len).step_by(rows) {
+        let n = rows.min(len - r0);
+        let first = start + r0; // position of the block's first query
+        let qb = q
+            .narrow(2, r0, n)?
+            .contiguous()?
+            .reshape((nkv, group * n, hd))?;
+        let keys = |t: &Tensor, from: usize, to: usize| -> Result<Tensor> {
+            Ok(t.narrow(1, from, to - from)?.contiguous()?)
+        };
+        // The diagonal square: query i (position first + i) sees keys first..=first + i.
+        let diag = qb
+            .matmul(&keys(&k, first, first + n)?.t()?)?
+            .reshape((nkv, group, n, n))?
+            .to_dtype(DType::F32)?
+            .broadcast_add(&mask(n, first, first, n, q.device())?)?
+            .reshape((nkv, group * n, n))?;
+        let scores = if first == 0 {
+            diag
         } else {
-            x.unsqueeze(1)?
-                .expand((nkv, group, n, hd))?
-                .reshape((nh, n, hd))?
+            let past = qb.matmul(&keys(&k, 0, first)?.t()?)?.to_dtype(DType::F32)?;
+            Tensor::cat(&[&past, &diag], 2)?
         };
-        Ok(x.to_dtype(work)?.contiguous()?)
-    };
-    let scores_of = |from: usize, idx: &Tensor| -> Result<(Tensor, Tensor)> {
-        let k = gather(kv.0, idx)?;
-        let v = gather(kv.1, idx)?;
-        let n = k.dim(1)?;
-        let s = (q.matmul(&k.t()?)? * scale)?;
-        // Query i (position start + i) sees keys up to start + i.
-        let s = if from + n > start + 1 {
-            let mask = mask(len, start, from, n, s.device())?.to_dtype(s.dtype())?;
-            s.broadcast_add(&mask)?
-        } else {
-            s
-        };
-        Ok((s.to_dtype(DType::F32)?, v))
-    };
-    let out = if chunks.len() == 1 {
-        let (from, idx) = &chunks[0];
-        let (s, v) = scores_of(*from, idx)?;
-        let p = candle_nn::ops::softmax_last_dim(&s)?.to_dtype(work)?;
-        p.matmul(&v)?
-    } else {
-        // Online softmax: running max m, running sum l, running output acc, all f32.
-        let mut m: Option<Tensor> = None;
-        let mut l: Option<Tensor> = None;
-        let mut acc: Option<Tensor> = None;
-        for (from, idx) in chunks {
-            if *from > start + len - 1 {
-                break; // every key of this chunk is in the future of every query
-            }
-            let (s, v) = scores_of(*from, idx)?;
-            let cm = s.max_keepdim(D::Minus1)?;
-            let m_new = match &m {
-                Some(m) => m.maximum(&cm)?,
-                None => cm,
-            };
-            let p = s.broadcast_sub(&m_new)?.exp()?;
-            let ps = p.sum_keepdim(D::Minus1)?;
-            let pv = p.to_dtype(work)?.matmul(&v)?.to_dtype(DType::F32)?;
-            (l, acc) = match (&m, l, acc) {
-                (Some(m_old), Some(l_old), Some(a_old)) => {
-                    let alpha = (m_old - &m_new)?.exp()?;
-                    (
-                        Some((l_old.broadcast_mul(&alpha)? + ps)?),
-                        Some((a_old.broadcast_mul(&alpha)? + pv)?),
-                    )
-                }
-                _ => (Some(ps), Some(pv)),
-            };
-            m = Some(m_new);
-        }
-        let (Some(l), Some(acc)) = (l, acc) else {
-            return Err(ModelError::Input("attention over an empty context".into()));
-        };
-        acc.broadcast_div(&l)?.to_dtype(work)?
-    };
-    Ok(out
+        let p = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(work)?;
+        let o = p.matmul(&keys(&v, 0, first + n)?)?;
+        outs.push(o.reshape((nkv, group, n, hd))?);
+    }
+    Ok(Tensor::cat(&outs, 2)?
+        .reshape((nh, len, hd))?
         .transpose(0, 1)?
         .reshape((len, nh * hd))?
         .to_dtype(act)?)
 }
 
-/// `(len, n)` additive mask for keys `from..from+n` and queries at `start..start+len`.
+/// Attention of a decode step (one query row per sequence) for every sequence at once. `q` `[B, nh, hd]`;
+/// returns `[B, nh * hd]` in `q`'s dtype. GQA without copying keys: the `group` query heads of a kv head are
+/// the rows of one matmul against that head's keys. Padded keys get -inf scores, so exp gives exact zeros
+/// and the result is the per-sequence softmax's.
+pub(crate) fn attend_decode(
+    q: &Tensor,
+    d: &DecodeIndex,
+    kv: (&Tensor, &Tensor),
+    c: &TextConfig,
+) -> Result<Tensor> {
+    let (b, nh, hd) = q.dims3()?;
+    let nkv = c.num_key_value_heads;
+    let group = nh / nkv;
+    let act = q.dtype();
+    let work = if q.device().is_cpu() && act == DType::BF16 {
+        DType::F32
+    } else {
+        act
+    };
+    let gather = |t: &Tensor| -> Result<Tensor> {
+        Ok(t.index_select(&d.slots, 0)?
+            .reshape((b, d.ctx, nkv, hd))?
+            .transpose(1, 2)?
+            .to_dtype(work)?
+            .contiguous()?)
+    };
+    let (k, v) = (gather(kv.0)?, gather(kv.1)?);
+    let q = q.reshape((b, nkv, group, hd))?.to_dtype(work)?;
+    let s = (q.matmul(&k.t()?)? * (hd as f64).powf(-0.5))?;
+    let s = s.to_dtype(DType::F32)?.broadcast_add(&d.mask)?;
+    let p = candle_nn::ops::softmax_last_dim(&s)?.to_dtype(work)?;
+    Ok(p.matmul(&v)?.reshape((b, nh * hd))?.to_dtype(act)?)
+}
+
+/// `(len, n)` additive mask for keys `from..from+n` and queries at `start..start+len`, built on the device
+/// (a host-built mask would cross the bus for every layer and chunk of a long prefill).
 fn mask(len: usize, start: usize, from: usize, n: usize, dev: &Device) -> Result<Tensor> {
-    let m: Vec<f32> = (0..len)
-        .flat_map(|i| {
-            (0..n).map(move |j| {
-                if from + j > start + i {
-                    f32::NEG_INFINITY
-                } else {
-                    0.0
-                }
-            })
-        })
-        .collect();
-    Ok(Tensor::from_vec(m, (len, n), dev)?)
+    let q = Tensor::arange(start as u32, (start + len) as u32, dev)?.reshape((len, 1))?;
+    let k = Tensor::arange(from as u32, (from + n) as u32, dev)?.reshape((1, n))?;
+    let future = k.broadcast_gt(&q)?;
+    let ninf = Tensor::new(f32::NEG_INFINITY, dev)?.broadcast_as((len, n))?;
+    let zero = Tensor::new(0f32, dev)?.broadcast_as((len, n))?;
+    Ok(future.where_cond(&ninf, &zero)?)
 }
 
 #[cfg(test)]

@@ -128,7 +128,7 @@ pub enum GroupMsg {
     Init {
         num_blocks: usize,
         block_size: usize,
-        key_chunk: usize,
+        attn_block: usize,
     },
     /// One step; `audio` holds the audio rows (`[n, hidden]`, f32, row-major) in the order of the
     /// [`AUDIO_ROW`] markers; `trace` is rank 0's step span as a W3C `traceparent` (empty: untraced).
@@ -190,12 +190,12 @@ impl GroupMsg {
             GroupMsg::Init {
                 num_blocks,
                 block_size,
-                key_chunk,
+                attn_block,
             } => {
                 w.0.push(1);
                 w.u64(*num_blocks);
                 w.u64(*block_size);
-                w.u64(*key_chunk);
+                w.u64(*attn_block);
             }
             GroupMsg::Step { plan, audio, trace } => {
                 w.0.push(2);
@@ -227,7 +227,7 @@ impl GroupMsg {
             1 => GroupMsg::Init {
                 num_blocks: r.u64()?,
                 block_size: r.u64()?,
-                key_chunk: r.u64()?,
+                attn_block: r.u64()?,
             },
             2 => {
                 let tn = r.u64()?;
@@ -347,7 +347,7 @@ mod tests {
             GroupMsg::Init {
                 num_blocks: 10,
                 block_size: 16,
-                key_chunk: 2048,
+                attn_block: 2048,
             },
         ] {
             let b = m.encode();
