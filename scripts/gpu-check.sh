@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One call on a lent GPU (H100/H200), under 10 minutes: prints nvidia-smi, runs the golden comparisons on the
-# GPU, then benchmarks afnext and transformers on the same card at full AF-Next size (bf16, random weights)
-# and prints one comparison table with the roofline.
+# One call on a lent GPU (H100/H200), about 8 minutes (give the call a timeout_s of 540): prints nvidia-smi,
+# runs the golden comparisons on the GPU, then benchmarks afnext and transformers on the same card at full
+# AF-Next size (bf16, random weights), profiles a small workload with ncu, and prints one comparison table
+# with the roofline.
 #
 # Prepare here: `bash scripts/gpu-build.sh` (CUDA executables in target/gpu-bundle) and the transformers
 # 5.23 wheel in .whl/ (see docs/GPU.md). Then one device call: carry target/gpu-bundle and .whl, and run
@@ -55,9 +56,9 @@ PYTHONUNBUFFERED=1 timeout 240 python3 tools/bench/gpu_ref.py tools/bench/config
   >"$OUT/transformers.json" 2>"$OUT/transformers.log" || { status=1; tail -20 "$OUT/transformers.log"; }
 tail -5 "$OUT/transformers.log"
 
-step "kernel profile of a small workload (ncu: 2 windows, a 3 000-token prompt, 3 decode steps of 8)"
+step "kernel profile of a small workload (ncu: 2 windows, a 3 000-token prompt, 2 decode steps of 8)"
 if command -v ncu >/dev/null; then
-  timeout 150 ncu --clock-control none --profile-from-start off --csv --page raw \
+  timeout 180 ncu --clock-control none --profile-from-start off --csv --page raw \
     --metrics gpu__time_duration.sum "$BIN/device" --config tools/bench/configs/af-next --device cuda:0 \
     --profile >"$OUT/ncu.csv" 2>/tmp/afnext-gpu/ncu.log || tail -5 /tmp/afnext-gpu/ncu.log
   python3 tools/bench/ncu_summary.py "$OUT/ncu.csv" 25 | tee "$OUT/ncu-top.md"

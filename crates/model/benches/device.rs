@@ -320,8 +320,8 @@ fn encoder_stages(
     v
 }
 
-/// A small workload of every kind, run once, for a kernel profiler (`ncu`): 2 windows, a 3 000-token prompt
-/// (two key chunks), 3 decode steps of 8 sequences.
+/// A small workload of every kind, run once, for a kernel profiler (`ncu`, ~20 ms per kernel launch): 2
+/// windows, a 3 000-token prompt, 2 decode steps of 8 sequences with 300-token contexts.
 fn profile(model: &AfNext, cfg: &AfNextConfig, dev: &Device, chunk: usize) {
     let (mels, frames) = (cfg.audio.num_mel_bins, 2 * cfg.audio.max_source_positions);
     let x = Tensor::randn(0f32, 1.0, (2, mels, frames), dev).unwrap();
@@ -331,7 +331,8 @@ fn profile(model: &AfNext, cfg: &AfNextConfig, dev: &Device, chunk: usize) {
     let vocab = cfg.text.vocab_size as u32;
     let prompt: Vec<u32> = (0..3000u32).map(|i| (i * 7919) % vocab).collect();
     prefill(model, &kv, &prompt, chunk, block);
-    let t = tables(&[1100; 8], block);
+    let (ctx, steps) = (300, 2);
+    let t = tables(&[ctx + steps; 8], block);
     let seqs = |start: usize, len: usize| -> Vec<SeqStep> {
         t.iter()
             .map(|b| SeqStep {
@@ -341,17 +342,14 @@ fn profile(model: &AfNext, cfg: &AfNextConfig, dev: &Device, chunk: usize) {
             })
             .collect()
     };
-    let all: Vec<u32> = (0..8 * 1000u32).map(|i| (i * 31) % vocab).collect();
+    let all: Vec<u32> = (0..(8 * ctx) as u32).map(|i| (i * 31) % vocab).collect();
     let x = model.decoder.embed_rows(&all).unwrap();
-    model
-        .decoder
-        .forward_paged(&x, &seqs(0, 1000), &kv)
-        .unwrap();
-    for step in 0..3 {
+    model.decoder.forward_paged(&x, &seqs(0, ctx), &kv).unwrap();
+    for step in 0..steps {
         let x = model.decoder.embed_rows(&[1u32; 8]).unwrap();
         let h = model
             .decoder
-            .forward_paged(&x, &seqs(1000 + step, 1), &kv)
+            .forward_paged(&x, &seqs(ctx + step, 1), &kv)
             .unwrap();
         model.decoder.logits(&h).unwrap();
     }

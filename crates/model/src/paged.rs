@@ -155,7 +155,8 @@ pub(crate) struct StepIndex {
     pub block_size: usize,
     /// How the new keys/values are written.
     pub write: Write,
-    /// Per sequence: the slots of its whole context (positions `0..start + len`).
+    /// Per sequence: the slots of its whole context (positions `0..start + len`); empty for a batched
+    /// decode step.
     pub read: Vec<Tensor>,
     /// Query rows per attention block.
     pub attn_block: usize,
@@ -230,12 +231,21 @@ impl StepIndex {
     pub fn new(seqs: &[SeqStep], kv: &PagedKv, width: usize, dev: &Device) -> Result<Self> {
         let block_size = kv.block_size;
         let total: usize = seqs.iter().map(|s| s.len).sum();
+        let ctx_max = seqs.iter().map(SeqStep::context_len).max().unwrap_or(0);
+        let decode = (!seqs.is_empty()
+            && seqs.iter().all(|s| s.len == 1)
+            && seqs.len() * ctx_max <= kv.decode_batch_keys)
+            .then(|| DecodeIndex::new(seqs, block_size, dev))
+            .transpose()?;
         let mut new_slots = Vec::with_capacity(total);
         let mut read = Vec::with_capacity(seqs.len());
         for s in seqs {
             let all = slots(&s.block_table, block_size, 0, s.context_len())?;
             new_slots.extend_from_slice(&all[s.start..]);
-            read.push(Tensor::from_vec(all, s.context_len(), dev)?);
+            // A batched decode step gathers through its own index; nothing else reads these.
+            if decode.is_none() {
+                read.push(Tensor::from_vec(all, s.context_len(), dev)?);
+            }
         }
         let mut runs: Vec<(usize, usize, usize)> = Vec::new();
         for (row, &slot) in new_slots.iter().enumerate() {
@@ -253,12 +263,6 @@ impl StepIndex {
                 .collect();
             Write::Scatter(Tensor::from_vec(index, (total, width), dev)?)
         };
-        let ctx_max = seqs.iter().map(SeqStep::context_len).max().unwrap_or(0);
-        let decode = (!seqs.is_empty()
-            && seqs.iter().all(|s| s.len == 1)
-            && seqs.len() * ctx_max <= kv.decode_batch_keys)
-            .then(|| DecodeIndex::new(seqs, block_size, dev))
-            .transpose()?;
         Ok(StepIndex {
             block_size,
             write,
