@@ -360,7 +360,30 @@ fn deadlines_and_queue_limits() {
     assert_eq!(e.stats().kv.used, 0);
 }
 
-/// The paged path with a key chunk of 7 (online softmax over many chunks), scattered blocks, a prompt split
+/// Hidden states of `emb` `[n, hidden]` prefilled through the contiguous single-sequence cache (the paged
+/// path's reference).
+fn contiguous_hidden(model: &AfNext, emb: &Tensor) -> Tensor {
+    let mut cache = model.new_cache();
+    model
+        .prefill(&emb.unsqueeze(0).unwrap(), &mut cache, 4096, true)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+}
+
+/// Largest absolute difference between two tensors of one shape.
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
+/// The paged path with attention blocks of 7 query rows, scattered blocks, a prompt split
 /// over two steps and two sequences in one step, against the contiguous single-sequence cache.
 #[test]
 fn paged_attention_in_attn_blocks_matches_the_contiguous_cache() {
@@ -369,12 +392,7 @@ fn paged_attention_in_attn_blocks_matches_the_contiguous_cache() {
     let v = model.cfg.text.vocab_size as u32;
     let ids: Vec<u32> = (0..100u32).map(|i| (i * 37 + 11) % v).collect();
     let emb = model.decoder.embed_rows(&ids).unwrap();
-    let mut cache = model.new_cache();
-    let want = model
-        .prefill(&emb.unsqueeze(0).unwrap(), &mut cache, 4096, true)
-        .unwrap()
-        .squeeze(0)
-        .unwrap();
+    let want = contiguous_hidden(&model, &emb);
     let kv = PagedKv::new(&model.cfg.text, 64, 4, DType::F32, &test_device())
         .unwrap()
         .with_attn_block(7);
@@ -414,14 +432,7 @@ fn paged_attention_in_attn_blocks_matches_the_contiguous_cache() {
     )
     .unwrap();
     for got in [got_a, got_b] {
-        let d: f32 = (got - &want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let d = max_diff(&got, &want);
         assert!(d < 1e-5, "paged hidden states differ by {d}");
     }
 }
@@ -472,14 +483,7 @@ fn batched_decode_attention_matches_per_sequence_attention() {
             let x = rows(3, 7 + step as u32);
             let a = model.decoder.forward_paged(&x, &seqs, &per_seq).unwrap();
             let b = model.decoder.forward_paged(&x, &seqs, &batched).unwrap();
-            let d: f32 = (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap();
+            let d = max_diff(&a, &b);
             eprintln!("{ck} step {step}: batched decode differs by {d:.2e}");
             assert!(d < 1e-5, "{ck} step {step}: batched decode differs by {d}");
         }
@@ -495,16 +499,11 @@ fn long_steps_write_runs_of_slots_and_attend_in_blocks() {
     let v = model.cfg.text.vocab_size as u32;
     let ids: Vec<u32> = (0..150u32).map(|i| (i * 13 + 5) % v).collect();
     let emb = model.decoder.embed_rows(&ids).unwrap();
-    let mut cache = model.new_cache();
-    let want = model
-        .prefill(&emb.unsqueeze(0).unwrap(), &mut cache, 4096, true)
-        .unwrap()
-        .squeeze(0)
-        .unwrap();
+    let want = contiguous_hidden(&model, &emb);
     let kv = PagedKv::new(&model.cfg.text, 64, 4, DType::F32, &test_device())
         .unwrap()
         .with_attn_block(16);
-    // Blocks 10..48 are consecutive except for one jump: two runs for the first step.
+    // Blocks 10..30 and then 40..60: two runs of consecutive slots for the first step.
     let mut table: Vec<u32> = (10..30).collect();
     table.extend(40..60);
     let step = |start: usize, len: usize| {
@@ -522,14 +521,7 @@ fn long_steps_write_runs_of_slots_and_attend_in_blocks() {
             .unwrap()
     };
     let got = Tensor::cat(&[step(0, 100), step(100, 50)], 0).unwrap();
-    let d: f32 = (got - want)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
+    let d = max_diff(&got, &want);
     eprintln!("runs + blocks: hidden states differ by {d:.2e}");
     assert!(d < 1e-5, "hidden states differ by {d}");
 }

@@ -266,21 +266,15 @@ mod tests {
             let s = g.all_reduce_tensor(&t).unwrap();
             assert!(s.device().is_cuda());
             assert_eq!(s.dtype(), dtype);
-            let want: Vec<f32> = t
-                .to_dtype(DType::F32)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let got: Vec<f32> = s
-                .to_dtype(DType::F32)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            assert_eq!(got, want);
+            let host = |x: &Tensor| -> Vec<f32> {
+                x.to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap()
+            };
+            assert_eq!(host(&s), host(&t));
         }
         // The host path of the same group.
         let mut v = vec![1.5f32, -2.0, 3.25];

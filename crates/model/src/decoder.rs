@@ -267,14 +267,9 @@ impl DecoderLayer {
                 .reshape((b, nh, total, hd))?)
         };
         let (k, v) = (expand(&k)?, expand(&v)?);
-        // On the CPU, bf16 matmuls are far slower than f32 ones: compute attention in f32 there (f32
-        // accumulation, as torch's bf16 matmul does) and round the output back to the activation dtype.
+        // Attention in the working dtype (f32 for bf16 on the CPU), rounded back to the activation dtype.
         let act = q.dtype();
-        let work = if q.device().is_cpu() && act == DType::BF16 {
-            DType::F32
-        } else {
-            act
-        };
+        let work = paged::work_dtype(&q);
         let (q, k, v) = (q.to_dtype(work)?, k.to_dtype(work)?, v.to_dtype(work)?);
         let scores = (q.matmul(&k.t()?)? * (hd as f64).powf(-0.5))?;
         let scores = if l > 1 {

@@ -273,6 +273,16 @@ impl StepIndex {
     }
 }
 
+/// The dtype attention computes in for activations `x`: theirs, except bf16 on the CPU, where bf16 matmuls
+/// are far slower than f32 ones (f32 accumulation, as torch's bf16 matmul does).
+pub(crate) fn work_dtype(x: &Tensor) -> DType {
+    if x.device().is_cpu() && x.dtype() == DType::BF16 {
+        DType::F32
+    } else {
+        x.dtype()
+    }
+}
+
 /// Attention of one sequence's new queries `q` `[nh, len, hd]` (positions `start..start+len`) over its
 /// cached keys and values (`idx`: the slots of positions `0..start+len`), returning `[len, nh * hd]` in
 /// `q`'s dtype. See the module comment for the blocking.
@@ -289,12 +299,7 @@ pub(crate) fn attend(
     let group = nh / nkv;
     let ctx = start + len;
     let act = q.dtype();
-    // As in the single-sequence path: on the CPU bf16 matmuls are slow, work in f32 there.
-    let work = if q.device().is_cpu() && act == DType::BF16 {
-        DType::F32
-    } else {
-        act
-    };
+    let work = work_dtype(q);
     // Keys and values of the whole context, once per layer: [nkv, ctx, hd].
     let gather = |t: &Tensor| -> Result<Tensor> {
         Ok(t.index_select(idx, 0)?
@@ -358,11 +363,7 @@ pub(crate) fn attend_decode(
     let nkv = c.num_key_value_heads;
     let group = nh / nkv;
     let act = q.dtype();
-    let work = if q.device().is_cpu() && act == DType::BF16 {
-        DType::F32
-    } else {
-        act
-    };
+    let work = work_dtype(q);
     let gather = |t: &Tensor| -> Result<Tensor> {
         Ok(t.index_select(&d.slots, 0)?
             .reshape((b, d.ctx, nkv, hd))?
