@@ -23,13 +23,7 @@ pub fn test_device() -> candle_core::Device {
     DEV.get_or_init(|| match std::env::var("AFNEXT_TEST_DEVICE").as_deref() {
         Err(_) | Ok("") | Ok("cpu") => candle_core::Device::Cpu,
         Ok(s) => {
-            let n = s
-                .strip_prefix("cuda:")
-                .or((s == "cuda").then_some("0"))
-                .and_then(|n| n.parse().ok())
-                .unwrap_or_else(|| panic!("AFNEXT_TEST_DEVICE must be cpu or cuda:N, got {s:?}"));
-            candle_core::Device::new_cuda(n)
-                .unwrap_or_else(|e| panic!("AFNEXT_TEST_DEVICE={s}: {e}"))
+            afnext_model::device::open(s).unwrap_or_else(|e| panic!("AFNEXT_TEST_DEVICE={s}: {e}"))
         }
     })
     .clone()

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use afnext_model::hub::{self, HubConfig};
 use afnext_model::weights::Weights;
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 use clap::{Args, ValueEnum};
 
@@ -116,18 +116,5 @@ impl ModelArgs {
 }
 
 pub fn parse_device(s: &str) -> Result<Device> {
-    if s == "cpu" {
-        return Ok(Device::Cpu);
-    }
-    let Some(n) = s
-        .strip_prefix("cuda:")
-        .or(if s == "cuda" { Some("0") } else { None })
-    else {
-        bail!("--device must be cpu or cuda:N, got {s:?}");
-    };
-    let n: usize = n
-        .parse()
-        .with_context(|| format!("bad CUDA ordinal in {s:?}"))?;
-    Device::new_cuda(n)
-        .with_context(|| format!("cannot open {s} (this build needs the cuda feature and a GPU)"))
+    Ok(afnext_model::device::open(s)?)
 }

@@ -120,9 +120,13 @@ impl EncoderThread {
         if rows.is_empty() {
             return Ok(None);
         }
-        Ok(Some(
-            Tensor::cat(&rows, 0).map_err(|e| EngineError::Internal(e.to_string()))?,
-        ))
+        let all = Tensor::cat(&rows, 0).map_err(|e| EngineError::Internal(e.to_string()))?;
+        // On a GPU each thread's kernels run on its own stream: the step loop may read these rows only
+        // after this thread's stream has written them (a no-op on the CPU).
+        all.device()
+            .synchronize()
+            .map_err(|e| EngineError::Internal(e.to_string()))?;
+        Ok(Some(all))
     }
 
     fn check(&self, job: &Job) -> Result<()> {

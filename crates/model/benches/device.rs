@@ -45,11 +45,8 @@ fn args() -> Args {
             "--config" => a.config = PathBuf::from(val()),
             "--device" => {
                 let d = val();
-                a.device = match d.strip_prefix("cuda:") {
-                    Some(n) => Device::new_cuda(n.parse().expect("cuda ordinal"))
-                        .unwrap_or_else(|e| panic!("--device {d}: {e}")),
-                    None => Device::Cpu,
-                }
+                a.device =
+                    afnext_model::device::open(&d).unwrap_or_else(|e| panic!("--device: {e}"));
             }
             "--dtype" => {
                 a.dtype = match val().as_str() {

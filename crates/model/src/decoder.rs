@@ -14,6 +14,7 @@ use crate::error::Result;
 use crate::linear::ParallelLinear;
 use crate::paged::{self, PagedKv, SeqStep, StepIndex};
 use crate::paged_cpu;
+use crate::softmax::softmax_rows;
 use crate::tp::{StepPlan, TextShard, AUDIO_ROW};
 use crate::weights::Weights;
 
@@ -272,16 +273,9 @@ impl DecoderLayer {
         let work = paged::work_dtype(&q);
         let (q, k, v) = (q.to_dtype(work)?, k.to_dtype(work)?, v.to_dtype(work)?);
         let scores = (q.matmul(&k.t()?)? * (hd as f64).powf(-0.5))?;
-        let scores = if l > 1 {
-            scores.broadcast_add(
-                &causal_mask(l, start, total, scores.device())?.to_dtype(scores.dtype())?,
-            )?
-        } else {
-            scores
-        };
-        // Softmax in f32, as the reference does, then back to the working dtype.
-        let probs =
-            candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(work)?;
+        // Query i (position start + i) sees keys 0..=start + i: the softmax applies the causal limit itself,
+        // in f32 as the reference does, rounding once to the working dtype.
+        let probs = softmax_rows(&scores, Some((l, start)))?;
         let o = probs
             .matmul(&v.contiguous()?)?
             .transpose(1, 2)?
@@ -354,22 +348,6 @@ impl DecoderLayer {
         };
         self.output(h, &o)
     }
-}
-
-/// (l, total) additive mask: query i (position start + i) sees keys 0..=start + i.
-fn causal_mask(l: usize, start: usize, total: usize, dev: &Device) -> Result<Tensor> {
-    let m: Vec<f32> = (0..l)
-        .flat_map(|i| {
-            (0..total).map(move |j| {
-                if j > start + i {
-                    f32::NEG_INFINITY
-                } else {
-                    0.0
-                }
-            })
-        })
-        .collect();
-    Ok(Tensor::from_vec(m, (l, total), dev)?)
 }
 
 #[derive(Debug, Clone)]

@@ -9,6 +9,7 @@ pub use afnext_audio::{conv_len, tokens_for_frames};
 use crate::config::AudioConfig;
 use crate::error::{ModelError, Result};
 use crate::linear::ParallelLinear;
+use crate::softmax::softmax_rows;
 use crate::weights::Weights;
 
 #[derive(Debug, Clone)]
@@ -89,8 +90,9 @@ impl EncoderLayer {
         // at all, and a partial window attends over its valid keys only. (An additive mask broadcast over
         // heads and queries cost two thirds of the encoder's GPU time.)
         let attend = |q: &Tensor, k: &Tensor, v: &Tensor| -> Result<Tensor> {
-            // Softmax in the activation dtype (no f32 up-cast in this encoder).
-            let probs = candle_nn::ops::softmax_last_dim(&q.matmul(&k.t()?)?)?;
+            // Softmax in the activation dtype, as the reference's eager encoder does (torch computes it in
+            // f32 and rounds once; so does softmax_rows).
+            let probs = softmax_rows(&q.matmul(&k.t()?)?, None)?;
             Ok(probs.matmul(v)?)
         };
         let mut o = attend(&q, &k, &v)?;

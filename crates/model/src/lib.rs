@@ -7,6 +7,7 @@ pub mod config;
 pub mod cpu_amx;
 pub mod cpu_gemm;
 pub mod decoder;
+pub mod device;
 pub mod encoder;
 pub mod error;
 pub mod generate;
@@ -18,6 +19,7 @@ pub mod paged;
 mod paged_cpu;
 pub mod rote;
 pub mod sampling;
+pub mod softmax;
 pub mod tp;
 pub mod weights;
 

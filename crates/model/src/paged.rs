@@ -10,20 +10,22 @@
 //! Attention takes a step's new queries in blocks of at most [`ATTN_BLOCK`] rows (fewer when the context is
 //! long: a block's scores stay under [`SCORE_BUDGET`] bytes), so the score matrix of a 45 000-token prompt is
 //! never materialised. A block attends to exactly the keys it can see, `0..=its last position`: no work on
-//! future keys, and the causal mask only on the block's own diagonal square (keys before the block need
-//! none). Each block's rows are whole, so the softmax is the reference's (f32, one fused pass), not an online
-//! rescaling; the GQA query heads of one kv head are the rows of one matmul, so keys are never copied per head.
+//! future keys, and no mask: [`softmax_rows`] limits each row to its own causal prefix, in f32 with one
+//! rounding (no f32 copy of bf16 scores). Each block's rows are whole, so the softmax is the reference's,
+//! not an online rescaling; the GQA query heads of one kv head are the rows of one matmul, and the visible
+//! keys are strided views of the gathered context, so keys are never copied per head or per block.
 
 use candle_core::{DType, Device, Tensor};
 
 use crate::config::TextConfig;
 use crate::error::{ModelError, Result};
+use crate::softmax::softmax_rows;
 
 /// Query rows per attention block (default; tests use small values to exercise many blocks).
 pub const ATTN_BLOCK: usize = 2048;
 
-/// Bytes a block's scores may take (`heads x rows x visible keys`, 14 bytes each over its bf16 and f32
-/// copies): 1 GiB bounds a 45 000-token context to blocks of ~60 rows with 28 heads.
+/// Bytes a block's scores and probabilities may take (`heads x rows x visible keys`, two values each in
+/// the work dtype): 1 GiB bounds a 45 000-token context to blocks of ~100 rows with 28 heads in bf16.
 pub const SCORE_BUDGET: usize = 1 << 30;
 
 /// Steps with at least this many new rows write the cache with one copy per run of consecutive slots
@@ -313,33 +315,23 @@ pub(crate) fn attend(
     let q = (q.to_dtype(DType::F32)? * (hd as f64).powf(-0.5))?
         .to_dtype(work)?
         .reshape((nkv, group, len, hd))?;
-    let rows = (SCORE_BUDGET / (14 * nh * ctx)).clamp(1, attn_block.max(1));
+    // A block's scores and probabilities, in the work dtype.
+    let rows = (SCORE_BUDGET / (2 * work.size_in_bytes() * nh * ctx)).clamp(1, attn_block.max(1));
     let mut outs = Vec::with_capacity(len.div_ceil(rows));
     for r0 in (0..len).step_by(rows) {
         let n = rows.min(len - r0);
         let first = start + r0; // position of the block's first query
+        let seen = first + n; // keys 0..seen are visible to some query of the block
         let qb = q
             .narrow(2, r0, n)?
             .contiguous()?
             .reshape((nkv, group * n, hd))?;
-        let keys = |t: &Tensor, from: usize, to: usize| -> Result<Tensor> {
-            Ok(t.narrow(1, from, to - from)?.contiguous()?)
-        };
-        // The diagonal square: query i (position first + i) sees keys first..=first + i.
-        let diag = qb
-            .matmul(&keys(&k, first, first + n)?.t()?)?
-            .reshape((nkv, group, n, n))?
-            .to_dtype(DType::F32)?
-            .broadcast_add(&mask(n, first, first, n, q.device())?)?
-            .reshape((nkv, group * n, n))?;
-        let scores = if first == 0 {
-            diag
-        } else {
-            let past = qb.matmul(&keys(&k, 0, first)?.t()?)?.to_dtype(DType::F32)?;
-            Tensor::cat(&[&past, &diag], 2)?
-        };
-        let p = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(work)?;
-        let o = p.matmul(&keys(&v, 0, first + n)?)?;
+        // Strided views of the visible keys (batch stride ctx x hd): the matmuls read them in place.
+        let scores = qb.matmul(&k.narrow(1, 0, seen)?.t()?)?;
+        // Row (g, i) is query position first + i: it sees keys 0..=first + i (the causal limit is applied
+        // by the softmax itself, which computes in f32 and rounds once to the work dtype).
+        let p = softmax_rows(&scores, Some((n, first)))?;
+        let o = p.matmul(&v.narrow(1, 0, seen)?)?;
         outs.push(o.reshape((nkv, group, n, hd))?);
     }
     Ok(Tensor::cat(&outs, 2)?
@@ -377,17 +369,6 @@ pub(crate) fn attend_decode(
     let s = s.to_dtype(DType::F32)?.broadcast_add(&d.mask)?;
     let p = candle_nn::ops::softmax_last_dim(&s)?.to_dtype(work)?;
     Ok(p.matmul(&v)?.reshape((b, nh * hd))?.to_dtype(act)?)
-}
-
-/// `(len, n)` additive mask for keys `from..from+n` and queries at `start..start+len`, built on the device
-/// (a host-built mask would cross the bus for every layer and chunk of a long prefill).
-fn mask(len: usize, start: usize, from: usize, n: usize, dev: &Device) -> Result<Tensor> {
-    let q = Tensor::arange(start as u32, (start + len) as u32, dev)?.reshape((len, 1))?;
-    let k = Tensor::arange(from as u32, (from + n) as u32, dev)?.reshape((1, n))?;
-    let future = k.broadcast_gt(&q)?;
-    let ninf = Tensor::new(f32::NEG_INFINITY, dev)?.broadcast_as((len, n))?;
-    let zero = Tensor::new(0f32, dev)?.broadcast_as((len, n))?;
-    Ok(future.where_cond(&ninf, &zero)?)
 }
 
 #[cfg(test)]

@@ -1,0 +1,82 @@
+// Row softmax for attention scores: f32 arithmetic, one rounding to the storage dtype, and an optional
+// causal limit per row, so that attention needs neither an f32 copy of its scores nor an additive mask.
+// Semantics are those of `afnext_model::softmax::softmax_rows` (whose CPU implementation the tests compare
+// with plain softmax): row r of `nrows` rows of `ncols` values keeps columns c < visible(r), where
+// visible(r) = ncols if diag == 0, else min(ncols, first + r % diag + 1); later columns are written as 0.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <math_constants.h>
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+template <typename T> __device__ __forceinline__ T from_f(float x);
+template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
+template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half(x); }
+
+// Merges two (max, sum of exp(x - max)) pairs.
+__device__ __forceinline__ void merge(float &m, float &s, float m2, float s2) {
+  float mm = fmaxf(m, m2);
+  if (mm == -CUDART_INF_F) return;  // both empty
+  s = s * expf(m - mm) + s2 * expf(m2 - mm);
+  m = mm;
+}
+
+// One block per row; blockDim.x is a multiple of 32 and at most 1024.
+template <typename T>
+__device__ void softmax_rows(const T *x, T *y, int ncols, int diag, int first) {
+  const long long row = blockIdx.x;
+  const T *xr = x + row * ncols;
+  T *yr = y + row * ncols;
+  int vis = ncols;
+  if (diag > 0) {
+    long long v = (long long)first + row % diag + 1;
+    vis = v < ncols ? (int)v : ncols;
+  }
+  // Pass 1: an online (max, sum) per thread, then per warp, then per block.
+  float m = -CUDART_INF_F, s = 0.f;
+  for (int c = threadIdx.x; c < vis; c += blockDim.x) {
+    float v = to_f(xr[c]);
+    if (v > m) {
+      s = s * expf(m - v) + 1.f;
+      m = v;
+    } else if (v != -CUDART_INF_F) {
+      s += expf(v - m);
+    }
+  }
+  for (int off = 16; off > 0; off >>= 1) {
+    float m2 = __shfl_xor_sync(0xffffffff, m, off);
+    float s2 = __shfl_xor_sync(0xffffffff, s, off);
+    merge(m, s, m2, s2);
+  }
+  __shared__ float sm[32], ss[32];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  if (lane == 0) {
+    sm[warp] = m;
+    ss[warp] = s;
+  }
+  __syncthreads();
+  m = lane < warps ? sm[lane] : -CUDART_INF_F;
+  s = lane < warps ? ss[lane] : 0.f;
+  for (int off = 16; off > 0; off >>= 1) {
+    float m2 = __shfl_xor_sync(0xffffffff, m, off);
+    float s2 = __shfl_xor_sync(0xffffffff, s, off);
+    merge(m, s, m2, s2);
+  }
+  // Pass 2: every lane of every warp now holds the row's (max, sum).
+  for (int c = threadIdx.x; c < ncols; c += blockDim.x) {
+    yr[c] = from_f<T>(c < vis ? expf(to_f(xr[c]) - m) / s : 0.f);
+  }
+}
+
+extern "C" __global__ void afnext_softmax_rows_f32(const float *x, float *y, int ncols, int diag, int first) {
+  softmax_rows(x, y, ncols, diag, first);
+}
+extern "C" __global__ void afnext_softmax_rows_bf16(const __nv_bfloat16 *x, __nv_bfloat16 *y, int ncols, int diag,
+                                                    int first) {
+  softmax_rows(x, y, ncols, diag, first);
+}
+extern "C" __global__ void afnext_softmax_rows_f16(const __half *x, __half *y, int ncols, int diag, int first) {
+  softmax_rows(x, y, ncols, diag, first);
+}

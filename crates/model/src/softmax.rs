@@ -1,0 +1,259 @@
+//! Row softmax for attention scores, computed in f32 with one rounding to the scores' dtype, with an
+//! optional causal limit per row: attention over bf16 scores needs no f32 copy of them and no additive mask
+//! (on a GPU, an f32 copy, a mask and the casts back cost more memory traffic than the two matmuls).
+//!
+//! CPU: plain Rust over rows in parallel. CUDA (feature `cuda`): `kernels/softmax.cu`, compiled to PTX by
+//! `build.rs`; one block per row, an online (max, sum) in the first pass and the normalised values in the
+//! second.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor, WithDType};
+use rayon::prelude::*;
+
+use crate::error::Result;
+
+/// Softmax over the last dimension of `x`. With `causal = Some((n, first))`, row `r` (counting rows over all
+/// leading dimensions) keeps its columns `0..=first + r % n` and gets exact zeros after them: the rows of
+/// a block of `n` queries at positions `first..first + n` (repeated over heads) against keys from position
+/// 0. A row always sees at least its own key, so no row is empty.
+pub fn softmax_rows(x: &Tensor, causal: Option<(usize, usize)>) -> Result<Tensor> {
+    let (diag, first) = causal.unwrap_or((0, 0));
+    Ok(x.contiguous()?
+        .apply_op1_no_bwd(&RowSoftmax { diag, first })?)
+}
+
+struct RowSoftmax {
+    /// 0: every column is visible; else the causal block's query count `n`.
+    diag: usize,
+    first: usize,
+}
+
+impl RowSoftmax {
+    fn visible(&self, row: usize, ncols: usize) -> usize {
+        if self.diag == 0 {
+            ncols
+        } else {
+            (self.first + row % self.diag + 1).min(ncols)
+        }
+    }
+
+    fn cpu<T: WithDType>(&self, x: &[T], ncols: usize) -> Vec<T> {
+        let mut y = vec![T::zero(); x.len()];
+        if ncols == 0 {
+            return y;
+        }
+        y.par_chunks_mut(ncols)
+            .zip(x.par_chunks(ncols))
+            .enumerate()
+            .for_each(|(row, (yr, xr))| {
+                let vis = self.visible(row, ncols);
+                let mut e = vec![0f32; vis];
+                let m = xr[..vis]
+                    .iter()
+                    .map(|v| v.to_f64() as f32)
+                    .fold(f32::NEG_INFINITY, f32::max);
+                let mut s = 0f32;
+                for (e, v) in e.iter_mut().zip(&xr[..vis]) {
+                    *e = (v.to_f64() as f32 - m).exp();
+                    s += *e;
+                }
+                for (y, e) in yr.iter_mut().zip(e) {
+                    *y = T::from_f64((e / s) as f64);
+                }
+            });
+        y
+    }
+}
+
+impl CustomOp1 for RowSoftmax {
+    fn name(&self) -> &'static str {
+        "afnext-softmax-rows"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (start, end) = l.contiguous_offsets().ok_or_else(|| {
+            candle_core::Error::Msg("softmax_rows: input must be contiguous".into())
+        })?;
+        let ncols = l.dims().last().copied().unwrap_or(1);
+        let out = match s {
+            CpuStorage::F32(v) => CpuStorage::F32(self.cpu(&v[start..end], ncols)),
+            CpuStorage::BF16(v) => CpuStorage::BF16(self.cpu(&v[start..end], ncols)),
+            CpuStorage::F16(v) => CpuStorage::F16(self.cpu(&v[start..end], ncols)),
+            other => candle_core::bail!("softmax_rows: unsupported dtype {:?}", other.dtype()),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::cuda_backend::cudarc::driver::{
+            CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
+        };
+        use candle_core::cuda_backend::WrapErr;
+        use candle_core::{CudaDevice, CudaStorage};
+
+        const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/softmax.ptx"));
+
+        fn run<T: DeviceRepr>(
+            op: &RowSoftmax,
+            src: &CudaSlice<T>,
+            dev: &CudaDevice,
+            l: &Layout,
+            kernel: &str,
+        ) -> candle_core::Result<CudaSlice<T>> {
+            let (start, end) = l.contiguous_offsets().ok_or_else(|| {
+                candle_core::Error::Msg("softmax_rows: input must be contiguous".into())
+            })?;
+            let src = src.slice(start..end);
+            let n = end - start;
+            let ncols = l.dims().last().copied().unwrap_or(1);
+            // SAFETY: every element is written by the kernel below.
+            let dst = unsafe { dev.alloc::<T>(n)? };
+            if n == 0 {
+                return Ok(dst);
+            }
+            let rows = n / ncols;
+            let threads = if ncols >= 2048 { 256 } else { 128 };
+            let cfg = LaunchConfig {
+                grid_dim: (rows as u32, 1, 1),
+                block_dim: (threads, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let func = dev.get_or_load_custom_func(kernel, "afnext_softmax", PTX)?;
+            let mut b = func.builder();
+            let (nc, diag, first) = (ncols as i32, op.diag as i32, op.first as i32);
+            b.arg(&src);
+            b.arg(&dst);
+            b.arg(&nc);
+            b.arg(&diag);
+            b.arg(&first);
+            // SAFETY: the kernel reads `rows * ncols` elements of `src` and writes as many of `dst`.
+            unsafe { b.launch(cfg) }.w()?;
+            Ok(dst)
+        }
+
+        if l.dims().last().copied().unwrap_or(1) > i32::MAX as usize
+            || self.first + self.diag > i32::MAX as usize
+        {
+            candle_core::bail!("softmax_rows: row too long for the CUDA kernel");
+        }
+        let dev = s.device();
+        let slice = match &s.slice {
+            candle_core::cuda_backend::CudaStorageSlice::F32(v) => {
+                candle_core::cuda_backend::CudaStorageSlice::F32(run(
+                    self,
+                    v,
+                    dev,
+                    l,
+                    "afnext_softmax_rows_f32",
+                )?)
+            }
+            candle_core::cuda_backend::CudaStorageSlice::BF16(v) => {
+                candle_core::cuda_backend::CudaStorageSlice::BF16(run(
+                    self,
+                    v,
+                    dev,
+                    l,
+                    "afnext_softmax_rows_bf16",
+                )?)
+            }
+            candle_core::cuda_backend::CudaStorageSlice::F16(v) => {
+                candle_core::cuda_backend::CudaStorageSlice::F16(run(
+                    self,
+                    v,
+                    dev,
+                    l,
+                    "afnext_softmax_rows_f16",
+                )?)
+            }
+            _ => candle_core::bail!("softmax_rows: unsupported dtype {:?}", s.dtype()),
+        };
+        Ok((
+            CudaStorage {
+                slice,
+                device: dev.clone(),
+            },
+            l.shape().clone(),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, IndexOp};
+
+    /// Deterministic scores of a few units' spread, like attention logits.
+    fn scores(dtype: DType) -> Tensor {
+        let v: Vec<f32> = (0..2 * 6 * 9)
+            .map(|i| 3.0 * ((i * 7919 % 101) as f32 / 101.0 * std::f32::consts::TAU).sin())
+            .collect();
+        Tensor::from_vec(v, (2, 6, 9), &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+    }
+
+    #[test]
+    fn full_rows_match_candles_softmax() {
+        let x = scores(DType::F32);
+        let want = candle_nn::ops::softmax_last_dim(&x).unwrap();
+        let got = softmax_rows(&x, None).unwrap();
+        let d = (got - want).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(d.to_scalar::<f32>().unwrap() < 1e-6);
+    }
+
+    #[test]
+    fn causal_rows_equal_softmax_over_their_visible_prefix() {
+        // Rows are 2 kv heads x (2 query heads x 3 queries at positions 6, 7, 8) over keys 0..9.
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let x = scores(dtype);
+            let (n, first) = (3, 6);
+            let got = softmax_rows(&x, Some((n, first))).unwrap();
+            for h in 0..2 {
+                for r in 0..6 {
+                    let vis = first + r % n + 1;
+                    let row = x.i((h, r)).unwrap();
+                    let want = candle_nn::ops::softmax_last_dim(
+                        &row.narrow(0, 0, vis).unwrap().to_dtype(DType::F32).unwrap(),
+                    )
+                    .unwrap();
+                    let g = got.i((h, r)).unwrap().to_dtype(DType::F32).unwrap();
+                    let tol = if dtype == DType::F32 { 1e-6 } else { 1e-2 };
+                    let d = (g.narrow(0, 0, vis).unwrap() - &want)
+                        .unwrap()
+                        .abs()
+                        .unwrap()
+                        .max_all()
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap();
+                    assert!(d < tol, "{dtype:?} row {h},{r}: {d}");
+                    if vis < 9 {
+                        let tail = g.narrow(0, vis, 9 - vis).unwrap().abs().unwrap();
+                        assert_eq!(tail.max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+                    }
+                }
+            }
+            // One rounding: the result in `dtype` is the f32 result (of the same inputs) rounded.
+            let f32_then_round = softmax_rows(&x.to_dtype(DType::F32).unwrap(), Some((n, first)))
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let same = got
+                .eq(&f32_then_round)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .min_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert_eq!(same, 1.0, "{dtype:?} is not one rounding of the f32 result");
+        }
+    }
+}
