@@ -15,7 +15,7 @@ source "$ROOT/env.sh"
 log=target/gpu-build.jsonl
 mkdir -p target
 : >"$log"
-cargo test --release --features cuda -p afnext-e2e --test model_golden --test generation --test engine \
+cargo test --release --features cuda -p afnext-e2e --test model_golden --test generation --test engine --test kernels \
   --no-run --message-format=json-render-diagnostics >>"$log"
 cargo test --release --features cuda -p afnext-collectives --lib --no-run \
   --message-format=json-render-diagnostics >>"$log"

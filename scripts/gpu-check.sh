@@ -28,7 +28,7 @@ ldd "$BIN/device" | grep -E "not found|cuda|cublas|nccl|curand"
 
 step "golden comparisons on cuda:0 (f32 and bf16 against transformers 5.23 fixtures)"
 export AFNEXT_TEST_DEVICE=cuda:0 AFNEXT_EXPECT_GPU=1 AFNEXT_FIXTURES=$PWD/tests/fixtures
-for t in model_golden generation engine afnext_collectives; do
+for t in kernels model_golden generation engine afnext_collectives; do
   log=/tmp/afnext-gpu/test-$t.log
   if timeout 150 "$BIN/$t" --test-threads 2 --nocapture >"$log" 2>&1; then
     echo "PASS $t: $(grep -E '^test result' "$log" | tail -1)"

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-const KERNELS: &[&str] = &["softmax"];
+const KERNELS: &[&str] = &["softmax", "elementwise"];
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");

@@ -23,7 +23,44 @@ __device__ __forceinline__ void merge(float &m, float &s, float m2, float s2) {
   m = mm;
 }
 
-// One block per row; blockDim.x is a multiple of 32 and at most 1024.
+// Rows of at most 32 * CPL columns: one warp per row, the row held in registers (read once, written once).
+template <typename T, int CPL>
+__device__ void softmax_rows_warp(const T *x, T *y, long long nrows, int ncols, int diag, int first) {
+  const long long row = (long long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= nrows) return;  // the whole warp leaves together
+  const T *xr = x + row * ncols;
+  T *yr = y + row * ncols;
+  int vis = ncols;
+  if (diag > 0) {
+    long long v = (long long)first + row % diag + 1;
+    vis = v < ncols ? (int)v : ncols;
+  }
+  float v[CPL];
+  float m = -CUDART_INF_F;
+#pragma unroll
+  for (int i = 0; i < CPL; i++) {
+    const int c = lane + i * 32;
+    v[i] = c < vis ? to_f(xr[c]) : -CUDART_INF_F;
+    m = fmaxf(m, v[i]);
+  }
+  for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, off));
+  float s = 0.f;
+#pragma unroll
+  for (int i = 0; i < CPL; i++) {
+    const int c = lane + i * 32;
+    v[i] = c < vis ? expf(v[i] - m) : 0.f;
+    s += v[i];
+  }
+  for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffff, s, off);
+#pragma unroll
+  for (int i = 0; i < CPL; i++) {
+    const int c = lane + i * 32;
+    if (c < ncols) yr[c] = from_f<T>(c < vis ? v[i] / s : 0.f);
+  }
+}
+
+// Longer rows: one block per row; blockDim.x is a multiple of 32 and at most 1024.
 template <typename T>
 __device__ void softmax_rows(const T *x, T *y, int ncols, int diag, int first) {
   const long long row = blockIdx.x;
@@ -79,4 +116,18 @@ extern "C" __global__ void afnext_softmax_rows_bf16(const __nv_bfloat16 *x, __nv
 }
 extern "C" __global__ void afnext_softmax_rows_f16(const __half *x, __half *y, int ncols, int diag, int first) {
   softmax_rows(x, y, ncols, diag, first);
+}
+
+// Rows of at most 2 048 columns (WARP_COLS in softmax.rs): 32 x 64 per warp.
+extern "C" __global__ void afnext_softmax_rows_warp_f32(const float *x, float *y, long long nrows, int ncols,
+                                                        int diag, int first) {
+  softmax_rows_warp<float, 64>(x, y, nrows, ncols, diag, first);
+}
+extern "C" __global__ void afnext_softmax_rows_warp_bf16(const __nv_bfloat16 *x, __nv_bfloat16 *y, long long nrows,
+                                                         int ncols, int diag, int first) {
+  softmax_rows_warp<__nv_bfloat16, 64>(x, y, nrows, ncols, diag, first);
+}
+extern "C" __global__ void afnext_softmax_rows_warp_f16(const __half *x, __half *y, long long nrows, int ncols,
+                                                        int diag, int first) {
+  softmax_rows_warp<__half, 64>(x, y, nrows, ncols, diag, first);
 }

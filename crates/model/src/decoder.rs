@@ -225,9 +225,10 @@ impl DecoderLayer {
     fn output(&self, h: &Tensor, o: &Tensor) -> Result<Tensor> {
         let h = (h + self.o.forward(o)?)?;
         let y = self.post_norm.forward(&h)?;
-        let m = self
-            .down
-            .forward(&(candle_nn::ops::silu(&self.gate.forward(&y)?)? * self.up.forward(&y)?)?)?;
+        let m = self.down.forward(&crate::elementwise::silu_mul(
+            &self.gate.forward(&y)?,
+            &self.up.forward(&y)?,
+        )?)?;
         Ok((h + m)?)
     }
 

@@ -8,6 +8,7 @@ pub mod cpu_amx;
 pub mod cpu_gemm;
 pub mod decoder;
 pub mod device;
+pub mod elementwise;
 pub mod encoder;
 pub mod error;
 pub mod generate;

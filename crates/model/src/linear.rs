@@ -25,8 +25,12 @@ use crate::weights::{Part, Weights};
 /// The product kernel of one (part of a) layer.
 #[derive(Debug, Clone)]
 enum Kernel {
-    /// Through candle (GPUs, f16, anything not packed).
-    Dense(candle_nn::Linear),
+    /// Through candle (GPUs, f16, anything not packed): the product (cuBLAS on a GPU), then the bias with
+    /// [`crate::elementwise::add_bias`] (candle's broadcast add is several times slower on a GPU).
+    Dense {
+        linear: candle_nn::Linear,
+        bias: Option<Tensor>,
+    },
     /// Packed for the CPU GEMM; `bias` in f32.
     Packed {
         w: Arc<PackedWeight>,
@@ -139,7 +143,10 @@ impl ParallelLinear {
                 bias: f32_bias(bias)?,
             }
         } else {
-            Kernel::Dense(candle_nn::Linear::new(weight, bias))
+            Kernel::Dense {
+                linear: candle_nn::Linear::new(weight, None),
+                bias,
+            }
         };
         Ok(ParallelLinear {
             kernel,
@@ -161,8 +168,14 @@ impl ParallelLinear {
             Ok(())
         };
         match &self.kernel {
-            Kernel::Dense(l) => match &self.reduce {
-                None => Ok(l.forward(x)?),
+            Kernel::Dense { linear: l, bias } => match &self.reduce {
+                None => {
+                    let y = l.forward(x)?;
+                    match bias {
+                        Some(b) => crate::elementwise::add_bias(&y, b),
+                        None => Ok(y),
+                    }
+                }
                 // On devices the group's tensor all-reduce stays there (NCCL); the sum is in f32.
                 Some((group, bias)) => {
                     let y = group.all_reduce_tensor(&l.forward(x)?.to_dtype(DType::F32)?)?;

@@ -3,8 +3,8 @@
 //! (on a GPU, an f32 copy, a mask and the casts back cost more memory traffic than the two matmuls).
 //!
 //! CPU: plain Rust over rows in parallel. CUDA (feature `cuda`): `kernels/softmax.cu`, compiled to PTX by
-//! `build.rs`; one block per row, an online (max, sum) in the first pass and the normalised values in the
-//! second.
+//! `build.rs`. Rows of up to 2 048 columns: one warp per row, read once into registers; longer rows: one
+//! block per row, an online (max, sum) in the first pass and the normalised values in the second.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor, WithDType};
@@ -21,6 +21,10 @@ pub fn softmax_rows(x: &Tensor, causal: Option<(usize, usize)>) -> Result<Tensor
     Ok(x.contiguous()?
         .apply_op1_no_bwd(&RowSoftmax { diag, first })?)
 }
+
+/// Rows of at most this many columns take the warp-per-row kernel (`kernels/softmax.cu`: 32 lanes x 64).
+#[cfg(feature = "cuda")]
+const WARP_COLS: usize = 2048;
 
 struct RowSoftmax {
     /// 0: every column is visible; else the causal block's query count `n`.
@@ -117,17 +121,35 @@ impl CustomOp1 for RowSoftmax {
                 return Ok(dst);
             }
             let rows = n / ncols;
-            let threads = if ncols >= 2048 { 256 } else { 128 };
-            let cfg = LaunchConfig {
-                grid_dim: (rows as u32, 1, 1),
-                block_dim: (threads, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let func = dev.get_or_load_custom_func(kernel, "afnext_softmax", PTX)?;
-            let mut b = func.builder();
             let (nc, diag, first) = (ncols as i32, op.diag as i32, op.first as i32);
+            // Short rows (the encoder's 1 500 keys, short prompts): a warp per row, held in registers.
+            let warp = ncols <= WARP_COLS;
+            let cfg = if warp {
+                LaunchConfig {
+                    grid_dim: (rows.div_ceil(4) as u32, 1, 1),
+                    block_dim: (128, 1, 1),
+                    shared_mem_bytes: 0,
+                }
+            } else {
+                LaunchConfig {
+                    grid_dim: (rows as u32, 1, 1),
+                    block_dim: (if ncols >= 4096 { 256 } else { 128 }, 1, 1),
+                    shared_mem_bytes: 0,
+                }
+            };
+            let name = if warp {
+                kernel.replace("rows_", "rows_warp_")
+            } else {
+                kernel.to_string()
+            };
+            let func = dev.get_or_load_custom_func(&name, "afnext_softmax", PTX)?;
+            let mut b = func.builder();
             b.arg(&src);
             b.arg(&dst);
+            let nrows = rows as i64;
+            if warp {
+                b.arg(&nrows);
+            }
             b.arg(&nc);
             b.arg(&diag);
             b.arg(&first);

@@ -1,0 +1,48 @@
+// Element-wise kernels that save a pass over memory (or candle's strided broadcast path) on the GPU.
+// Semantics are those of `afnext_model::elementwise` (whose CPU implementations the tests compare with
+// candle's compositions): each result is what the unfused operations give, rounding where they round.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+template <typename T> __device__ __forceinline__ T from_f(float x);
+template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
+template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half(x); }
+
+// y[r][c] = x[r][c] + b[c]: a linear layer's bias over `rows` rows of `cols` (candle's broadcast add walks
+// the strides of every element). Grid: x over columns (blockDim.x each), y over rows (strided).
+template <typename T>
+__device__ void add_bias(const T *x, const T *b, T *y, long long rows, int cols) {
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= cols) return;
+  const float bc = to_f(b[c]);
+  for (long long r = blockIdx.y; r < rows; r += gridDim.y) {
+    const long long i = r * cols + c;
+    y[i] = from_f<T>(to_f(x[i]) + bc);
+  }
+}
+
+// y = silu(g) * u, with silu's result rounded to T before the product, as the two unfused operations do.
+template <typename T>
+__device__ void silu_mul(const T *g, const T *u, T *y, long long n) {
+  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+    const float a = to_f(g[i]);
+    const float s = to_f(from_f<T>(a / (1.f + expf(-a))));
+    y[i] = from_f<T>(s * to_f(u[i]));
+  }
+}
+
+#define INSTANTIATE(T, SUFFIX)                                                                            \
+  extern "C" __global__ void afnext_add_bias_##SUFFIX(const T *x, const T *b, T *y, long long rows, int cols) { \
+    add_bias(x, b, y, rows, cols);                                                                         \
+  }                                                                                                        \
+  extern "C" __global__ void afnext_silu_mul_##SUFFIX(const T *g, const T *u, T *y, long long n) {         \
+    silu_mul(g, u, y, n);                                                                                  \
+  }
+
+INSTANTIATE(float, f32)
+INSTANTIATE(__nv_bfloat16, bf16)
+INSTANTIATE(__half, f16)

@@ -1,0 +1,335 @@
+//! Fused element-wise operations for the GPU, each the exact result of the candle operations it replaces
+//! (rounding where they round): a linear layer's bias (candle's broadcast add walks every element's strides:
+//! the largest single kernel in the first profile after attention) and the MLP's `silu(gate) * up` (one pass
+//! instead of two). CPU: plain Rust, in parallel; CUDA (feature `cuda`): `kernels/elementwise.cu`.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor, WithDType};
+use rayon::prelude::*;
+
+use crate::error::{ModelError, Result};
+
+/// `x + bias` for `x` `[..., n]` and `bias` `[n]`, both of one dtype.
+pub fn add_bias(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let n = x.dims().last().copied().unwrap_or(0);
+    if bias.dims() != [n] || bias.dtype() != x.dtype() {
+        return Err(ModelError::Input(format!(
+            "bias {:?} {:?} does not fit rows of {n} {:?}",
+            bias.dims(),
+            bias.dtype(),
+            x.dtype()
+        )));
+    }
+    Ok(x.contiguous()?
+        .apply_op2_no_bwd(&bias.contiguous()?, &AddBias)?)
+}
+
+/// `silu(gate) * up` for tensors of one shape and dtype.
+pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if gate.dims() != up.dims() || gate.dtype() != up.dtype() {
+        return Err(ModelError::Input(format!(
+            "silu_mul of {:?} {:?} and {:?} {:?}",
+            gate.dims(),
+            gate.dtype(),
+            up.dims(),
+            up.dtype()
+        )));
+    }
+    Ok(gate
+        .contiguous()?
+        .apply_op2_no_bwd(&up.contiguous()?, &SiluMul)?)
+}
+
+struct AddBias;
+struct SiluMul;
+
+fn contiguous<'a, T>(v: &'a [T], l: &Layout) -> candle_core::Result<&'a [T]> {
+    let (a, b) = l.contiguous_offsets().ok_or_else(|| {
+        candle_core::Error::Msg("element-wise op: input must be contiguous".into())
+    })?;
+    Ok(&v[a..b])
+}
+
+fn round<T: WithDType>(x: f32) -> T {
+    T::from_f64(x as f64)
+}
+
+fn f<T: WithDType>(x: T) -> f32 {
+    x.to_f64() as f32
+}
+
+impl AddBias {
+    fn cpu<T: WithDType>(x: &[T], b: &[T]) -> Vec<T> {
+        let mut y = vec![T::zero(); x.len()];
+        if !b.is_empty() {
+            y.par_chunks_mut(b.len())
+                .zip(x.par_chunks(b.len()))
+                .for_each(|(yr, xr)| {
+                    for ((y, &x), &b) in yr.iter_mut().zip(xr).zip(b) {
+                        *y = round(f(x) + f(b));
+                    }
+                });
+        }
+        y
+    }
+}
+
+impl SiluMul {
+    fn cpu<T: WithDType>(g: &[T], u: &[T]) -> Vec<T> {
+        let mut y = vec![T::zero(); g.len()];
+        y.par_iter_mut()
+            .zip(g.par_iter().zip(u.par_iter()))
+            .for_each(|(y, (&g, &u))| {
+                let a = f(g);
+                let s: T = round(a / (1.0 + (-a).exp()));
+                *y = round(f(s) * f(u));
+            });
+        y
+    }
+}
+
+macro_rules! cpu_dispatch {
+    ($name:literal, $s1:expr, $l1:expr, $s2:expr, $l2:expr, $f:path) => {{
+        let out = match ($s1, $s2) {
+            (CpuStorage::F32(a), CpuStorage::F32(b)) => {
+                CpuStorage::F32($f(contiguous(a, $l1)?, contiguous(b, $l2)?))
+            }
+            (CpuStorage::BF16(a), CpuStorage::BF16(b)) => {
+                CpuStorage::BF16($f(contiguous(a, $l1)?, contiguous(b, $l2)?))
+            }
+            (CpuStorage::F16(a), CpuStorage::F16(b)) => {
+                CpuStorage::F16($f(contiguous(a, $l1)?, contiguous(b, $l2)?))
+            }
+            (a, _) => candle_core::bail!("{}: unsupported dtype {:?}", $name, a.dtype()),
+        };
+        Ok((out, $l1.shape().clone()))
+    }};
+}
+
+impl CustomOp2 for AddBias {
+    fn name(&self) -> &'static str {
+        "afnext-add-bias"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        cpu_dispatch!("add_bias", s1, l1, s2, l2, AddBias::cpu)
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        cuda::binary(s1, l1, s2, l2, cuda::Kind::AddBias)
+    }
+}
+
+impl CustomOp2 for SiluMul {
+    fn name(&self) -> &'static str {
+        "afnext-silu-mul"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        cpu_dispatch!("silu_mul", s1, l1, s2, l2, SiluMul::cpu)
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        cuda::binary(s1, l1, s2, l2, cuda::Kind::SiluMul)
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
+    };
+    use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
+    use candle_core::{CudaDevice, CudaStorage, Layout, Shape};
+
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/elementwise.ptx"));
+
+    #[derive(Clone, Copy)]
+    pub enum Kind {
+        AddBias,
+        SiluMul,
+    }
+
+    fn run<T: DeviceRepr>(
+        kind: Kind,
+        a: &CudaSlice<T>,
+        l1: &Layout,
+        b: &CudaSlice<T>,
+        l2: &Layout,
+        dev: &CudaDevice,
+        suffix: &str,
+    ) -> candle_core::Result<CudaSlice<T>> {
+        let off = |l: &Layout| {
+            l.contiguous_offsets().ok_or_else(|| {
+                candle_core::Error::Msg("element-wise op: input must be contiguous".into())
+            })
+        };
+        let ((a0, a1), (b0, b1)) = (off(l1)?, off(l2)?);
+        let (a, b) = (a.slice(a0..a1), b.slice(b0..b1));
+        let n = a1 - a0;
+        // SAFETY: every element is written by the kernel below.
+        let y = unsafe { dev.alloc::<T>(n)? };
+        if n == 0 {
+            return Ok(y);
+        }
+        let (name, cfg) = match kind {
+            Kind::AddBias => {
+                let cols = b1 - b0;
+                let rows = (n / cols) as u32;
+                (
+                    "afnext_add_bias",
+                    LaunchConfig {
+                        grid_dim: (cols.div_ceil(256) as u32, rows.min(4096), 1),
+                        block_dim: (256, 1, 1),
+                        shared_mem_bytes: 0,
+                    },
+                )
+            }
+            Kind::SiluMul => (
+                "afnext_silu_mul",
+                LaunchConfig {
+                    grid_dim: (n.div_ceil(256).min(1 << 16) as u32, 1, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                },
+            ),
+        };
+        let func =
+            dev.get_or_load_custom_func(&format!("{name}_{suffix}"), "afnext_elementwise", PTX)?;
+        let mut builder = func.builder();
+        builder.arg(&a);
+        builder.arg(&b);
+        builder.arg(&y);
+        let n_arg = match kind {
+            Kind::AddBias => (n / (b1 - b0)) as i64,
+            Kind::SiluMul => n as i64,
+        };
+        let cols = (b1 - b0) as i32;
+        builder.arg(&n_arg);
+        if let Kind::AddBias = kind {
+            builder.arg(&cols);
+        }
+        // SAFETY: the kernel reads `n` elements of `a` (and of `b`, or `cols` for the bias) and writes `n`.
+        unsafe { builder.launch(cfg) }.w()?;
+        Ok(y)
+    }
+
+    pub fn binary(
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        kind: Kind,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        if let Kind::AddBias = kind {
+            if l2.shape().elem_count() > i32::MAX as usize {
+                candle_core::bail!("add_bias: rows too wide for the CUDA kernel");
+            }
+        }
+        let dev = s1.device();
+        let slice = match (&s1.slice, &s2.slice) {
+            (CudaStorageSlice::F32(a), CudaStorageSlice::F32(b)) => {
+                CudaStorageSlice::F32(run(kind, a, l1, b, l2, dev, "f32")?)
+            }
+            (CudaStorageSlice::BF16(a), CudaStorageSlice::BF16(b)) => {
+                CudaStorageSlice::BF16(run(kind, a, l1, b, l2, dev, "bf16")?)
+            }
+            (CudaStorageSlice::F16(a), CudaStorageSlice::F16(b)) => {
+                CudaStorageSlice::F16(run(kind, a, l1, b, l2, dev, "f16")?)
+            }
+            _ => candle_core::bail!("element-wise op: unsupported dtype {:?}", s1.dtype()),
+        };
+        Ok((
+            CudaStorage {
+                slice,
+                device: dev.clone(),
+            },
+            l1.shape().clone(),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    fn t(n: usize, seed: usize, shape: &[usize], dtype: DType) -> Tensor {
+        let v: Vec<f32> = (0..n)
+            .map(|i| 4.0 * (((i * 7919 + seed * 104729) % 1009) as f32 / 1009.0 - 0.5))
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+    }
+
+    fn same(a: &Tensor, b: &Tensor) -> bool {
+        a.to_dtype(DType::F32)
+            .unwrap()
+            .eq(&b.to_dtype(DType::F32).unwrap())
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .min_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            == 1.0
+    }
+
+    #[test]
+    fn fused_ops_equal_candles_compositions() {
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let x = t(2 * 3 * 5, 1, &[2, 3, 5], dtype);
+            let b = t(5, 2, &[5], dtype);
+            assert!(same(
+                &add_bias(&x, &b).unwrap(),
+                &x.broadcast_add(&b).unwrap()
+            ));
+            let g = t(30, 3, &[3, 10], dtype);
+            let u = t(30, 4, &[3, 10], dtype);
+            let want = (candle_nn::ops::silu(&g).unwrap() * &u).unwrap();
+            let got = silu_mul(&g, &u).unwrap();
+            let d = (got.to_dtype(DType::F32).unwrap() - want.to_dtype(DType::F32).unwrap())
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            // candle's silu rounds in its own order; one ulp of the dtype at |y| < 8.
+            let ulp = match dtype {
+                DType::F32 => 1e-6,
+                DType::BF16 => 8.0 / 128.0,
+                _ => 8.0 / 1024.0,
+            };
+            assert!(d <= ulp, "{dtype:?}: {d}");
+        }
+        assert!(add_bias(&t(6, 0, &[2, 3], DType::F32), &t(2, 0, &[2], DType::F32)).is_err());
+    }
+}
