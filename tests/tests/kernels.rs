@@ -1,11 +1,11 @@
-//! afnext's own kernels (row softmax with a causal limit, bias add, silu x up) on the test device
+//! afnext's own kernels (row softmax with a scale and a causal limit, bias add, bias add + GELU, silu x up) on the test device
 //! (`AFNEXT_TEST_DEVICE`; `scripts/gpu-check.sh` runs this on a lent GPU) against the plain candle
 //! compositions they replace, computed on the CPU. Row lengths cover both softmax kernels (one warp per row up
 //! to 2 048 columns, one block per row beyond) and their edges.
 
 use afnext_e2e::test_device;
-use afnext_model::elementwise::{add_bias, silu_mul};
-use afnext_model::softmax::softmax_rows;
+use afnext_model::elementwise::{add_bias, add_bias_gelu, silu_mul};
+use afnext_model::softmax::softmax_rows_scaled;
 use candle_core::{DType, Device, IndexOp, Tensor};
 
 /// Deterministic values spread over `[-scale, scale)`.
@@ -53,14 +53,18 @@ fn softmax_rows_match_softmax_over_each_rows_visible_prefix() {
                 .unwrap()
                 .to_dtype(dtype)
                 .unwrap();
-            let got = softmax_rows(&x.to_device(&dev).unwrap(), causal).unwrap();
+            // Attention's 1/sqrt(head_dim) where the rows are causal blocks; 1 elsewhere.
+            let scale = if causal.is_some() { 0.088_388_35 } else { 1.0 };
+            let got = softmax_rows_scaled(&x.to_device(&dev).unwrap(), causal, scale).unwrap();
             for r in 0..rows {
                 let vis = causal.map_or(cols, |(n, first): (usize, usize)| first + r % n + 1);
                 let xr = x.i(r).unwrap().to_dtype(DType::F32).unwrap();
-                let want = candle_nn::ops::softmax_last_dim(&xr.narrow(0, 0, vis).unwrap())
-                    .unwrap()
-                    .to_dtype(dtype)
-                    .unwrap();
+                let want = candle_nn::ops::softmax_last_dim(
+                    &(xr.narrow(0, 0, vis).unwrap() * scale as f64).unwrap(),
+                )
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
                 let g = got.i(r).unwrap();
                 let d = max_diff(&g.narrow(0, 0, vis).unwrap(), &want);
                 // One rounding of a value below 1 in bf16 (2^-8 relative), f32 summation order.
@@ -95,6 +99,17 @@ fn bias_add_and_silu_mul_match_candles_operations() {
                 0.0,
                 "add_bias {rows}x{cols} {dtype:?}"
             );
+            let got =
+                add_bias_gelu(&x.to_device(&dev).unwrap(), &b.to_device(&dev).unwrap()).unwrap();
+            let want = x.broadcast_add(&b).unwrap().gelu_erf().unwrap();
+            // |y| < 8: erf's last bits in f32, or one bf16 ulp where they tip a rounding.
+            let tol = if dtype == DType::F32 {
+                1e-5
+            } else {
+                8.0 / 128.0
+            };
+            let d = max_diff(&got, &want);
+            assert!(d <= tol, "add_bias_gelu {rows}x{cols} {dtype:?}: {d}");
             let u = mk(rows * cols, 3, &[rows, cols]);
             let got = silu_mul(&x.to_device(&dev).unwrap(), &u.to_device(&dev).unwrap()).unwrap();
             let want = (candle_nn::ops::silu(&x.to_dtype(DType::F32).unwrap())

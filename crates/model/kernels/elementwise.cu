@@ -14,14 +14,20 @@ template <> __device__ __forceinline__ __half from_f<__half>(float x) { return _
 
 // y[r][c] = x[r][c] + b[c]: a linear layer's bias over `rows` rows of `cols` (candle's broadcast add walks
 // the strides of every element). Grid: x over columns (blockDim.x each), y over rows (strided).
-template <typename T>
+// With GELU: gelu_erf of the rounded sum, rounded (a linear layer's output, then its activation).
+template <typename T, bool GELU>
 __device__ void add_bias(const T *x, const T *b, T *y, long long rows, int cols) {
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
   if (c >= cols) return;
   const float bc = to_f(b[c]);
   for (long long r = blockIdx.y; r < rows; r += gridDim.y) {
     const long long i = r * cols + c;
-    y[i] = from_f<T>(to_f(x[i]) + bc);
+    float v = to_f(x[i]) + bc;
+    if (GELU) {
+      v = to_f(from_f<T>(v));
+      v = 0.5f * v * (1.f + erff(v * 0.70710678118654752f));
+    }
+    y[i] = from_f<T>(v);
   }
 }
 
@@ -37,7 +43,11 @@ __device__ void silu_mul(const T *g, const T *u, T *y, long long n) {
 
 #define INSTANTIATE(T, SUFFIX)                                                                            \
   extern "C" __global__ void afnext_add_bias_##SUFFIX(const T *x, const T *b, T *y, long long rows, int cols) { \
-    add_bias(x, b, y, rows, cols);                                                                         \
+    add_bias<T, false>(x, b, y, rows, cols);                                                               \
+  }                                                                                                        \
+  extern "C" __global__ void afnext_add_bias_gelu_##SUFFIX(const T *x, const T *b, T *y, long long rows,    \
+                                                           int cols) {                                     \
+    add_bias<T, true>(x, b, y, rows, cols);                                                                \
   }                                                                                                        \
   extern "C" __global__ void afnext_silu_mul_##SUFFIX(const T *g, const T *u, T *y, long long n) {         \
     silu_mul(g, u, y, n);                                                                                  \

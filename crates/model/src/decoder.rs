@@ -14,7 +14,7 @@ use crate::error::Result;
 use crate::linear::ParallelLinear;
 use crate::paged::{self, PagedKv, SeqStep, StepIndex};
 use crate::paged_cpu;
-use crate::softmax::softmax_rows;
+use crate::softmax::softmax_rows_scaled;
 use crate::tp::{StepPlan, TextShard, AUDIO_ROW};
 use crate::weights::Weights;
 
@@ -273,10 +273,10 @@ impl DecoderLayer {
         let act = q.dtype();
         let work = paged::work_dtype(&q);
         let (q, k, v) = (q.to_dtype(work)?, k.to_dtype(work)?, v.to_dtype(work)?);
-        let scores = (q.matmul(&k.t()?)? * (hd as f64).powf(-0.5))?;
+        let scores = q.matmul(&k.t()?)?;
         // Query i (position start + i) sees keys 0..=start + i: the softmax applies the causal limit itself,
         // in f32 as the reference does, rounding once to the working dtype.
-        let probs = softmax_rows(&scores, Some((l, start)))?;
+        let probs = softmax_rows_scaled(&scores, Some((l, start)), (hd as f32).powf(-0.5))?;
         let o = probs
             .matmul(&v.contiguous()?)?
             .transpose(1, 2)?

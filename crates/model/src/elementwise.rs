@@ -11,6 +11,15 @@ use crate::error::{ModelError, Result};
 
 /// `x + bias` for `x` `[..., n]` and `bias` `[n]`, both of one dtype.
 pub fn add_bias(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    bias_op(x, bias, AddBias { gelu: false })
+}
+
+/// `gelu_erf(x + bias)`, the sum rounded to the dtype first: a linear layer and its GELU (the encoder's fc1).
+pub fn add_bias_gelu(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    bias_op(x, bias, AddBias { gelu: true })
+}
+
+fn bias_op(x: &Tensor, bias: &Tensor, op: AddBias) -> Result<Tensor> {
     let n = x.dims().last().copied().unwrap_or(0);
     if bias.dims() != [n] || bias.dtype() != x.dtype() {
         return Err(ModelError::Input(format!(
@@ -20,8 +29,7 @@ pub fn add_bias(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
             x.dtype()
         )));
     }
-    Ok(x.contiguous()?
-        .apply_op2_no_bwd(&bias.contiguous()?, &AddBias)?)
+    Ok(x.contiguous()?.apply_op2_no_bwd(&bias.contiguous()?, &op)?)
 }
 
 /// `silu(gate) * up` for tensors of one shape and dtype.
@@ -40,7 +48,9 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
         .apply_op2_no_bwd(&up.contiguous()?, &SiluMul)?)
 }
 
-struct AddBias;
+struct AddBias {
+    gelu: bool,
+}
 struct SiluMul;
 
 fn contiguous<'a, T>(v: &'a [T], l: &Layout) -> candle_core::Result<&'a [T]> {
@@ -59,14 +69,32 @@ fn f<T: WithDType>(x: T) -> f32 {
 }
 
 impl AddBias {
-    fn cpu<T: WithDType>(x: &[T], b: &[T]) -> Vec<T> {
+    fn cpu<T: WithDType>(gelu: bool, x: &[T], b: &[T]) -> Vec<T> {
         let mut y = vec![T::zero(); x.len()];
         if !b.is_empty() {
             y.par_chunks_mut(b.len())
                 .zip(x.par_chunks(b.len()))
                 .for_each(|(yr, xr)| {
                     for ((y, &x), &b) in yr.iter_mut().zip(xr).zip(b) {
-                        *y = round(f(x) + f(b));
+                        let v: T = round(f(x) + f(b));
+                        *y = if gelu {
+                            // candle's gelu_erf: in f32 for f32, in f64 for the 16-bit types.
+                            if T::DTYPE == candle_core::DType::F32 {
+                                let v = f(v);
+                                let erf = candle_core::cpu::erf::erf_f32(
+                                    v * std::f32::consts::FRAC_1_SQRT_2,
+                                );
+                                round((erf + 1.0) * 0.5 * v)
+                            } else {
+                                let v = v.to_f64();
+                                let erf = candle_core::cpu::erf::erf_f64(
+                                    v * std::f64::consts::FRAC_1_SQRT_2,
+                                );
+                                T::from_f64((erf + 1.0) * 0.5 * v)
+                            }
+                        } else {
+                            v
+                        };
                     }
                 });
         }
@@ -89,7 +117,7 @@ impl SiluMul {
 }
 
 macro_rules! cpu_dispatch {
-    ($name:literal, $s1:expr, $l1:expr, $s2:expr, $l2:expr, $f:path) => {{
+    ($name:literal, $s1:expr, $l1:expr, $s2:expr, $l2:expr, $f:expr) => {{
         let out = match ($s1, $s2) {
             (CpuStorage::F32(a), CpuStorage::F32(b)) => {
                 CpuStorage::F32($f(contiguous(a, $l1)?, contiguous(b, $l2)?))
@@ -117,7 +145,8 @@ impl CustomOp2 for AddBias {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        cpu_dispatch!("add_bias", s1, l1, s2, l2, AddBias::cpu)
+        let gelu = self.gelu;
+        cpu_dispatch!("add_bias", s1, l1, s2, l2, |x, b| AddBias::cpu(gelu, x, b))
     }
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
@@ -127,7 +156,12 @@ impl CustomOp2 for AddBias {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        cuda::binary(s1, l1, s2, l2, cuda::Kind::AddBias)
+        let kind = if self.gelu {
+            cuda::Kind::AddBiasGelu
+        } else {
+            cuda::Kind::AddBias
+        };
+        cuda::binary(s1, l1, s2, l2, kind)
     }
 }
 
@@ -170,6 +204,7 @@ mod cuda {
     #[derive(Clone, Copy)]
     pub enum Kind {
         AddBias,
+        AddBiasGelu,
         SiluMul,
     }
 
@@ -196,11 +231,15 @@ mod cuda {
             return Ok(y);
         }
         let (name, cfg) = match kind {
-            Kind::AddBias => {
+            Kind::AddBias | Kind::AddBiasGelu => {
                 let cols = b1 - b0;
                 let rows = (n / cols) as u32;
                 (
-                    "afnext_add_bias",
+                    if let Kind::AddBias = kind {
+                        "afnext_add_bias"
+                    } else {
+                        "afnext_add_bias_gelu"
+                    },
                     LaunchConfig {
                         grid_dim: (cols.div_ceil(256) as u32, rows.min(4096), 1),
                         block_dim: (256, 1, 1),
@@ -224,12 +263,12 @@ mod cuda {
         builder.arg(&b);
         builder.arg(&y);
         let n_arg = match kind {
-            Kind::AddBias => (n / (b1 - b0)) as i64,
             Kind::SiluMul => n as i64,
+            _ => (n / (b1 - b0)) as i64,
         };
         let cols = (b1 - b0) as i32;
         builder.arg(&n_arg);
-        if let Kind::AddBias = kind {
+        if !matches!(kind, Kind::SiluMul) {
             builder.arg(&cols);
         }
         // SAFETY: the kernel reads `n` elements of `a` (and of `b`, or `cols` for the bias) and writes `n`.
@@ -244,7 +283,7 @@ mod cuda {
         l2: &Layout,
         kind: Kind,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        if let Kind::AddBias = kind {
+        if !matches!(kind, Kind::SiluMul) {
             if l2.shape().elem_count() > i32::MAX as usize {
                 candle_core::bail!("add_bias: rows too wide for the CUDA kernel");
             }
@@ -309,6 +348,10 @@ mod tests {
             assert!(same(
                 &add_bias(&x, &b).unwrap(),
                 &x.broadcast_add(&b).unwrap()
+            ));
+            assert!(same(
+                &add_bias_gelu(&x, &b).unwrap(),
+                &x.broadcast_add(&b).unwrap().gelu_erf().unwrap()
             ));
             let g = t(30, 3, &[3, 10], dtype);
             let u = t(30, 4, &[3, 10], dtype);

@@ -114,7 +114,7 @@ impl EncoderLayer {
         let o = o.transpose(1, 2)?.reshape((b, t, d))?;
         let h = (h + self.out.forward(&o)?)?;
         let y = self.ffn_norm.forward(&h)?;
-        let f = self.fc2.forward(&self.fc1.forward(&y)?.gelu_erf()?)?;
+        let f = self.fc2.forward(&self.fc1.forward_gelu(&y)?)?;
         Ok((h + f)?)
     }
 }

@@ -154,6 +154,20 @@ impl ParallelLinear {
         })
     }
 
+    /// `gelu_erf(self.forward(x))`, fused with the bias add where the layer is dense and whole.
+    pub fn forward_gelu(&self, x: &Tensor) -> Result<Tensor> {
+        match (&self.kernel, &self.reduce) {
+            (
+                Kernel::Dense {
+                    linear,
+                    bias: Some(b),
+                },
+                None,
+            ) => crate::elementwise::add_bias_gelu(&linear.forward(x)?, b),
+            _ => Ok(self.forward(x)?.gelu_erf()?),
+        }
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         // Row-parallel: sum the f32 partial products, then add the bias once.
         let finish = |y: &mut Vec<f32>, out_dim: usize| -> Result<()> {

@@ -19,7 +19,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::config::TextConfig;
 use crate::error::{ModelError, Result};
-use crate::softmax::softmax_rows;
+use crate::softmax::softmax_rows_scaled;
 
 /// Query rows per attention block (default; tests use small values to exercise many blocks).
 pub const ATTN_BLOCK: usize = 2048;
@@ -311,10 +311,9 @@ pub(crate) fn attend(
             .contiguous()?)
     };
     let (k, v) = (gather(kv.0)?, gather(kv.1)?);
-    // The softmax scale goes into q (in f32, one rounding) rather than over every score.
-    let q = (q.to_dtype(DType::F32)? * (hd as f64).powf(-0.5))?
-        .to_dtype(work)?
-        .reshape((nkv, group, len, hd))?;
+    // The softmax scale is applied by the softmax, in f32 (as sdpa does), not by a pass over q.
+    let q = q.to_dtype(work)?.reshape((nkv, group, len, hd))?;
+    let scale = (hd as f32).powf(-0.5);
     // A block's scores and probabilities, in the work dtype.
     let rows = (SCORE_BUDGET / (2 * work.size_in_bytes() * nh * ctx)).clamp(1, attn_block.max(1));
     let mut outs = Vec::with_capacity(len.div_ceil(rows));
@@ -330,7 +329,7 @@ pub(crate) fn attend(
         let scores = qb.matmul(&k.narrow(1, 0, seen)?.t()?)?;
         // Row (g, i) is query position first + i: it sees keys 0..=first + i (the causal limit is applied
         // by the softmax itself, which computes in f32 and rounds once to the work dtype).
-        let p = softmax_rows(&scores, Some((n, first)))?;
+        let p = softmax_rows_scaled(&scores, Some((n, first)), scale)?;
         let o = p.matmul(&v.narrow(1, 0, seen)?)?;
         outs.push(o.reshape((nkv, group, n, hd))?);
     }

@@ -17,9 +17,19 @@ use crate::error::Result;
 /// a block of `n` queries at positions `first..first + n` (repeated over heads) against keys from position
 /// 0. A row always sees at least its own key, so no row is empty.
 pub fn softmax_rows(x: &Tensor, causal: Option<(usize, usize)>) -> Result<Tensor> {
+    softmax_rows_scaled(x, causal, 1.0)
+}
+
+/// [`softmax_rows`] of `scale * x`, the product taken in f32: attention's `1/sqrt(head_dim)` without a pass
+/// over the queries or the scores.
+pub fn softmax_rows_scaled(
+    x: &Tensor,
+    causal: Option<(usize, usize)>,
+    scale: f32,
+) -> Result<Tensor> {
     let (diag, first) = causal.unwrap_or((0, 0));
     Ok(x.contiguous()?
-        .apply_op1_no_bwd(&RowSoftmax { diag, first })?)
+        .apply_op1_no_bwd(&RowSoftmax { diag, first, scale })?)
 }
 
 /// Rows of at most this many columns take the warp-per-row kernel (`kernels/softmax.cu`: 32 lanes x 64).
@@ -30,6 +40,7 @@ struct RowSoftmax {
     /// 0: every column is visible; else the causal block's query count `n`.
     diag: usize,
     first: usize,
+    scale: f32,
 }
 
 impl RowSoftmax {
@@ -52,13 +63,14 @@ impl RowSoftmax {
             .for_each(|(row, (yr, xr))| {
                 let vis = self.visible(row, ncols);
                 let mut e = vec![0f32; vis];
+                let scaled = |v: &T| v.to_f64() as f32 * self.scale;
                 let m = xr[..vis]
                     .iter()
-                    .map(|v| v.to_f64() as f32)
+                    .map(scaled)
                     .fold(f32::NEG_INFINITY, f32::max);
                 let mut s = 0f32;
                 for (e, v) in e.iter_mut().zip(&xr[..vis]) {
-                    *e = (v.to_f64() as f32 - m).exp();
+                    *e = (scaled(v) - m).exp();
                     s += *e;
                 }
                 for (y, e) in yr.iter_mut().zip(e) {
@@ -153,6 +165,7 @@ impl CustomOp1 for RowSoftmax {
             b.arg(&nc);
             b.arg(&diag);
             b.arg(&first);
+            b.arg(&op.scale);
             // SAFETY: the kernel reads `rows * ncols` elements of `src` and writes as many of `dst`.
             unsafe { b.launch(cfg) }.w()?;
             Ok(dst)
