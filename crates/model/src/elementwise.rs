@@ -283,10 +283,8 @@ mod cuda {
         l2: &Layout,
         kind: Kind,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        if !matches!(kind, Kind::SiluMul) {
-            if l2.shape().elem_count() > i32::MAX as usize {
-                candle_core::bail!("add_bias: rows too wide for the CUDA kernel");
-            }
+        if !matches!(kind, Kind::SiluMul) && l2.shape().elem_count() > i32::MAX as usize {
+            candle_core::bail!("add_bias: rows too wide for the CUDA kernel");
         }
         let dev = s1.device();
         let slice = match (&s1.slice, &s2.slice) {
