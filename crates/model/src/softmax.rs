@@ -60,9 +60,11 @@ impl RowSoftmax {
         y.par_chunks_mut(ncols)
             .zip(x.par_chunks(ncols))
             .enumerate()
-            .for_each(|(row, (yr, xr))| {
+            // One f32 scratch row per rayon job, not per row (the encoder has 30 000 rows per window).
+            .for_each_init(Vec::new, |e: &mut Vec<f32>, (row, (yr, xr))| {
                 let vis = self.visible(row, ncols);
-                let mut e = vec![0f32; vis];
+                e.clear();
+                e.resize(vis, 0.0);
                 let scaled = |v: &T| v.to_f64() as f32 * self.scale;
                 let m = xr[..vis]
                     .iter()
@@ -73,7 +75,7 @@ impl RowSoftmax {
                     *e = (scaled(v) - m).exp();
                     s += *e;
                 }
-                for (y, e) in yr.iter_mut().zip(e) {
+                for (y, e) in yr.iter_mut().zip(e.iter()) {
                     *y = T::from_f64((e / s) as f64);
                 }
             });
