@@ -60,9 +60,28 @@ pub fn afnext_bin() -> PathBuf {
 }
 
 /// A fresh, empty directory for one test (`tag` keeps concurrent tests apart; the process id keeps
-/// concurrent test binaries apart). Left behind for inspection; the next run of the same test replaces it.
+/// concurrent test binaries apart). Left behind for inspection until the next run of the same test, which
+/// removes the directories of its tag left by processes that are gone (so runs do not pile them up).
 pub fn tempdir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("afnext-e2e-{tag}-{}", std::process::id()));
+    let prefix = format!("afnext-e2e-{tag}-");
+    // Liveness is read from /proc: without it (not Linux) nothing is swept.
+    let proc_fs = Path::new("/proc/self").exists();
+    if let Some(entries) = proc_fs
+        .then(|| std::fs::read_dir(std::env::temp_dir()).ok())
+        .flatten()
+    {
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let pid = name.to_str().and_then(|n| n.strip_prefix(&prefix));
+            // Only `<prefix><pid>` of a process that no longer exists (another tag's name never parses).
+            if let Some(pid) = pid.and_then(|p| p.parse::<u32>().ok()) {
+                if !Path::new(&format!("/proc/{pid}")).exists() {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+    }
+    let d = std::env::temp_dir().join(format!("{prefix}{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).expect("create a temporary directory");
     d
