@@ -1,16 +1,7 @@
 // Element-wise kernels that save a pass over memory (or candle's strided broadcast path) on the GPU.
 // Semantics are those of `afnext_model::elementwise` (whose CPU implementations the tests compare with
 // candle's compositions): each result is what the unfused operations give, rounding where they round.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-template <typename T> __device__ __forceinline__ T from_f(float x);
-template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
-template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half(x); }
+#include "common.cuh"
 
 // y[r][c] = x[r][c] + b[c]: a linear layer's bias over `rows` rows of `cols` (candle's broadcast add walks
 // the strides of every element). Grid: x over columns (blockDim.x each), y over rows (strided).

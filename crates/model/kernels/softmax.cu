@@ -3,17 +3,15 @@
 // Semantics are those of `afnext_model::softmax::softmax_rows` (whose CPU implementation the tests compare
 // with plain softmax): row r of `nrows` rows of `ncols` values keeps columns c < visible(r), where
 // visible(r) = ncols if diag == 0, else min(ncols, first + r % diag + 1); later columns are written as 0.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+#include "common.cuh"
 #include <math_constants.h>
 
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-template <typename T> __device__ __forceinline__ T from_f(float x);
-template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
-template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half(x); }
+// Columns row `row` keeps: all, or its causal prefix first + row % diag + 1 (see the file comment).
+__device__ __forceinline__ int visible(long long row, int ncols, int diag, int first) {
+  if (diag <= 0) return ncols;
+  const long long v = (long long)first + row % diag + 1;
+  return v < ncols ? (int)v : ncols;
+}
 
 // exp for a result rounded to T: accurate for f32; the fast hardware exp (relative error ~2^-21, far below
 // a 16-bit type's rounding) for bf16/f16, where the accurate one made the kernel compute-bound.
@@ -39,11 +37,7 @@ __device__ void softmax_rows_warp(const T *x, T *y, long long nrows, int ncols, 
   if (row >= nrows) return;  // the whole warp leaves together
   const T *xr = x + row * ncols;
   T *yr = y + row * ncols;
-  int vis = ncols;
-  if (diag > 0) {
-    long long v = (long long)first + row % diag + 1;
-    vis = v < ncols ? (int)v : ncols;
-  }
+  const int vis = visible(row, ncols, diag, first);
   float v[CPL];
   float m = -CUDART_INF_F;
 #pragma unroll
@@ -75,11 +69,7 @@ __device__ void softmax_rows(const T *x, T *y, int ncols, int diag, int first, f
   const long long row = blockIdx.x;
   const T *xr = x + row * ncols;
   T *yr = y + row * ncols;
-  int vis = ncols;
-  if (diag > 0) {
-    long long v = (long long)first + row % diag + 1;
-    vis = v < ncols ? (int)v : ncols;
-  }
+  const int vis = visible(row, ncols, diag, first);
   // Pass 1: an online (max, sum) per thread, then per warp, then per block.
   float m = -CUDART_INF_F, s = 0.f;
   for (int c = threadIdx.x; c < vis; c += blockDim.x) {
