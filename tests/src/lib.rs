@@ -87,6 +87,19 @@ pub fn tempdir(tag: &str) -> PathBuf {
     d
 }
 
+/// Largest absolute difference between two candle tensors of one shape, taken in f32 on the CPU (so that
+/// tensors of any dtype and device compare).
+pub fn max_tensor_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    let host = |t: &candle_core::Tensor| {
+        t.to_device(&candle_core::Device::Cpu)
+            .and_then(|t| t.to_dtype(candle_core::DType::F32))
+            .expect("tensor to host f32")
+    };
+    (host(a) - host(b))
+        .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
+        .expect("max difference of two tensors of one shape")
+}
+
 /// A tiny random checkpoint (`tiny-a` or `tiny-b`).
 pub fn ckpt(name: &str) -> PathBuf {
     fixtures_dir().join("ckpt").join(name)

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use afnext_e2e::{ckpt, fixtures_dir, lone_logits, test_device, top2_gap};
+use afnext_e2e::{ckpt, fixtures_dir, lone_logits, max_tensor_diff, test_device, top2_gap};
 use afnext_engine::{
     Engine, EngineConfig, EngineError, Event, GenerateRequest, SchedulerConfig, Summary,
 };
@@ -371,18 +371,6 @@ fn contiguous_hidden(model: &AfNext, emb: &Tensor) -> Tensor {
         .unwrap()
 }
 
-/// Largest absolute difference between two tensors of one shape.
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
-
 /// The paged path with attention blocks of 7 query rows, scattered blocks, a prompt split
 /// over two steps and two sequences in one step, against the contiguous single-sequence cache.
 #[test]
@@ -432,7 +420,7 @@ fn paged_attention_in_attn_blocks_matches_the_contiguous_cache() {
     )
     .unwrap();
     for got in [got_a, got_b] {
-        let d = max_diff(&got, &want);
+        let d = max_tensor_diff(&got, &want);
         assert!(d < 1e-5, "paged hidden states differ by {d}");
     }
 }
@@ -483,7 +471,7 @@ fn batched_decode_attention_matches_per_sequence_attention() {
             let x = rows(3, 7 + step as u32);
             let a = model.decoder.forward_paged(&x, &seqs, &per_seq).unwrap();
             let b = model.decoder.forward_paged(&x, &seqs, &batched).unwrap();
-            let d = max_diff(&a, &b);
+            let d = max_tensor_diff(&a, &b);
             eprintln!("{ck} step {step}: batched decode differs by {d:.2e}");
             assert!(d < 1e-5, "{ck} step {step}: batched decode differs by {d}");
         }
@@ -521,7 +509,7 @@ fn long_steps_write_runs_of_slots_and_attend_in_blocks() {
             .unwrap()
     };
     let got = Tensor::cat(&[step(0, 100), step(100, 50)], 0).unwrap();
-    let d = max_diff(&got, &want);
+    let d = max_tensor_diff(&got, &want);
     eprintln!("runs + blocks: hidden states differ by {d:.2e}");
     assert!(d < 1e-5, "hidden states differ by {d}");
 }

@@ -3,7 +3,7 @@
 //! compositions they replace, computed on the CPU. Row lengths cover both softmax kernels (one warp per row up
 //! to 2 048 columns, one block per row beyond) and their edges.
 
-use afnext_e2e::test_device;
+use afnext_e2e::{max_tensor_diff, test_device};
 use afnext_model::elementwise::{add_bias, add_bias_gelu, silu_mul};
 use afnext_model::softmax::softmax_rows_scaled;
 use candle_core::{DType, Device, IndexOp, Tensor};
@@ -13,27 +13,6 @@ fn values(n: usize, seed: usize, scale: f32) -> Vec<f32> {
     (0..n)
         .map(|i| scale * (2.0 * (((i * 7919 + seed * 104_729) % 10_007) as f32 / 10_007.0) - 1.0))
         .collect()
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    let a = a
-        .to_device(&Device::Cpu)
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap();
-    let b = b
-        .to_device(&Device::Cpu)
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap();
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 #[test]
@@ -66,14 +45,18 @@ fn softmax_rows_match_softmax_over_each_rows_visible_prefix() {
                 .to_dtype(dtype)
                 .unwrap();
                 let g = got.i(r).unwrap();
-                let d = max_diff(&g.narrow(0, 0, vis).unwrap(), &want);
+                let d = max_tensor_diff(&g.narrow(0, 0, vis).unwrap(), &want);
                 // One rounding of a value below 1 in bf16 (2^-8 relative), f32 summation order.
                 let tol = if dtype == DType::F32 { 1e-6 } else { 4e-3 };
                 assert!(d <= tol, "{rows}x{cols} {causal:?} {dtype:?} row {r}: {d}");
                 if vis < cols {
                     let tail = g.narrow(0, vis, cols - vis).unwrap();
                     let zero = Tensor::zeros(cols - vis, dtype, &Device::Cpu).unwrap();
-                    assert_eq!(max_diff(&tail, &zero), 0.0, "{rows}x{cols} row {r} tail");
+                    assert_eq!(
+                        max_tensor_diff(&tail, &zero),
+                        0.0,
+                        "{rows}x{cols} row {r} tail"
+                    );
                 }
             }
         }
@@ -95,7 +78,7 @@ fn bias_add_and_silu_mul_match_candles_operations() {
             let b = mk(cols, 2, &[cols]);
             let got = add_bias(&x.to_device(&dev).unwrap(), &b.to_device(&dev).unwrap()).unwrap();
             assert_eq!(
-                max_diff(&got, &x.broadcast_add(&b).unwrap()),
+                max_tensor_diff(&got, &x.broadcast_add(&b).unwrap()),
                 0.0,
                 "add_bias {rows}x{cols} {dtype:?}"
             );
@@ -108,7 +91,7 @@ fn bias_add_and_silu_mul_match_candles_operations() {
             } else {
                 8.0 / 128.0
             };
-            let d = max_diff(&got, &want);
+            let d = max_tensor_diff(&got, &want);
             assert!(d <= tol, "add_bias_gelu {rows}x{cols} {dtype:?}: {d}");
             let u = mk(rows * cols, 3, &[rows, cols]);
             let got = silu_mul(&x.to_device(&dev).unwrap(), &u.to_device(&dev).unwrap()).unwrap();
@@ -128,7 +111,7 @@ fn bias_add_and_silu_mul_match_candles_operations() {
             } else {
                 16.0 / 128.0
             };
-            let d = max_diff(&got, &want);
+            let d = max_tensor_diff(&got, &want);
             assert!(d <= tol, "silu_mul {rows}x{cols} {dtype:?}: {d}");
         }
     }
