@@ -3,8 +3,8 @@
 //! the largest single kernel in the first profile after attention) and the MLP's `silu(gate) * up` (one pass
 //! instead of two). CPU: plain Rust, in parallel; CUDA (feature `cuda`): `kernels/elementwise.cu`.
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor, WithDType};
+use candle_core::cpu_backend::Map2;
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
 use crate::error::{ModelError, Result};
@@ -53,11 +53,20 @@ struct AddBias {
 }
 struct SiluMul;
 
-fn contiguous<'a, T>(v: &'a [T], l: &Layout) -> candle_core::Result<&'a [T]> {
-    let (a, b) = l.contiguous_offsets().ok_or_else(|| {
-        candle_core::Error::Msg("element-wise op: input must be contiguous".into())
-    })?;
+/// The elements of a contiguous layout (our kernels' inputs are made contiguous by their callers).
+pub(crate) fn contiguous<'a, T>(v: &'a [T], l: &Layout, op: &str) -> candle_core::Result<&'a [T]> {
+    let (a, b) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{op}: input must be contiguous")))?;
     Ok(&v[a..b])
+}
+
+/// Our kernels exist for f32, bf16 and f16 (candle's dtype dispatch covers every dtype).
+pub(crate) fn check_float(dtype: DType, op: &str) -> candle_core::Result<()> {
+    match dtype {
+        DType::F32 | DType::BF16 | DType::F16 => Ok(()),
+        _ => candle_core::bail!("{op}: unsupported dtype {dtype:?}"),
+    }
 }
 
 fn round<T: WithDType>(x: f32) -> T {
@@ -79,7 +88,7 @@ impl AddBias {
                         let v: T = round(f(x) + f(b));
                         *y = if gelu {
                             // candle's gelu_erf: in f32 for f32, in f64 for the 16-bit types.
-                            if T::DTYPE == candle_core::DType::F32 {
+                            if T::DTYPE == DType::F32 {
                                 let v = f(v);
                                 let erf = candle_core::cpu::erf::erf_f32(
                                     v * std::f32::consts::FRAC_1_SQRT_2,
@@ -116,22 +125,39 @@ impl SiluMul {
     }
 }
 
-macro_rules! cpu_dispatch {
-    ($name:literal, $s1:expr, $l1:expr, $s2:expr, $l2:expr, $f:expr) => {{
-        let out = match ($s1, $s2) {
-            (CpuStorage::F32(a), CpuStorage::F32(b)) => {
-                CpuStorage::F32($f(contiguous(a, $l1)?, contiguous(b, $l2)?))
-            }
-            (CpuStorage::BF16(a), CpuStorage::BF16(b)) => {
-                CpuStorage::BF16($f(contiguous(a, $l1)?, contiguous(b, $l2)?))
-            }
-            (CpuStorage::F16(a), CpuStorage::F16(b)) => {
-                CpuStorage::F16($f(contiguous(a, $l1)?, contiguous(b, $l2)?))
-            }
-            (a, _) => candle_core::bail!("{}: unsupported dtype {:?}", $name, a.dtype()),
-        };
-        Ok((out, $l1.shape().clone()))
-    }};
+impl Map2 for AddBias {
+    const OP: &'static str = "add_bias";
+    fn f<T: WithDType>(
+        &self,
+        x: &[T],
+        lx: &Layout,
+        b: &[T],
+        lb: &Layout,
+    ) -> candle_core::Result<Vec<T>> {
+        check_float(T::DTYPE, Self::OP)?;
+        Ok(AddBias::cpu(
+            self.gelu,
+            contiguous(x, lx, Self::OP)?,
+            contiguous(b, lb, Self::OP)?,
+        ))
+    }
+}
+
+impl Map2 for SiluMul {
+    const OP: &'static str = "silu_mul";
+    fn f<T: WithDType>(
+        &self,
+        g: &[T],
+        lg: &Layout,
+        u: &[T],
+        lu: &Layout,
+    ) -> candle_core::Result<Vec<T>> {
+        check_float(T::DTYPE, Self::OP)?;
+        Ok(SiluMul::cpu(
+            contiguous(g, lg, Self::OP)?,
+            contiguous(u, lu, Self::OP)?,
+        ))
+    }
 }
 
 impl CustomOp2 for AddBias {
@@ -145,8 +171,7 @@ impl CustomOp2 for AddBias {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let gelu = self.gelu;
-        cpu_dispatch!("add_bias", s1, l1, s2, l2, |x, b| AddBias::cpu(gelu, x, b))
+        Ok((self.map(s1, l1, s2, l2)?, l1.shape().clone()))
     }
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
@@ -176,7 +201,7 @@ impl CustomOp2 for SiluMul {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        cpu_dispatch!("silu_mul", s1, l1, s2, l2, SiluMul::cpu)
+        Ok((self.map(s1, l1, s2, l2)?, l1.shape().clone()))
     }
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
@@ -194,10 +219,12 @@ impl CustomOp2 for SiluMul {
 mod cuda {
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{
-        CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
+        CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
     };
-    use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
-    use candle_core::{CudaDevice, CudaStorage, Layout, Shape};
+    use candle_core::cuda_backend::{kernel_name, Map2, WrapErr};
+    use candle_core::{CudaDevice, CudaStorage, Layout, Shape, WithDType};
+
+    use super::check_float;
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/elementwise.ptx"));
 
@@ -208,72 +235,79 @@ mod cuda {
         SiluMul,
     }
 
-    fn run<T: DeviceRepr>(
-        kind: Kind,
-        a: &CudaSlice<T>,
-        l1: &Layout,
-        b: &CudaSlice<T>,
-        l2: &Layout,
-        dev: &CudaDevice,
-        suffix: &str,
-    ) -> candle_core::Result<CudaSlice<T>> {
-        let off = |l: &Layout| {
-            l.contiguous_offsets().ok_or_else(|| {
-                candle_core::Error::Msg("element-wise op: input must be contiguous".into())
-            })
-        };
-        let ((a0, a1), (b0, b1)) = (off(l1)?, off(l2)?);
-        let (a, b) = (a.slice(a0..a1), b.slice(b0..b1));
-        let n = a1 - a0;
-        // SAFETY: every element is written by the kernel below.
-        let y = unsafe { dev.alloc::<T>(n)? };
-        if n == 0 {
-            return Ok(y);
-        }
-        let (name, cfg) = match kind {
-            Kind::AddBias | Kind::AddBiasGelu => {
-                let cols = b1 - b0;
-                let rows = (n / cols) as u32;
-                (
-                    if let Kind::AddBias = kind {
-                        "afnext_add_bias"
-                    } else {
-                        "afnext_add_bias_gelu"
-                    },
+    impl Map2 for Kind {
+        fn f<T: DeviceRepr + WithDType + ValidAsZeroBits>(
+            &self,
+            a: &CudaSlice<T>,
+            l1: &Layout,
+            b: &CudaSlice<T>,
+            l2: &Layout,
+            dev: &CudaDevice,
+        ) -> candle_core::Result<CudaSlice<T>> {
+            let op = match self {
+                Kind::SiluMul => "silu_mul",
+                _ => "add_bias",
+            };
+            check_float(T::DTYPE, op)?;
+            let off = |l: &Layout| {
+                l.contiguous_offsets().ok_or_else(|| {
+                    candle_core::Error::Msg(format!("{op}: input must be contiguous"))
+                })
+            };
+            let ((a0, a1), (b0, b1)) = (off(l1)?, off(l2)?);
+            let (a, b) = (a.slice(a0..a1), b.slice(b0..b1));
+            let n = a1 - a0;
+            // SAFETY: every element is written by the kernel below.
+            let y = unsafe { dev.alloc::<T>(n)? };
+            if n == 0 {
+                return Ok(y);
+            }
+            let (name, cfg) = match self {
+                Kind::AddBias | Kind::AddBiasGelu => {
+                    let cols = b1 - b0;
+                    let rows = (n / cols) as u32;
+                    (
+                        if let Kind::AddBias = self {
+                            "afnext_add_bias"
+                        } else {
+                            "afnext_add_bias_gelu"
+                        },
+                        LaunchConfig {
+                            grid_dim: (cols.div_ceil(256) as u32, rows.min(4096), 1),
+                            block_dim: (256, 1, 1),
+                            shared_mem_bytes: 0,
+                        },
+                    )
+                }
+                Kind::SiluMul => (
+                    "afnext_silu_mul",
                     LaunchConfig {
-                        grid_dim: (cols.div_ceil(256) as u32, rows.min(4096), 1),
+                        grid_dim: (n.div_ceil(256).min(1 << 16) as u32, 1, 1),
                         block_dim: (256, 1, 1),
                         shared_mem_bytes: 0,
                     },
-                )
+                ),
+            };
+            let func =
+                dev.get_or_load_custom_func(&kernel_name::<T>(name), "afnext_elementwise", PTX)?;
+            let mut builder = func.builder();
+            builder.arg(&a);
+            builder.arg(&b);
+            builder.arg(&y);
+            let n_arg = match self {
+                Kind::SiluMul => n as i64,
+                _ => (n / (b1 - b0)) as i64,
+            };
+            let cols = (b1 - b0) as i32;
+            builder.arg(&n_arg);
+            if !matches!(self, Kind::SiluMul) {
+                builder.arg(&cols);
             }
-            Kind::SiluMul => (
-                "afnext_silu_mul",
-                LaunchConfig {
-                    grid_dim: (n.div_ceil(256).min(1 << 16) as u32, 1, 1),
-                    block_dim: (256, 1, 1),
-                    shared_mem_bytes: 0,
-                },
-            ),
-        };
-        let func =
-            dev.get_or_load_custom_func(&format!("{name}_{suffix}"), "afnext_elementwise", PTX)?;
-        let mut builder = func.builder();
-        builder.arg(&a);
-        builder.arg(&b);
-        builder.arg(&y);
-        let n_arg = match kind {
-            Kind::SiluMul => n as i64,
-            _ => (n / (b1 - b0)) as i64,
-        };
-        let cols = (b1 - b0) as i32;
-        builder.arg(&n_arg);
-        if !matches!(kind, Kind::SiluMul) {
-            builder.arg(&cols);
+            // SAFETY: the kernel reads `n` elements of `a` (and of `b`, or `cols` for the bias) and writes
+            // `n`.
+            unsafe { builder.launch(cfg) }.w()?;
+            Ok(y)
         }
-        // SAFETY: the kernel reads `n` elements of `a` (and of `b`, or `cols` for the bias) and writes `n`.
-        unsafe { builder.launch(cfg) }.w()?;
-        Ok(y)
     }
 
     pub fn binary(
@@ -287,26 +321,28 @@ mod cuda {
             candle_core::bail!("add_bias: rows too wide for the CUDA kernel");
         }
         let dev = s1.device();
-        let slice = match (&s1.slice, &s2.slice) {
-            (CudaStorageSlice::F32(a), CudaStorageSlice::F32(b)) => {
-                CudaStorageSlice::F32(run(kind, a, l1, b, l2, dev, "f32")?)
-            }
-            (CudaStorageSlice::BF16(a), CudaStorageSlice::BF16(b)) => {
-                CudaStorageSlice::BF16(run(kind, a, l1, b, l2, dev, "bf16")?)
-            }
-            (CudaStorageSlice::F16(a), CudaStorageSlice::F16(b)) => {
-                CudaStorageSlice::F16(run(kind, a, l1, b, l2, dev, "f16")?)
-            }
-            _ => candle_core::bail!("element-wise op: unsupported dtype {:?}", s1.dtype()),
-        };
         Ok((
             CudaStorage {
-                slice,
+                slice: kind.map(&s1.slice, l1, &s2.slice, l2, dev)?,
                 device: dev.clone(),
             },
             l1.shape().clone(),
         ))
     }
+}
+
+/// Largest absolute difference of two tensors of one shape, in f32 (the unit tests of our kernels).
+#[cfg(test)]
+pub(crate) fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    let f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+    (f32(a) - f32(b))
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 #[cfg(test)]
@@ -355,14 +391,7 @@ mod tests {
             let u = t(30, 4, &[3, 10], dtype);
             let want = (candle_nn::ops::silu(&g).unwrap() * &u).unwrap();
             let got = silu_mul(&g, &u).unwrap();
-            let d = (got.to_dtype(DType::F32).unwrap() - want.to_dtype(DType::F32).unwrap())
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let d = max_diff(&got, &want);
             // candle's silu rounds in its own order; one ulp of the dtype at |y| < 8.
             let ulp = match dtype {
                 DType::F32 => 1e-6,

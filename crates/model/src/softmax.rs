@@ -6,10 +6,13 @@
 //! `build.rs`. Rows of up to 2 048 columns: one warp per row, read once into registers; longer rows: one
 //! block per row, an online (max, sum) in the first pass and the normalised values in the second.
 
-use candle_core::backend::BackendStorage;
+use candle_core::cpu_backend::Map1;
+#[cfg(feature = "cuda")]
+use candle_core::cuda_backend::cudarc;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
+use crate::elementwise::{check_float, contiguous};
 use crate::error::Result;
 
 /// Softmax over the last dimension of `x`. With `causal = Some((n, first))`, row `r` (counting rows over all
@@ -83,23 +86,86 @@ impl RowSoftmax {
     }
 }
 
+impl Map1 for RowSoftmax {
+    fn f<T: WithDType>(&self, vs: &[T], l: &Layout) -> candle_core::Result<Vec<T>> {
+        check_float(T::DTYPE, "softmax_rows")?;
+        let ncols = l.dims().last().copied().unwrap_or(1);
+        Ok(self.cpu(contiguous(vs, l, "softmax_rows")?, ncols))
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl candle_core::cuda_backend::Map1 for RowSoftmax {
+    fn f<T: cudarc::driver::DeviceRepr + WithDType + cudarc::driver::ValidAsZeroBits>(
+        &self,
+        src: &cudarc::driver::CudaSlice<T>,
+        dev: &candle_core::CudaDevice,
+        l: &Layout,
+    ) -> candle_core::Result<cudarc::driver::CudaSlice<T>> {
+        use candle_core::cuda_backend::{kernel_name, WrapErr};
+        use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+        const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/softmax.ptx"));
+
+        check_float(T::DTYPE, "softmax_rows")?;
+        let (start, end) = l.contiguous_offsets().ok_or_else(|| {
+            candle_core::Error::Msg("softmax_rows: input must be contiguous".into())
+        })?;
+        let src = src.slice(start..end);
+        let n = end - start;
+        let ncols = l.dims().last().copied().unwrap_or(1);
+        // SAFETY: every element is written by the kernel below.
+        let dst = unsafe { dev.alloc::<T>(n)? };
+        if n == 0 {
+            return Ok(dst);
+        }
+        let rows = n / ncols;
+        let (nc, diag, first) = (ncols as i32, self.diag as i32, self.first as i32);
+        // Short rows (the encoder's 1 500 keys, short prompts): a warp per row, held in registers.
+        let warp = ncols <= WARP_COLS;
+        let cfg = if warp {
+            LaunchConfig {
+                grid_dim: (rows.div_ceil(4) as u32, 1, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            }
+        } else {
+            LaunchConfig {
+                grid_dim: (rows as u32, 1, 1),
+                block_dim: (if ncols >= 4096 { 256 } else { 128 }, 1, 1),
+                shared_mem_bytes: 0,
+            }
+        };
+        let name = kernel_name::<T>(if warp {
+            "afnext_softmax_rows_warp"
+        } else {
+            "afnext_softmax_rows"
+        });
+        let func = dev.get_or_load_custom_func(&name, "afnext_softmax", PTX)?;
+        let mut b = func.builder();
+        b.arg(&src);
+        b.arg(&dst);
+        let nrows = rows as i64;
+        if warp {
+            b.arg(&nrows);
+        }
+        b.arg(&nc);
+        b.arg(&diag);
+        b.arg(&first);
+        b.arg(&self.scale);
+        // SAFETY: the kernel reads `rows * ncols` elements of `src` and writes as many of `dst`.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(dst)
+    }
+}
+
 impl CustomOp1 for RowSoftmax {
     fn name(&self) -> &'static str {
         "afnext-softmax-rows"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (start, end) = l.contiguous_offsets().ok_or_else(|| {
-            candle_core::Error::Msg("softmax_rows: input must be contiguous".into())
-        })?;
-        let ncols = l.dims().last().copied().unwrap_or(1);
-        let out = match s {
-            CpuStorage::F32(v) => CpuStorage::F32(self.cpu(&v[start..end], ncols)),
-            CpuStorage::BF16(v) => CpuStorage::BF16(self.cpu(&v[start..end], ncols)),
-            CpuStorage::F16(v) => CpuStorage::F16(self.cpu(&v[start..end], ncols)),
-            other => candle_core::bail!("softmax_rows: unsupported dtype {:?}", other.dtype()),
-        };
-        Ok((out, l.shape().clone()))
+        Ok((Map1::map(self, s, l)?, l.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
@@ -108,70 +174,7 @@ impl CustomOp1 for RowSoftmax {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::cuda_backend::cudarc::driver::{
-            CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
-        };
-        use candle_core::cuda_backend::WrapErr;
-        use candle_core::{CudaDevice, CudaStorage};
-
-        const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/softmax.ptx"));
-
-        fn run<T: DeviceRepr>(
-            op: &RowSoftmax,
-            src: &CudaSlice<T>,
-            dev: &CudaDevice,
-            l: &Layout,
-            kernel: &str,
-        ) -> candle_core::Result<CudaSlice<T>> {
-            let (start, end) = l.contiguous_offsets().ok_or_else(|| {
-                candle_core::Error::Msg("softmax_rows: input must be contiguous".into())
-            })?;
-            let src = src.slice(start..end);
-            let n = end - start;
-            let ncols = l.dims().last().copied().unwrap_or(1);
-            // SAFETY: every element is written by the kernel below.
-            let dst = unsafe { dev.alloc::<T>(n)? };
-            if n == 0 {
-                return Ok(dst);
-            }
-            let rows = n / ncols;
-            let (nc, diag, first) = (ncols as i32, op.diag as i32, op.first as i32);
-            // Short rows (the encoder's 1 500 keys, short prompts): a warp per row, held in registers.
-            let warp = ncols <= WARP_COLS;
-            let cfg = if warp {
-                LaunchConfig {
-                    grid_dim: (rows.div_ceil(4) as u32, 1, 1),
-                    block_dim: (128, 1, 1),
-                    shared_mem_bytes: 0,
-                }
-            } else {
-                LaunchConfig {
-                    grid_dim: (rows as u32, 1, 1),
-                    block_dim: (if ncols >= 4096 { 256 } else { 128 }, 1, 1),
-                    shared_mem_bytes: 0,
-                }
-            };
-            let name = if warp {
-                kernel.replace("rows_", "rows_warp_")
-            } else {
-                kernel.to_string()
-            };
-            let func = dev.get_or_load_custom_func(&name, "afnext_softmax", PTX)?;
-            let mut b = func.builder();
-            b.arg(&src);
-            b.arg(&dst);
-            let nrows = rows as i64;
-            if warp {
-                b.arg(&nrows);
-            }
-            b.arg(&nc);
-            b.arg(&diag);
-            b.arg(&first);
-            b.arg(&op.scale);
-            // SAFETY: the kernel reads `rows * ncols` elements of `src` and writes as many of `dst`.
-            unsafe { b.launch(cfg) }.w()?;
-            Ok(dst)
-        }
+        use candle_core::backend::BackendStorage;
 
         if l.dims().last().copied().unwrap_or(1) > i32::MAX as usize
             || self.first + self.diag > i32::MAX as usize
@@ -179,38 +182,9 @@ impl CustomOp1 for RowSoftmax {
             candle_core::bail!("softmax_rows: row too long for the CUDA kernel");
         }
         let dev = s.device();
-        let slice = match &s.slice {
-            candle_core::cuda_backend::CudaStorageSlice::F32(v) => {
-                candle_core::cuda_backend::CudaStorageSlice::F32(run(
-                    self,
-                    v,
-                    dev,
-                    l,
-                    "afnext_softmax_rows_f32",
-                )?)
-            }
-            candle_core::cuda_backend::CudaStorageSlice::BF16(v) => {
-                candle_core::cuda_backend::CudaStorageSlice::BF16(run(
-                    self,
-                    v,
-                    dev,
-                    l,
-                    "afnext_softmax_rows_bf16",
-                )?)
-            }
-            candle_core::cuda_backend::CudaStorageSlice::F16(v) => {
-                candle_core::cuda_backend::CudaStorageSlice::F16(run(
-                    self,
-                    v,
-                    dev,
-                    l,
-                    "afnext_softmax_rows_f16",
-                )?)
-            }
-            _ => candle_core::bail!("softmax_rows: unsupported dtype {:?}", s.dtype()),
-        };
+        let slice = candle_core::cuda_backend::Map1::map(self, &s.slice, dev, l)?;
         Ok((
-            CudaStorage {
+            candle_core::CudaStorage {
                 slice,
                 device: dev.clone(),
             },
@@ -222,6 +196,7 @@ impl CustomOp1 for RowSoftmax {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::elementwise::max_diff;
     use candle_core::{DType, Device, IndexOp};
 
     /// Deterministic scores of a few units' spread, like attention logits.
@@ -240,8 +215,7 @@ mod tests {
         let x = scores(DType::F32);
         let want = candle_nn::ops::softmax_last_dim(&x).unwrap();
         let got = softmax_rows(&x, None).unwrap();
-        let d = (got - want).unwrap().abs().unwrap().max_all().unwrap();
-        assert!(d.to_scalar::<f32>().unwrap() < 1e-6);
+        assert!(max_diff(&got, &want) < 1e-6);
     }
 
     #[test]
@@ -261,14 +235,7 @@ mod tests {
                     .unwrap();
                     let g = got.i((h, r)).unwrap().to_dtype(DType::F32).unwrap();
                     let tol = if dtype == DType::F32 { 1e-6 } else { 1e-2 };
-                    let d = (g.narrow(0, 0, vis).unwrap() - &want)
-                        .unwrap()
-                        .abs()
-                        .unwrap()
-                        .max_all()
-                        .unwrap()
-                        .to_scalar::<f32>()
-                        .unwrap();
+                    let d = max_diff(&g.narrow(0, 0, vis).unwrap(), &want);
                     assert!(d < tol, "{dtype:?} row {h},{r}: {d}");
                     if vis < 9 {
                         let tail = g.narrow(0, vis, 9 - vis).unwrap().abs().unwrap();
