@@ -42,13 +42,7 @@ impl RmsNorm {
                 self.eps as f32,
             )?);
         }
-        let dtype = x.dtype();
-        let xf = x.to_dtype(DType::F32)?;
-        let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = xf
-            .broadcast_div(&(var + self.eps)?.sqrt()?)?
-            .to_dtype(dtype)?;
-        Ok(normed.broadcast_mul(&self.weight)?)
+        crate::rms_norm::rms_norm_cpu(x, &self.weight, self.eps)
     }
 }
 
@@ -89,51 +83,37 @@ impl Rope {
     ) -> Result<(Tensor, Tensor)> {
         let half = self.inv.len();
         let len = positions.len();
-        let mut c = Vec::with_capacity(len * 2 * half);
-        let mut s = Vec::with_capacity(len * 2 * half);
+        let mut c = Vec::with_capacity(len * half);
+        let mut s = Vec::with_capacity(len * half);
         for p in positions {
             let pf = p as f32;
-            for _ in 0..2 {
-                for &f in &self.inv {
-                    let a = pf * f;
-                    c.push(a.cos());
-                    s.push(a.sin());
-                }
+            for &f in &self.inv {
+                let a = pf * f;
+                c.push(a.cos());
+                s.push(a.sin());
             }
         }
-        let c = Tensor::from_vec(c, (len, 2 * half), dev)?.to_dtype(dtype)?;
-        let s = Tensor::from_vec(s, (len, 2 * half), dev)?.to_dtype(dtype)?;
-        if dev.is_cuda() {
-            // The fused CUDA kernel takes the first half (the halves are equal); `apply` sees the width.
-            return Ok((
-                c.narrow(1, 0, half)?.contiguous()?,
-                s.narrow(1, 0, half)?.contiguous()?,
-            ));
-        }
+        let c = Tensor::from_vec(c, (len, half), dev)?.to_dtype(dtype)?;
+        let s = Tensor::from_vec(s, (len, half), dev)?.to_dtype(dtype)?;
         Ok((c, s))
     }
 
-    /// `x * cos + rotate_half(x) * sin`, `x`: (b, heads, len, head_dim) with cos/sin (len, head_dim), or
-    /// (rows, heads, head_dim) with cos/sin (rows, 1, head_dim). On CUDA the tables are half as wide and one
-    /// fused kernel does it (same arithmetic per element: x1*cos - x2*sin, x2*cos + x1*sin).
+    /// `x * cos + rotate_half(x) * sin`, `x`: (b, heads, len, head_dim) with cos/sin (len, head_dim / 2), or
+    /// (rows, heads, head_dim) with cos/sin (rows, 1, head_dim / 2) (the two halves of the reference's tables
+    /// are equal). candle's fused rope computes `x1*cos - x2*sin` and `x2*cos + x1*sin` in the dtype, rounding
+    /// each product and the sum as the reference's separate operations do, so the result is the same bits.
     fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         let hd = x.dim(D::Minus1)?;
-        if cos.dim(D::Minus1)? * 2 == hd {
-            let flat = |t: &Tensor| -> Result<Tensor> {
-                let n = t.dim(0)?;
-                Ok(t.reshape((n, hd / 2))?)
-            };
-            let (c, s) = (flat(cos)?, flat(sin)?);
-            return Ok(match x.rank() {
-                3 => candle_nn::rotary_emb::rope_thd(&x.unsqueeze(0)?.contiguous()?, &c, &s)?
-                    .squeeze(0)?,
-                _ => candle_nn::rotary_emb::rope(&x.contiguous()?, &c, &s)?,
-            });
-        }
-        let x1 = x.narrow(D::Minus1, 0, hd / 2)?;
-        let x2 = x.narrow(D::Minus1, hd / 2, hd / 2)?;
-        let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-        Ok((x.broadcast_mul(cos)? + rot.broadcast_mul(sin)?)?)
+        let flat = |t: &Tensor| -> Result<Tensor> {
+            let n = t.dim(0)?;
+            Ok(t.reshape((n, hd / 2))?)
+        };
+        let (c, s) = (flat(cos)?, flat(sin)?);
+        Ok(match x.rank() {
+            3 => candle_nn::rotary_emb::rope_thd(&x.unsqueeze(0)?.contiguous()?, &c, &s)?
+                .squeeze(0)?,
+            _ => candle_nn::rotary_emb::rope(&x.contiguous()?, &c, &s)?,
+        })
     }
 }
 

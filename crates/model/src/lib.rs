@@ -18,6 +18,7 @@ pub mod linear;
 pub mod model;
 pub mod paged;
 mod paged_cpu;
+pub mod rms_norm;
 pub mod rote;
 pub mod sampling;
 pub mod softmax;
