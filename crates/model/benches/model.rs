@@ -3,7 +3,8 @@
 //! the machine's memory bandwidth (the decode-at-batch-1 limit). `cargo bench -p afnext-model --bench model`
 //!
 //! Env: AFNEXT_REF_PYTHON / AFNEXT_REF_VENV (the fixture venv of tools/fixtures/run.sh), AFNEXT_BENCH_THREADS
-//! (default 2), AFNEXT_BENCH_QUICK=1 (fewer iterations), AFNEXT_BENCH_SKIP_ENCODER=1 (decoder rows only).
+//! (default 2), AFNEXT_BENCH_QUICK=1 (fewer iterations), AFNEXT_BENCH_SKIP_ENCODER=1 (decoder rows only),
+//! AFNEXT_BENCH_DTYPES=bf16 (decoder rows of one dtype only, e.g. to profile it; default f32,bf16).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -140,15 +141,20 @@ fn main() {
     } else {
         f64::NAN
     };
-    let dec32 = Qwen2::load(&w, &cfg.text).unwrap();
-    let pre32 = prefill_tok_s(&dec32, n_prefill, DType::F32);
-    let dec_tok32 = decode_tok_s(&dec32, n_decode);
-    drop(dec32);
+    let dtypes = std::env::var("AFNEXT_BENCH_DTYPES").unwrap_or_else(|_| "f32,bf16".into());
+    let decoder_rows = |weights: &Weights, dtype: DType, name: &str| {
+        if !dtypes.split(',').any(|d| d.trim() == name) {
+            return (f64::NAN, f64::NAN);
+        }
+        let dec = Qwen2::load(weights, &cfg.text).unwrap();
+        (
+            prefill_tok_s(&dec, n_prefill, dtype),
+            decode_tok_s(&dec, n_decode),
+        )
+    };
+    let (pre32, dec_tok32) = decoder_rows(&w, DType::F32, "f32");
     let wb = Weights::random(0, true, DType::BF16, &cpu);
-    let dec16 = Qwen2::load(&wb, &cfg.text).unwrap();
-    let pre16 = prefill_tok_s(&dec16, n_prefill, DType::BF16);
-    let dec_tok16 = decode_tok_s(&dec16, n_decode);
-    drop(dec16);
+    let (pre16, dec_tok16) = decoder_rows(&wb, DType::BF16, "bf16");
     let bw = bandwidth_gb_s();
 
     // Decoder weights read per decode step: every matrix once (the tied embedding as lm_head included).

@@ -238,6 +238,15 @@ impl DecoderLayer {
         *cache = Some((k.clone(), v.clone()));
         let total = k.dim(2)?;
         let start = total - l;
+        if h.device().is_cpu() && b == 1 && l <= paged_cpu::MAX_QUERY_ROWS {
+            // Decode steps and short chunks: the fused CPU kernel reads the cache in place (no casts, GQA
+            // copies or score tensors), as the engine's paged decode does.
+            let g = paged_cpu::Heads { nh, nkv, hd };
+            let q = q.squeeze(0)?.transpose(0, 1)?.contiguous()?;
+            let o = paged_cpu::attend_contiguous(&q, start, (&k, &v), g)?;
+            let o = Tensor::from_vec(o, (1, l, nh * hd), h.device())?.to_dtype(h.dtype())?;
+            return self.output(h, &o);
+        }
         // GQA: query head i uses kv head i / (nh / nkv) (consecutive query heads share a kv head).
         let group = nh / nkv;
         let expand = |x: &Tensor| -> Result<Tensor> {
@@ -298,13 +307,8 @@ impl DecoderLayer {
             .collect();
         let fused = if short.iter().any(|&b| b) {
             let mut out = vec![0f32; t * nh * hd];
-            let g = paged_cpu::Heads {
-                nh,
-                nkv,
-                hd,
-                block_size: index.block_size,
-            };
-            paged_cpu::attend_rows(&q, seqs, &short, kv, g, &mut out)?;
+            let g = paged_cpu::Heads { nh, nkv, hd };
+            paged_cpu::attend_rows(&q, seqs, &short, kv, g, index.block_size, &mut out)?;
             Some(Tensor::from_vec(out, (t, nh * hd), h.device())?.to_dtype(h.dtype())?)
         } else {
             None

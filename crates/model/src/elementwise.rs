@@ -69,12 +69,35 @@ pub(crate) fn check_float(dtype: DType, op: &str) -> candle_core::Result<()> {
     }
 }
 
-fn round<T: WithDType>(x: f32) -> T {
-    T::from_f64(x as f64)
+/// `x` rounded to `T` (round to nearest even). The same value as `T::from_f64(x as f64)` (an f32 widens to
+/// f64 exactly), without `half`'s f64 conversion, which is a slow software path: our CPU twins convert every
+/// element at least twice.
+#[inline(always)]
+pub(crate) fn round<T: WithDType>(x: f32) -> T {
+    // SAFETY: `T::DTYPE` names `T` exactly (one candle `WithDType` impl per type), so each arm reinterprets a
+    // value as its own type; the match is on a constant and folds away.
+    unsafe {
+        match T::DTYPE {
+            DType::F32 => std::mem::transmute_copy::<f32, T>(&x),
+            DType::BF16 => std::mem::transmute_copy::<half::bf16, T>(&half::bf16::from_f32(x)),
+            DType::F16 => std::mem::transmute_copy::<half::f16, T>(&half::f16::from_f32(x)),
+            _ => T::from_f64(x as f64),
+        }
+    }
 }
 
-fn f<T: WithDType>(x: T) -> f32 {
-    x.to_f64() as f32
+/// `x` as f32 (exact for f32, bf16 and f16); see [`round`].
+#[inline(always)]
+pub(crate) fn f<T: WithDType>(x: T) -> f32 {
+    // SAFETY: as in `round`.
+    unsafe {
+        match T::DTYPE {
+            DType::F32 => std::mem::transmute_copy::<T, f32>(&x),
+            DType::BF16 => std::mem::transmute_copy::<T, half::bf16>(&x).to_f32(),
+            DType::F16 => std::mem::transmute_copy::<T, half::f16>(&x).to_f32(),
+            _ => x.to_f64() as f32,
+        }
+    }
 }
 
 impl AddBias {

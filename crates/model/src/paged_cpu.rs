@@ -5,7 +5,8 @@
 //! (gathers, GQA copies, two matmuls, softmax, casts); on a CPU their fixed cost per call dominates the step.
 //! Here every (row, head) pair is one task over the rayon pool: scores against the sequence's keys read in place
 //! from the pool (no gather, no GQA copy), a max-subtracted softmax in f32, and the weighted sum of the values.
-//! Each row's result depends only on its own sequence, so it is the same alone or batched.
+//! Each row's result depends only on its own sequence, so it is the same alone or batched. The single-sequence
+//! contiguous cache of the CLI and the tests uses the same kernel for its decode steps and short chunks.
 
 use candle_core::{DType, Storage, Tensor};
 use half::bf16;
@@ -39,27 +40,70 @@ pub(crate) struct Heads {
     pub nh: usize,
     pub nkv: usize,
     pub hd: usize,
-    pub block_size: usize,
 }
 
 /// Computes `out[t]` (`[nh * hd]` f32) for every row `t` of the step whose sequence has `selected[s]`;
-/// `q` is `[T, nh, hd]` (after RoPE), the pools `[slots, nkv * hd]`.
+/// `q` is `[T, nh, hd]` (after RoPE), the pools `[slots, nkv * hd]` in blocks of `bs` slots.
 pub(crate) fn attend_rows(
     q: &Tensor,
     seqs: &[SeqStep],
     selected: &[bool],
     pools: (&Tensor, &Tensor),
     g: Heads,
+    bs: usize,
     out: &mut [f32],
 ) -> Result<()> {
-    let qv: Vec<f32> = q.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
     // Row -> (sequence, position).
-    let mut rows: Vec<Option<(usize, usize)>> = Vec::with_capacity(qv.len() / (g.nh * g.hd));
+    let mut rows: Vec<Option<(usize, usize)>> = Vec::with_capacity(q.dim(0)?);
     for (s, seq) in seqs.iter().enumerate() {
         for i in 0..seq.len {
             rows.push(selected[s].then_some((s, seq.start + i)));
         }
     }
+    let width = g.nkv * g.hd;
+    let slot = |s: usize, j: usize, kvh: usize| {
+        let table = &seqs[s].block_table;
+        (table[j / bs] as usize * bs + j % bs) * width + kvh * g.hd
+    };
+    attend(q, &rows, pools, g, slot, out)
+}
+
+/// Attention of the single sequence of the contiguous cache (see [`crate::decoder::KvCache`]): `q`
+/// `[l, nh, hd]` (after RoPE) at positions `start..start + l`, keys and values `[1, nkv, start + l, hd]`.
+/// Returns `[l, nh * hd]` f32.
+pub(crate) fn attend_contiguous(
+    q: &Tensor,
+    start: usize,
+    (k, v): (&Tensor, &Tensor),
+    g: Heads,
+) -> Result<Vec<f32>> {
+    let l = q.dim(0)?;
+    let total = k.dim(2)?;
+    let rows: Vec<Option<(usize, usize)>> = (0..l).map(|i| Some((0, start + i))).collect();
+    let mut out = vec![0f32; l * g.nh * g.hd];
+    let (k, v) = (k.contiguous()?, v.contiguous()?);
+    attend(
+        q,
+        &rows,
+        (&k, &v),
+        g,
+        |_, j, kvh| (kvh * total + j) * g.hd,
+        &mut out,
+    )?;
+    Ok(out)
+}
+
+/// The kernel's dispatch on the cache dtype; `slot(seq, position, kv_head)` is the element offset of a key (or
+/// value) vector in the storage of `pools`.
+fn attend(
+    q: &Tensor,
+    rows: &[Option<(usize, usize)>],
+    pools: (&Tensor, &Tensor),
+    g: Heads,
+    slot: impl Fn(usize, usize, usize) -> usize + Sync,
+    out: &mut [f32],
+) -> Result<()> {
+    let qv: Vec<f32> = q.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
     let (ks, kl) = pools.0.storage_and_layout();
     let (vs, vl) = pools.1.storage_and_layout();
     let (Storage::Cpu(kc), Storage::Cpu(vc)) = (&*ks, &*vs) else {
@@ -69,12 +113,12 @@ pub(crate) fn attend_rows(
         DType::F32 => {
             let k = &kc.as_slice::<f32>()?[kl.start_offset()..];
             let v = &vc.as_slice::<f32>()?[vl.start_offset()..];
-            run(&qv, &rows, seqs, k, v, g, out);
+            run(&qv, rows, k, v, g, slot, out);
         }
         DType::BF16 => {
             let k = &kc.as_slice::<bf16>()?[kl.start_offset()..];
             let v = &vc.as_slice::<bf16>()?[vl.start_offset()..];
-            run(&qv, &rows, seqs, k, v, g, out);
+            run(&qv, rows, k, v, g, slot, out);
         }
         other => {
             return Err(ModelError::Input(format!(
@@ -88,23 +132,21 @@ pub(crate) fn attend_rows(
 fn run<T: Kv>(
     q: &[f32],
     rows: &[Option<(usize, usize)>],
-    seqs: &[SeqStep],
     k: &[T],
     v: &[T],
     g: Heads,
+    slot: impl Fn(usize, usize, usize) -> usize + Sync,
     out: &mut [f32],
 ) {
-    let (nh, hd, bs) = (g.nh, g.hd, g.block_size);
+    let (nh, hd) = (g.nh, g.hd);
     let group = nh / g.nkv;
-    let width = g.nkv * hd;
     let scale = (hd as f64).powf(-0.5) as f32;
     out.par_chunks_mut(hd).enumerate().for_each(|(th, o)| {
         let (t, h) = (th / nh, th % nh);
         let Some((s, pos)) = rows[t] else { return };
-        let table = &seqs[s].block_table;
         let kvh = h / group;
         let qh = &q[th * hd..(th + 1) * hd];
-        let slot = |j: usize| (table[j / bs] as usize * bs + j % bs) * width + kvh * hd;
+        let slot = |j: usize| slot(s, j, kvh);
         let ctx = pos + 1;
         let mut scores = Vec::with_capacity(ctx);
         let mut max = f32::NEG_INFINITY;

@@ -10,7 +10,7 @@ use candle_core::cpu_backend::Map2;
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
-use crate::elementwise::{check_float, contiguous};
+use crate::elementwise::{check_float, contiguous, f, round};
 use crate::error::{ModelError, Result};
 
 /// RMSNorm of the rows of `x` `[..., n]` with `weight` `[n]` (same dtype), on the CPU.
@@ -42,7 +42,7 @@ impl RmsNorm {
         if n == 0 {
             return y;
         }
-        let w: Vec<f32> = w.iter().map(|v| v.to_f64() as f32).collect();
+        let w: Vec<f32> = w.iter().map(|&v| f(v)).collect();
         let f32_out = T::DTYPE == candle_core::DType::F32;
         y.par_chunks_mut(n * ROWS_PER_TASK)
             .zip(x.par_chunks(n * ROWS_PER_TASK))
@@ -50,7 +50,7 @@ impl RmsNorm {
                 let mut xf = vec![0f32; n];
                 for (yr, xr) in ys.chunks_exact_mut(n).zip(xs.chunks_exact(n)) {
                     for (d, s) in xf.iter_mut().zip(xr) {
-                        *d = s.to_f64() as f32;
+                        *d = f(*s);
                     }
                     // Eight partial sums: vectorisable, and the order is fixed per row length, so a row gives
                     // the same bits alone or in a batch.
@@ -68,10 +68,9 @@ impl RmsNorm {
                         // `.to(dtype)` then `weight *` in the dtype: exact for f32, two roundings otherwise.
                         let normed = v * r;
                         *d = if f32_out {
-                            T::from_f64((normed * g) as f64)
+                            round(normed * g)
                         } else {
-                            let rounded = T::from_f64(normed as f64).to_f64() as f32;
-                            T::from_f64((rounded * g) as f64)
+                            round(f(round::<T>(normed)) * g)
                         };
                     }
                 }

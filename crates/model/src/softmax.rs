@@ -68,7 +68,7 @@ impl RowSoftmax {
                 let vis = self.visible(row, ncols);
                 e.clear();
                 e.resize(vis, 0.0);
-                let scaled = |v: &T| v.to_f64() as f32 * self.scale;
+                let scaled = |v: &T| crate::elementwise::f(*v) * self.scale;
                 let m = xr[..vis]
                     .iter()
                     .map(scaled)
@@ -79,7 +79,7 @@ impl RowSoftmax {
                     s += *e;
                 }
                 for (y, e) in yr.iter_mut().zip(e.iter()) {
-                    *y = T::from_f64((e / s) as f64);
+                    *y = crate::elementwise::round(e / s);
                 }
             });
         y
