@@ -233,6 +233,19 @@ fn cpu_forward(
     }
     let y = product(x.elem_count() / k.max(1))?;
     *shape.last_mut().expect("at least one dim") = out_dim;
+    if x.dtype() == DType::BF16 {
+        // Rounded in parallel straight into the output (candle's cast is one more pass, on one thread).
+        use rayon::prelude::*;
+        let mut out = vec![bf16::ZERO; y.len()];
+        out.par_chunks_mut(1 << 14)
+            .zip(y.par_chunks(1 << 14))
+            .for_each(|(o, y)| {
+                for (o, &v) in o.iter_mut().zip(y) {
+                    *o = crate::elementwise::to_bf16(v);
+                }
+            });
+        return Ok(Tensor::from_vec(out, shape, &Device::Cpu)?);
+    }
     Ok(Tensor::from_vec(y, shape, &Device::Cpu)?.to_dtype(x.dtype())?)
 }
 
