@@ -9,7 +9,7 @@
 //! contiguous cache of the CLI and the tests uses the same kernel for its decode steps and short chunks.
 
 use candle_core::{DType, Storage, Tensor};
-use half::bf16;
+use half::{bf16, f16};
 use rayon::prelude::*;
 
 use crate::error::{ModelError, Result};
@@ -25,6 +25,12 @@ impl Kv for f32 {
     #[inline(always)]
     fn f(self) -> f32 {
         self
+    }
+}
+impl Kv for f16 {
+    #[inline(always)]
+    fn f(self) -> f32 {
+        self.to_f32()
     }
 }
 impl Kv for bf16 {
@@ -120,9 +126,14 @@ fn attend(
             let v = &vc.as_slice::<bf16>()?[vl.start_offset()..];
             run(&qv, rows, k, v, g, slot, out);
         }
+        DType::F16 => {
+            let k = &kc.as_slice::<f16>()?[kl.start_offset()..];
+            let v = &vc.as_slice::<f16>()?[vl.start_offset()..];
+            run(&qv, rows, k, v, g, slot, out);
+        }
         other => {
             return Err(ModelError::Input(format!(
-                "CPU attention supports f32 and bf16 caches, not {other:?}"
+                "CPU attention supports f32, bf16 and f16 caches, not {other:?}"
             )))
         }
     }
