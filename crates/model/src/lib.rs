@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod cpu_amx;
+mod cpu_exp;
 pub mod cpu_gemm;
 pub mod decoder;
 pub mod device;

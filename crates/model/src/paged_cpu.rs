@@ -166,11 +166,11 @@ fn run<T: Kv>(
             max = max.max(sc);
             scores.push(sc);
         }
-        let mut sum = 0f32;
+        // The same exponentials and sum as `softmax_rows` computes for these scores (the blocked path of
+        // longer chunks), so a sequence's numbers do not depend on which path its rows take.
+        let sum = crate::cpu_exp::exp_shifted_sum(&mut scores, max);
         o.iter_mut().for_each(|x| *x = 0.0);
-        for (j, sc) in scores.iter().enumerate() {
-            let p = (sc - max).exp();
-            sum += p;
+        for (j, &p) in scores.iter().enumerate() {
             let vj = &v[slot(j)..slot(j) + hd];
             for (x, &vv) in o.iter_mut().zip(vj) {
                 *x += p * vv.f();

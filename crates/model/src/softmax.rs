@@ -67,17 +67,13 @@ impl RowSoftmax {
             .for_each_init(Vec::new, |e: &mut Vec<f32>, (row, (yr, xr))| {
                 let vis = self.visible(row, ncols);
                 e.clear();
-                e.resize(vis, 0.0);
-                let scaled = |v: &T| crate::elementwise::f(*v) * self.scale;
-                let m = xr[..vis]
-                    .iter()
-                    .map(scaled)
-                    .fold(f32::NEG_INFINITY, f32::max);
-                let mut s = 0f32;
-                for (e, v) in e.iter_mut().zip(&xr[..vis]) {
-                    *e = (scaled(v) - m).exp();
-                    s += *e;
-                }
+                e.extend(
+                    xr[..vis]
+                        .iter()
+                        .map(|&v| crate::elementwise::f(v) * self.scale),
+                );
+                let m = e.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let s = crate::cpu_exp::exp_shifted_sum(e, m);
                 for (y, e) in yr.iter_mut().zip(e.iter()) {
                     *y = crate::elementwise::round(e / s);
                 }
