@@ -207,13 +207,7 @@ fn reduced_precision_decode_steps_stay_close_to_f32() {
             .unwrap();
         v
     };
-    let argmax = |x: &[f32]| {
-        x.iter()
-            .enumerate()
-            .max_by(|a, b| a.1.total_cmp(b.1))
-            .unwrap()
-            .0 as u32
-    };
+    let argmax = afnext_model::sampling::argmax;
     // The f32 run: prompt, then four greedy steps.
     let mut cache = reference.model.new_cache();
     let mut want = vec![last_logits(&reference, &mut cache, &reference.embeds)];

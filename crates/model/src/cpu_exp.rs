@@ -12,7 +12,8 @@
 pub(crate) fn exp_shifted_sum(e: &mut [f32], m: f32) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
-        if has_avx512() {
+        // (std caches the CPU feature query.)
+        if std::arch::is_x86_feature_detected!("avx512f") {
             // SAFETY: the CPU has AVX-512F (checked above).
             return unsafe { avx512::exp_shifted_sum(e, m) };
         }
@@ -23,13 +24,6 @@ pub(crate) fn exp_shifted_sum(e: &mut [f32], m: f32) -> f32 {
         s += *v;
     }
     s
-}
-
-#[cfg(target_arch = "x86_64")]
-fn has_avx512() -> bool {
-    use std::sync::OnceLock;
-    static OK: OnceLock<bool> = OnceLock::new();
-    *OK.get_or_init(|| std::arch::is_x86_feature_detected!("avx512f"))
 }
 
 #[cfg(target_arch = "x86_64")]

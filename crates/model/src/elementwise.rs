@@ -20,16 +20,23 @@ pub fn add_bias_gelu(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
 }
 
 fn bias_op(x: &Tensor, bias: &Tensor, op: AddBias) -> Result<Tensor> {
+    check_row_vector(x, bias, "bias")?;
+    Ok(x.contiguous()?.apply_op2_no_bwd(&bias.contiguous()?, &op)?)
+}
+
+/// `v` must be one value per column of `x` (`[n]` for `x` `[..., n]`) in `x`'s dtype: a bias or a norm's
+/// weight (`what` names it in the error).
+pub(crate) fn check_row_vector(x: &Tensor, v: &Tensor, what: &str) -> Result<()> {
     let n = x.dims().last().copied().unwrap_or(0);
-    if bias.dims() != [n] || bias.dtype() != x.dtype() {
+    if v.dims() != [n] || v.dtype() != x.dtype() {
         return Err(ModelError::Input(format!(
-            "bias {:?} {:?} does not fit rows of {n} {:?}",
-            bias.dims(),
-            bias.dtype(),
+            "{what} {:?} {:?} does not fit rows of {n} {:?}",
+            v.dims(),
+            v.dtype(),
             x.dtype()
         )));
     }
-    Ok(x.contiguous()?.apply_op2_no_bwd(&bias.contiguous()?, &op)?)
+    Ok(())
 }
 
 /// `silu(gate) * up` for tensors of one shape and dtype.

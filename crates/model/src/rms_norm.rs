@@ -7,23 +7,15 @@
 //! products. Rows run in parallel. On CUDA the decoder uses candle's fused `rms_norm` kernel instead.
 
 use candle_core::cpu_backend::Map2;
-use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
-use crate::elementwise::{check_float, contiguous, f, round};
-use crate::error::{ModelError, Result};
+use crate::elementwise::{check_float, check_row_vector, contiguous, f, round};
+use crate::error::Result;
 
 /// RMSNorm of the rows of `x` `[..., n]` with `weight` `[n]` (same dtype), on the CPU.
 pub fn rms_norm_cpu(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    let n = x.dims().last().copied().unwrap_or(0);
-    if weight.dims() != [n] || weight.dtype() != x.dtype() {
-        return Err(ModelError::Input(format!(
-            "rms_norm weight {:?} {:?} does not fit rows of {n} {:?}",
-            weight.dims(),
-            weight.dtype(),
-            x.dtype()
-        )));
-    }
+    check_row_vector(x, weight, "rms_norm weight")?;
     Ok(x.contiguous()?
         .apply_op2_no_bwd(&weight.contiguous()?, &RmsNorm { eps: eps as f32 })?)
 }
@@ -43,7 +35,7 @@ impl RmsNorm {
             return y;
         }
         let w: Vec<f32> = w.iter().map(|&v| f(v)).collect();
-        let f32_out = T::DTYPE == candle_core::DType::F32;
+        let f32_out = T::DTYPE == DType::F32;
         y.par_chunks_mut(n * ROWS_PER_TASK)
             .zip(x.par_chunks(n * ROWS_PER_TASK))
             .for_each(|(ys, xs)| {
@@ -111,7 +103,7 @@ impl CustomOp2 for RmsNorm {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{DType, Device, D};
+    use candle_core::{Device, D};
 
     /// transformers' composition, written with candle operations.
     fn reference(x: &Tensor, w: &Tensor, eps: f64) -> Tensor {
