@@ -19,7 +19,7 @@
 
 use std::sync::OnceLock;
 
-use crate::cpu_gemm::{par_panels, NR};
+use crate::cpu_gemm::{par_panels, Epilogue, NR};
 use half::bf16;
 
 const KB: usize = 32;
@@ -88,7 +88,7 @@ impl AmxWeight {
                 *d = s.to_bits();
             }
         }
-        par_panels(&mut y, n, bias, |range, out| {
+        par_panels(&mut y, n, Epilogue { bias, gelu: false }, |range, out| {
             let mut tmp = [0f32; MB * NR];
             // SAFETY: `available()` was checked by the caller (the tile state is granted); pointers and
             // strides stay inside `xp`, the panels and `tmp`; this task writes only its panels' columns.

@@ -5,11 +5,15 @@
 //!
 //! * packs `W` `[N, K]` into panels of [`NR`] = 32 output columns stored k-major (`[K][32]`, the last panel
 //!   zero-padded), in f32 or bf16 (bf16 is widened to f32 in registers with a shift: exact);
-//! * computes an `MR x 32` tile of `y` (MR <= 8 rows) with 2 x MR AVX-512 accumulators, broadcasting one `x`
+//! * computes an `MR x 32` tile of `y` (MR <= 14 rows) with 2 x MR AVX-512 accumulators, broadcasting one `x`
 //!   element per row and FMA-ing it with two vectors of the panel;
-//! * blocks K by [`KC`] and M by [`MC`] so that a panel slice stays in L1/L2 while it is reused across row
-//!   blocks, and the row block stays in L2 while it is reused across panels;
-//! * splits the panels (output columns) over the rayon pool.
+//! * for many rows, blocks K by [`KC`] and runs in BLIS's order: a row tile's KC slice stays in L1 while the
+//!   slices of a group of panels (in L2) stream past it; for few rows (decode), streams each panel once;
+//! * splits the panels (output columns) over the rayon pool; each task then adds the bias (and the GELU, for
+//!   the encoder's fc1) to its own columns while they are in cache.
+//!
+//! `x` is packed into k-major tiles of MR rows, or read in place when the caller has it k-major already (the
+//! encoder's attention scores, see [`crate::encoder_cpu`]).
 //!
 //! Every output element is accumulated in the same order whatever the number of rows (k in order, one
 //! accumulator per KC block, blocks added in order), so a row's result does not depend on which other rows
@@ -23,12 +27,16 @@ use rayon::prelude::*;
 
 /// Output columns per panel (two 16-lane vectors).
 pub const NR: usize = 32;
-/// Rows per micro-tile.
-pub const MR: usize = 8;
-/// K block: one panel slice is KC x 32 values (48 KiB in f32).
+/// Rows per micro-tile: 14 x 2 accumulators, two panel vectors and the broadcast fill the 32 AVX-512
+/// registers (the same shape as oneDNN's and BLIS's f32 kernels), so each panel load feeds 14 FMAs.
+pub const MR: usize = 14;
+/// K block: a row tile's KC slice (21 KiB in f32) stays in L1 while the panels of a group stream past it.
 pub const KC: usize = 384;
-/// Rows per M block (their KC slice, 72 KiB in f32, stays in L2 while the panels pass).
-pub const MC: usize = 48;
+/// Up to this many rows, every panel is streamed once from memory, front to back (decode steps).
+pub const FEW_ROWS: usize = 48;
+/// Panels per group in the many-rows order: a group's KC slices (1.1 MiB in f32) stay in L2 while every
+/// row tile passes over them.
+const GROUP: usize = 24;
 
 #[derive(Debug, Clone)]
 enum Panels {
@@ -62,6 +70,25 @@ impl PackedWeight {
         }
     }
 
+    /// Packs an f32 `[n, k]` matrix given element by element, `w(row, kk)`, in the order of the packed
+    /// layout (for a fixed `kk`, 32 consecutive rows): a matrix stored transposed is read sequentially.
+    pub(crate) fn from_fn(n: usize, k: usize, w: impl Fn(usize, usize) -> f32) -> Self {
+        let mut p = vec![0f32; Self::panel_count(n) * k * NR];
+        for (pi, panel) in p.chunks_mut(k * NR).enumerate() {
+            let cols = NR.min(n - pi * NR);
+            for kk in 0..k {
+                for c in 0..cols {
+                    panel[kk * NR + c] = w(pi * NR + c, kk);
+                }
+            }
+        }
+        PackedWeight {
+            panels: Panels::F32(p),
+            n,
+            k,
+        }
+    }
+
     /// Packs a row-major `[n, k]` bf16 matrix (kept in bf16).
     pub fn from_bf16(w: &[bf16], n: usize, k: usize) -> Self {
         assert_eq!(w.len(), n * k, "weight buffer size");
@@ -87,61 +114,160 @@ impl PackedWeight {
 
     /// `y[m][n] = sum_k x[m][k] W[n][k] (+ bias[n])` for `x` `[m, k]` row-major.
     pub fn matmul(&self, x: &[f32], m: usize, bias: Option<&[f32]>) -> Vec<f32> {
+        self.product(x, m, Epilogue { bias, gelu: false }, true)
+    }
+
+    /// `gelu_erf(matmul(x, m, bias))`, the GELU applied by each task to its own columns while they are in
+    /// cache (the encoder's fc1 in f32, where nothing is rounded between the two).
+    pub fn matmul_gelu(&self, x: &[f32], m: usize, bias: Option<&[f32]>) -> Vec<f32> {
+        self.product(x, m, Epilogue { bias, gelu: true }, true)
+    }
+
+    /// On the calling thread only, for callers that already run many small products in parallel (the
+    /// encoder's attention, one head per task): `x`'s rows packed once by the caller.
+    pub(crate) fn matmul_packed_serial(&self, x: &PackedRows) -> Vec<f32> {
+        assert_eq!(x.k, self.k, "packed rows' width");
+        self.run(Rows::Packed(&x.data), x.m, Epilogue::default(), false)
+    }
+
+    /// On the calling thread only, `x` given k-major: row `r`'s element `kk` at `x[kk * stride + r]`
+    /// (`m <= stride`), read in place.
+    pub(crate) fn matmul_kmajor_serial(&self, x: &[f32], m: usize, stride: usize) -> Vec<f32> {
+        assert!(
+            m <= stride && x.len() >= self.k.saturating_sub(1) * stride + m,
+            "k-major activation buffer size"
+        );
+        self.run(Rows::KMajor { x, stride }, m, Epilogue::default(), false)
+    }
+
+    fn product(&self, x: &[f32], m: usize, epilogue: Epilogue<'_>, parallel: bool) -> Vec<f32> {
         assert_eq!(x.len(), m * self.k, "activation buffer size");
+        if m == 0 || self.n == 0 {
+            return vec![0f32; m * self.n];
+        }
+        let xp = pack_rows(x, m, self.k, parallel);
+        self.run(Rows::Packed(&xp), m, epilogue, parallel)
+    }
+
+    fn run(&self, x: Rows<'_>, m: usize, epilogue: Epilogue<'_>, parallel: bool) -> Vec<f32> {
         let n = self.n;
         let mut y = vec![0f32; m * n];
         if m == 0 || n == 0 {
             return y;
         }
-        let xp = pack_rows(x, m, self.k);
-        let x = xp.as_slice();
         let avx512 = has_avx512();
-        par_panels(&mut y, n, bias, |range, out| match &self.panels {
+        let task = |range, out: &SyncPtr| match &self.panels {
             Panels::F32(w) => run_panels(w, x, m, self.k, n, range, out, avx512),
             Panels::Bf16(w) => run_panels(w, x, m, self.k, n, range, out, avx512),
-        });
+        };
+        if parallel {
+            par_panels(&mut y, n, epilogue, task);
+        } else {
+            let out = SyncPtr(y.as_mut_ptr());
+            task(0..Self::panel_count(n), &out);
+            finish(&out, m, n, 0..n, epilogue);
+        }
         y
+    }
+}
+
+/// What is applied to a product's columns after the whole sum: the bias (as the reference adds it, after
+/// the product), then optionally the GELU.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct Epilogue<'a> {
+    pub bias: Option<&'a [f32]>,
+    pub gelu: bool,
+}
+
+/// Applies `e` to columns `cols` of every row of `y` (`[m, n]` behind `out`).
+fn finish(out: &SyncPtr, m: usize, n: usize, cols: std::ops::Range<usize>, e: Epilogue<'_>) {
+    if e.bias.is_none() && !e.gelu {
+        return;
+    }
+    for r in 0..m {
+        // SAFETY: row r's columns `cols` are inside y, and the caller owns them (one task's columns).
+        let row =
+            unsafe { std::slice::from_raw_parts_mut(out.0.add(r * n + cols.start), cols.len()) };
+        if let Some(b) = e.bias {
+            for (v, b) in row.iter_mut().zip(&b[cols.clone()]) {
+                *v += b;
+            }
+        }
+        if e.gelu {
+            crate::cpu_exp::gelu_erf_in_place(row);
+        }
     }
 }
 
 /// Splits the `ceil(n / 32)` output panels of `y` (`[m, n]`) into ranges over the rayon pool (a few per thread
 /// for balance, at least 2 panels each) and runs `task` on each; tasks write disjoint columns through the
-/// pointer. Then adds `bias` to every row. Shared by this kernel and [`crate::cpu_amx`].
+/// pointer. Then each task applies the `epilogue` to its columns. Shared by this kernel and
+/// [`crate::cpu_amx`].
 pub(crate) fn par_panels(
     y: &mut [f32],
     n: usize,
-    bias: Option<&[f32]>,
+    epilogue: Epilogue<'_>,
     task: impl Fn(std::ops::Range<usize>, &SyncPtr) + Sync,
 ) {
     let panels = n.div_ceil(NR);
     let threads = rayon::current_num_threads().max(1);
     let per_task = panels.div_ceil(threads * 4).max(2);
+    let m = y.len() / n.max(1);
     let out = SyncPtr(y.as_mut_ptr());
     (0..panels)
         .into_par_iter()
         .step_by(per_task)
-        .for_each(|p0| task(p0..(p0 + per_task).min(panels), &out));
-    if let Some(b) = bias {
-        for row in y.chunks_mut(n) {
-            for (v, b) in row.iter_mut().zip(b) {
-                *v += b;
+        .for_each(|p0| {
+            let range = p0..(p0 + per_task).min(panels);
+            let cols = range.start * NR..(range.end * NR).min(n);
+            task(range, &out);
+            // Each task finishes its own columns, while they are still in cache.
+            finish(&out, m, n, cols, epilogue);
+        });
+}
+
+/// `[m, k]` activations in the kernel's layout (see [`pack_rows`]), packed once and used for several
+/// products (the encoder's attention: a head's keys, for every block of queries).
+pub(crate) struct PackedRows {
+    data: Vec<f32>,
+    m: usize,
+    k: usize,
+}
+
+impl PackedRows {
+    /// Packs `[m, k]` rows given element by element: `x(r, kk)`.
+    pub(crate) fn from_fn(m: usize, k: usize, x: impl Fn(usize, usize) -> f32) -> Self {
+        let mut data = vec![0f32; m.div_ceil(MR) * k * MR];
+        for (t, tile) in data.chunks_mut(k * MR).enumerate() {
+            let rows = MR.min(m - t * MR);
+            for kk in 0..k {
+                for r in 0..rows {
+                    tile[kk * MR + r] = x(t * MR + r, kk);
+                }
             }
         }
+        PackedRows { data, m, k }
     }
 }
 
 /// Activations in tiles of [`MR`] rows, each stored k-major (`[K][MR]`, missing rows zero), so the kernel's
 /// broadcasts walk one sequential stream.
-fn pack_rows(x: &[f32], m: usize, k: usize) -> Vec<f32> {
+fn pack_rows(x: &[f32], m: usize, k: usize, parallel: bool) -> Vec<f32> {
     let tiles = m.div_ceil(MR);
     let mut out = vec![0f32; tiles * k * MR];
-    for (t, tile) in out.chunks_mut(k * MR).enumerate() {
+    let fill = |(t, tile): (usize, &mut [f32])| {
         for r in 0..MR.min(m - t * MR) {
             let row = &x[(t * MR + r) * k..(t * MR + r + 1) * k];
             for (kk, &v) in row.iter().enumerate() {
                 tile[kk * MR + r] = v;
             }
         }
+    };
+    // Parallel only where it pays: a decode step's few rows pack in well under a microsecond.
+    if parallel && m > FEW_ROWS {
+        out.par_chunks_mut(k * MR).enumerate().for_each(fill);
+    } else {
+        out.chunks_mut(k * MR).enumerate().for_each(fill);
     }
     out
 }
@@ -199,10 +325,20 @@ impl Elem for u16 {
     const IS_BF16: bool = true;
 }
 
+/// Where the kernel finds row `r`'s element `kk` of `x`.
+#[derive(Clone, Copy)]
+enum Rows<'a> {
+    /// Packed by [`pack_rows`]: tiles of [`MR`] rows, each `[K][MR]`.
+    Packed(&'a [f32]),
+    /// Given k-major: element `(r, kk)` at `kk * stride + r` (`x^T` row-major, e.g. attention scores
+    /// computed as `k q^T`), read in place with no packing.
+    KMajor { x: &'a [f32], stride: usize },
+}
+
 #[allow(clippy::too_many_arguments)]
 fn run_panels<T: Elem>(
     w: &[T],
-    x: &[f32],
+    x: Rows<'_>,
     m: usize,
     k: usize,
     n: usize,
@@ -210,7 +346,7 @@ fn run_panels<T: Elem>(
     out: &SyncPtr,
     avx512: bool,
 ) {
-    let stream = m <= MC;
+    let stream = m <= FEW_ROWS;
     let block = |p: usize, kc: usize, r0: usize, r1: usize| {
         let kl = KC.min(k - kc);
         let cols = NR.min(n - p * NR);
@@ -220,9 +356,14 @@ fn run_panels<T: Elem>(
             // SAFETY: rows r..r+rows and columns p*NR..p*NR+cols are inside y (m x n) and belong to this
             // task's panels only.
             let c = unsafe { out.0.add(r * n + p * NR) };
-            // `r` is a multiple of MR: the start of a packed row tile.
+            let (x, xs) = match x {
+                // `r` is a multiple of MR: the start of a packed row tile.
+                Rows::Packed(x) => (&x[r * k + kc * MR..], MR),
+                Rows::KMajor { x, stride } => (&x[kc * stride + r..], stride),
+            };
             let tile = Tile {
-                x: &x[r * k + kc * MR..],
+                x,
+                xs,
                 panel,
                 kl,
                 c,
@@ -243,7 +384,7 @@ fn run_panels<T: Elem>(
     };
     // Both orders add the same K blocks in the same order to every output element; they differ only in
     // which data stays in cache.
-    if m <= MC {
+    if stream {
         // Few rows (decode steps): stream each panel once, front to back; the rows stay in L1.
         for p in panels {
             for kc in (0..k).step_by(KC) {
@@ -251,12 +392,14 @@ fn run_panels<T: Elem>(
             }
         }
     } else {
-        // Many rows (prefill, encoder): a KC x 32 panel slice stays in L1/L2 across the row tiles of an M
-        // block, and that block's KC slice stays in L2 across the panels.
+        // Many rows (prefill, encoder), in BLIS's order: a row tile's KC slice stays in L1 while the KC slices
+        // of a group of panels (in L2) stream past it; each panel load then feeds MR FMAs.
         for kc in (0..k).step_by(KC) {
-            for mc in (0..m).step_by(MC) {
-                for p in panels.clone() {
-                    block(p, kc, mc, (mc + MC).min(m));
+            for g in panels.clone().step_by(GROUP) {
+                for r in (0..m).step_by(MR) {
+                    for p in g..(g + GROUP).min(panels.end) {
+                        block(p, kc, r, (r + MR).min(m));
+                    }
                 }
             }
         }
@@ -264,8 +407,10 @@ fn run_panels<T: Elem>(
 }
 
 struct Tile<'a, T> {
-    /// The packed row tile at its KC offset: `x[kk * MR + r]`.
+    /// The row tile at its KC offset: element `(r, kk)` at `x[kk * xs + r]`.
     x: &'a [f32],
+    /// `x`'s stride in k ([`MR`] when packed).
+    xs: usize,
     /// `kl x 32` panel slice.
     panel: &'a [T],
     kl: usize,
@@ -286,7 +431,7 @@ fn portable_tile<T: Elem>(t: &Tile<'_, T>, rows: usize) {
     for r in 0..rows {
         let mut acc = [0f32; NR];
         for kk in 0..t.kl {
-            let xv = t.x[kk * MR + r];
+            let xv = t.x[kk * t.xs + r];
             let wrow = &t.panel[kk * NR..(kk + 1) * NR];
             for (a, &wv) in acc.iter_mut().zip(wrow) {
                 *a = xv.mul_add(wv.widen(), *a);
@@ -327,6 +472,12 @@ mod avx512 {
     #[target_feature(enable = "avx512f,avx512bw")]
     pub(super) unsafe fn tile<T: Elem>(t: &Tile<'_, T>, rows: usize) {
         match rows {
+            14 => tile_n::<T, 14>(t),
+            13 => tile_n::<T, 13>(t),
+            12 => tile_n::<T, 12>(t),
+            11 => tile_n::<T, 11>(t),
+            10 => tile_n::<T, 10>(t),
+            9 => tile_n::<T, 9>(t),
             8 => tile_n::<T, 8>(t),
             7 => tile_n::<T, 7>(t),
             6 => tile_n::<T, 6>(t),
@@ -357,7 +508,7 @@ mod avx512 {
             }
             let (w0, w1) = load_w(t.panel, kk);
             for r in 0..R {
-                let xb = _mm512_set1_ps(*x.add(kk * MR + r));
+                let xb = _mm512_set1_ps(*x.add(kk * t.xs + r));
                 a0[r] = _mm512_fmadd_ps(xb, w0, a0[r]);
                 a1[r] = _mm512_fmadd_ps(xb, w1, a1[r]);
             }
@@ -482,9 +633,18 @@ mod tests {
                 unreachable!()
             };
             let mut slow = vec![0f32; m * n];
-            let xp = pack_rows(&x, m, k);
+            let xp = pack_rows(&x, m, k, false);
             let out = SyncPtr(slow.as_mut_ptr());
-            run_panels(panels, &xp, m, k, n, 0..n.div_ceil(NR), &out, false);
+            run_panels(
+                panels,
+                Rows::Packed(&xp),
+                m,
+                k,
+                n,
+                0..n.div_ceil(NR),
+                &out,
+                false,
+            );
             assert_eq!(fast, slow, "m = {m}");
         }
     }

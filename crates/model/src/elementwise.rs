@@ -19,6 +19,18 @@ pub fn add_bias_gelu(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
     bias_op(x, bias, AddBias { gelu: true })
 }
 
+/// `gelu_erf(x)`: an f32 CPU tensor in parallel with the vectorised GELU of [`crate::cpu_exp`] (the encoder's
+/// convolutions), anything else through candle (one thread on the CPU).
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    if !(x.device().is_cpu() && x.dtype() == DType::F32) {
+        return Ok(x.gelu_erf()?);
+    }
+    let mut v: Vec<f32> = x.flatten_all()?.to_vec1()?;
+    v.par_chunks_mut(1 << 14)
+        .for_each(crate::cpu_exp::gelu_erf_in_place);
+    Ok(Tensor::from_vec(v, x.shape(), x.device())?)
+}
+
 fn bias_op(x: &Tensor, bias: &Tensor, op: AddBias) -> Result<Tensor> {
     check_row_vector(x, bias, "bias")?;
     Ok(x.contiguous()?.apply_op2_no_bwd(&bias.contiguous()?, &op)?)
@@ -117,6 +129,12 @@ pub(crate) fn f<T: WithDType>(x: T) -> f32 {
     }
 }
 
+/// candle's (and torch's) exact GELU in f32: `0.5 x (1 + erf(x / sqrt 2))`, in candle's operation order.
+#[inline]
+pub(crate) fn gelu_erf_f32(v: f32) -> f32 {
+    (candle_core::cpu::erf::erf_f32(v * std::f32::consts::FRAC_1_SQRT_2) + 1.0) * 0.5 * v
+}
+
 impl AddBias {
     fn cpu<T: WithDType>(gelu: bool, x: &[T], b: &[T]) -> Vec<T> {
         let mut y = vec![T::zero(); x.len()];
@@ -129,11 +147,7 @@ impl AddBias {
                         *y = if gelu {
                             // candle's gelu_erf: in f32 for f32, in f64 for the 16-bit types.
                             if T::DTYPE == DType::F32 {
-                                let v = f(v);
-                                let erf = candle_core::cpu::erf::erf_f32(
-                                    v * std::f32::consts::FRAC_1_SQRT_2,
-                                );
-                                round((erf + 1.0) * 0.5 * v)
+                                round(gelu_erf_f32(f(v)))
                             } else {
                                 let v = v.to_f64();
                                 let erf = candle_core::cpu::erf::erf_f64(

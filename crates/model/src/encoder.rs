@@ -2,11 +2,12 @@
 //! Reference: transformers 5.23 `models/audioflamingo3/modeling_audioflamingo3.py` (encoder), as used by
 //! `models/musicflamingo`.
 
-use candle_core::Tensor;
+use candle_core::{DType, Storage, Tensor};
 
 pub use afnext_audio::{conv_len, tokens_for_frames};
 
 use crate::config::AudioConfig;
+use crate::elementwise::gelu_erf;
 use crate::error::{ModelError, Result};
 use crate::linear::ParallelLinear;
 use crate::softmax::softmax_rows;
@@ -72,51 +73,105 @@ impl EncoderLayer {
 
     /// `h`: (b, t, d); `valid_keys[i]`: keys window `i` attends to (the rest are padding).
     fn forward(&self, h: &Tensor, valid_keys: &[usize], heads: usize) -> Result<Tensor> {
-        let (b, t, d) = h.dims3()?;
+        let d = h.dim(2)?;
         let hd = d / heads;
         let y = self.attn_norm.forward(h)?;
-        // The scale is applied to q before the dot product, as the reference does.
-        let q = (self.q.forward(&y)? * (hd as f64).powf(-0.5))?;
-        let k = self.k.forward(&y)?;
-        let v = self.v.forward(&y)?;
-        let split = |x: Tensor| -> Result<Tensor> {
-            Ok(x.reshape((b, t, heads, hd))?
-                .transpose(1, 2)?
-                .contiguous()?)
+        let scale = (hd as f64).powf(-0.5);
+        let (q, k, v) = (
+            self.q.forward(&y)?,
+            self.k.forward(&y)?,
+            self.v.forward(&y)?,
+        );
+        let o = if h.device().is_cpu() && h.dtype() == DType::F32 {
+            cpu_attention(&q, &k, &v, heads, scale as f32, valid_keys)?
+        } else {
+            // The scale is applied to q before the dot product, as the reference does.
+            candle_attention(&(q * scale)?, &k, &v, heads, valid_keys)?
         };
-        let (q, k, v) = (split(q)?, split(k)?, split(v)?);
-        // The reference adds finfo.min to the scores of padding keys, which softmax turns into exact zeros:
-        // the same as leaving those keys out. So full windows (all but an audio's last) attend with no mask
-        // at all, and a partial window attends over its valid keys only. (An additive mask broadcast over
-        // heads and queries cost two thirds of the encoder's GPU time.)
-        let attend = |q: &Tensor, k: &Tensor, v: &Tensor| -> Result<Tensor> {
-            // Softmax in the activation dtype, as the reference's eager encoder does (torch computes it in
-            // f32 and rounds once; so does softmax_rows).
-            let probs = softmax_rows(&q.matmul(&k.t()?)?, None)?;
-            Ok(probs.matmul(v)?)
-        };
-        let mut o = attend(&q, &k, &v)?;
-        if valid_keys.iter().any(|&n| n < t) {
-            let mut rows = Vec::with_capacity(b);
-            for (i, &n) in valid_keys.iter().enumerate() {
-                let one = |x: &Tensor| x.narrow(0, i, 1);
-                rows.push(if n < t {
-                    let keys = |x: &Tensor| -> Result<Tensor> {
-                        Ok(one(x)?.narrow(2, 0, n)?.contiguous()?)
-                    };
-                    attend(&one(&q)?, &keys(&k)?, &keys(&v)?)?
-                } else {
-                    one(&o)?
-                });
-            }
-            o = Tensor::cat(&rows, 0)?;
-        }
-        let o = o.transpose(1, 2)?.reshape((b, t, d))?;
         let h = (h + self.out.forward(&o)?)?;
         let y = self.ffn_norm.forward(&h)?;
         let f = self.fc2.forward(&self.fc1.forward_gelu(&y)?)?;
         Ok((h + f)?)
     }
+}
+
+/// Attention through candle's operations (GPUs, 16-bit dtypes) on `[b, t, d]` tensors, `q` already scaled.
+fn candle_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    valid_keys: &[usize],
+) -> Result<Tensor> {
+    let (b, t, d) = q.dims3()?;
+    let hd = d / heads;
+    let split = |x: Tensor| -> Result<Tensor> {
+        Ok(x.reshape((b, t, heads, hd))?
+            .transpose(1, 2)?
+            .contiguous()?)
+    };
+    let (q, k, v) = (split(q.clone())?, split(k.clone())?, split(v.clone())?);
+    // The reference adds finfo.min to the scores of padding keys, which softmax turns into exact zeros:
+    // the same as leaving those keys out. So full windows (all but an audio's last) attend with no mask
+    // at all, and a partial window attends over its valid keys only. (An additive mask broadcast over
+    // heads and queries cost two thirds of the encoder's GPU time.)
+    let attend = |q: &Tensor, k: &Tensor, v: &Tensor| -> Result<Tensor> {
+        // Softmax in the activation dtype, as the reference's eager encoder does (torch computes it in
+        // f32 and rounds once; so does softmax_rows).
+        let probs = softmax_rows(&q.matmul(&k.t()?)?, None)?;
+        Ok(probs.matmul(v)?)
+    };
+    let mut o = attend(&q, &k, &v)?;
+    if valid_keys.iter().any(|&n| n < t) {
+        let mut rows = Vec::with_capacity(b);
+        for (i, &n) in valid_keys.iter().enumerate() {
+            let one = |x: &Tensor| x.narrow(0, i, 1);
+            rows.push(if n < t {
+                let keys =
+                    |x: &Tensor| -> Result<Tensor> { Ok(one(x)?.narrow(2, 0, n)?.contiguous()?) };
+                attend(&one(&q)?, &keys(&k)?, &keys(&v)?)?
+            } else {
+                one(&o)?
+            });
+        }
+        o = Tensor::cat(&rows, 0)?;
+    }
+    Ok(o.transpose(1, 2)?.reshape((b, t, d))?)
+}
+
+/// The f32 CPU attention of [`crate::encoder_cpu`] on candle tensors `[b, t, d]`.
+fn cpu_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f32,
+    valid_keys: &[usize],
+) -> Result<Tensor> {
+    let (b, t, d) = q.dims3()?;
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    let (qs, ql) = q.storage_and_layout();
+    let (ks, kl) = k.storage_and_layout();
+    let (vs, vl) = v.storage_and_layout();
+    let (Storage::Cpu(qc), Storage::Cpu(kc), Storage::Cpu(vc)) = (&*qs, &*ks, &*vs) else {
+        return Err(ModelError::Input(
+            "the CPU encoder attention got tensors on another device".into(),
+        ));
+    };
+    let len = b * t * d;
+    let (q, k, v) = (
+        &qc.as_slice::<f32>()?[ql.start_offset()..][..len],
+        &kc.as_slice::<f32>()?[kl.start_offset()..][..len],
+        &vc.as_slice::<f32>()?[vl.start_offset()..][..len],
+    );
+    let shape = crate::encoder_cpu::Shape {
+        b,
+        t,
+        heads,
+        hd: d / heads,
+    };
+    let o = crate::encoder_cpu::attention(q, k, v, shape, scale, valid_keys);
+    Ok(Tensor::from_vec(o, (b, t, d), &candle_core::Device::Cpu)?)
 }
 
 #[derive(Debug, Clone)]
@@ -176,14 +231,14 @@ impl AudioEncoder {
         }
         let x = features.to_dtype(self.conv1_w.dtype())?;
         let bias = |t: &Tensor| t.reshape((1, (), 1));
-        let a = x
-            .conv1d(&self.conv1_w, 1, 1, 1, 1)?
-            .broadcast_add(&bias(&self.conv1_b)?)?
-            .gelu_erf()?;
-        let c = a
-            .conv1d(&self.conv2_w, 1, 2, 1, 1)?
-            .broadcast_add(&bias(&self.conv2_b)?)?
-            .gelu_erf()?;
+        let a = gelu_erf(
+            &x.conv1d(&self.conv1_w, 1, 1, 1, 1)?
+                .broadcast_add(&bias(&self.conv1_b)?)?,
+        )?;
+        let c = gelu_erf(
+            &a.conv1d(&self.conv2_w, 1, 2, 1, 1)?
+                .broadcast_add(&bias(&self.conv2_b)?)?,
+        )?;
         // (b, d, t) -> (b, t, d), plus every learned position (no re-basing for partial windows).
         let mut h = c.transpose(1, 2)?.broadcast_add(&self.positions)?;
         let t = self.cfg.max_source_positions;

@@ -11,6 +11,7 @@ pub mod decoder;
 pub mod device;
 pub mod elementwise;
 pub mod encoder;
+mod encoder_cpu;
 pub mod error;
 pub mod generate;
 pub mod hub;

@@ -164,6 +164,14 @@ impl ParallelLinear {
                 },
                 None,
             ) => crate::elementwise::add_bias_gelu(&linear.forward(x)?, b),
+            // f32 on the CPU: nothing is rounded between the product and the GELU, so each GEMM task applies
+            // it to its own columns (in parallel, in cache) instead of a separate single-threaded pass.
+            (Kernel::Packed { w, bias }, None) if x.dtype() == DType::F32 => {
+                cpu_forward(x, w.in_dim(), w.out_dim(), |m| {
+                    let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+                    Ok(w.matmul_gelu(&xs, m, bias.as_deref().map(|b| b.as_slice())))
+                })
+            }
             _ => Ok(self.forward(x)?.gelu_erf()?),
         }
     }

@@ -1,0 +1,49 @@
+//! The CPU GEMM of `cpu_gemm` in isolation, at the encoder's shapes by default, against nothing: a
+//! diagnostic for kernel work (the comparison with transformers is `cargo bench -p afnext-model --bench
+//! model`). Run: `RAYON_NUM_THREADS=2 cargo run --release -p afnext-model --example gemm_probe [MxNxK;...]`.
+//! Prints the best and median GFLOP/s of repeated `y = x W^T` products.
+
+use afnext_model::cpu_gemm::PackedWeight;
+use std::time::Instant;
+
+fn main() {
+    let shapes: Vec<(usize, usize, usize)> = std::env::args()
+        .nth(1)
+        .map(|s| {
+            s.split(';')
+                .map(|t| {
+                    let v: Vec<usize> = t.split('x').map(|x| x.parse().unwrap()).collect();
+                    (v[0], v[1], v[2])
+                })
+                .collect()
+        })
+        .unwrap_or(vec![
+            (1500, 1280, 1280),
+            (1500, 5120, 1280),
+            (1500, 1280, 5120),
+        ]);
+    for (m, n, k) in shapes {
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5)
+            .collect();
+        let x: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 104729) % 1000) as f32 * 1e-3 - 0.5)
+            .collect();
+        let pw = PackedWeight::from_f32(&w, n, k);
+        let reps = (2e10 / (2.0 * (m * n * k) as f64)).clamp(5.0, 2000.0) as usize;
+        let mut ts = vec![];
+        for _ in 0..reps {
+            let t = Instant::now();
+            let y = pw.matmul(&x, m, None);
+            std::hint::black_box(&y);
+            ts.push(t.elapsed().as_secs_f64());
+        }
+        ts.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        let g = |t: f64| 2.0 * (m * n * k) as f64 / t / 1e9;
+        println!(
+            "{m}x{n}x{k}: best {:.1} GFLOP/s, median {:.1}",
+            g(ts[0]),
+            g(ts[reps / 2])
+        );
+    }
+}
