@@ -211,8 +211,15 @@ pub(crate) fn par_panels(
 ) {
     let panels = n.div_ceil(NR);
     let threads = rayon::current_num_threads().max(1);
-    let per_task = panels.div_ceil(threads * 4).max(2);
     let m = y.len() / n.max(1);
+    // Every task streams all of x once: with many rows (x of an encoder window's fc2 is 30 MB) that traffic
+    // is paid per task, so one task per thread; with few rows (decode) x is tiny and the panel stream is the
+    // cost, so a few tasks per thread balance it.
+    let per_task = if m > FEW_ROWS {
+        panels.div_ceil(threads)
+    } else {
+        panels.div_ceil(threads * 4).max(2)
+    };
     let out = SyncPtr(y.as_mut_ptr());
     (0..panels)
         .into_par_iter()

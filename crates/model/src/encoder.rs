@@ -41,9 +41,8 @@ impl LayerNorm {
 #[derive(Debug, Clone)]
 struct EncoderLayer {
     attn_norm: LayerNorm,
-    q: ParallelLinear,
-    k: ParallelLinear,
-    v: ParallelLinear,
+    /// q, k and v stacked: `[.., 3 d]`.
+    qkv: ParallelLinear,
     out: ParallelLinear,
     ffn_norm: LayerNorm,
     fc1: ParallelLinear,
@@ -60,10 +59,17 @@ impl EncoderLayer {
                 d,
                 cfg.layer_norm_eps,
             )?,
-            q: ParallelLinear::load(w, &format!("{p}.self_attn.q_proj"), d, d, true)?,
             // k_proj has no bias (spec quirk 5).
-            k: ParallelLinear::load(w, &format!("{p}.self_attn.k_proj"), d, d, false)?,
-            v: ParallelLinear::load(w, &format!("{p}.self_attn.v_proj"), d, d, true)?,
+            qkv: ParallelLinear::load_stacked(
+                w,
+                &[
+                    (&format!("{p}.self_attn.q_proj"), true),
+                    (&format!("{p}.self_attn.k_proj"), false),
+                    (&format!("{p}.self_attn.v_proj"), true),
+                ],
+                d,
+                d,
+            )?,
             out: ParallelLinear::load(w, &format!("{p}.self_attn.out_proj"), d, d, true)?,
             ffn_norm: LayerNorm::load(w, &format!("{p}.final_layer_norm"), d, cfg.layer_norm_eps)?,
             fc1: ParallelLinear::load(w, &format!("{p}.fc1"), d, cfg.intermediate_size, true)?,
@@ -77,16 +83,19 @@ impl EncoderLayer {
         let hd = d / heads;
         let y = self.attn_norm.forward(h)?;
         let scale = (hd as f64).powf(-0.5);
-        let (q, k, v) = (
-            self.q.forward(&y)?,
-            self.k.forward(&y)?,
-            self.v.forward(&y)?,
-        );
+        let qkv = self.qkv.forward(&y)?;
         let o = if h.device().is_cpu() && h.dtype() == DType::F32 {
-            cpu_attention(&q, &k, &v, heads, scale as f32, valid_keys)?
+            cpu_attention(&qkv, heads, scale as f32, valid_keys)?
         } else {
+            let part = |i: usize| qkv.narrow(2, i * d, d)?.contiguous();
             // The scale is applied to q before the dot product, as the reference does.
-            candle_attention(&(q * scale)?, &k, &v, heads, valid_keys)?
+            candle_attention(
+                &(part(0)? * scale)?,
+                &part(1)?,
+                &part(2)?,
+                heads,
+                valid_keys,
+            )?
         };
         let h = (h + self.out.forward(&o)?)?;
         let y = self.ffn_norm.forward(&h)?;
@@ -139,38 +148,26 @@ fn candle_attention(
     Ok(o.transpose(1, 2)?.reshape((b, t, d))?)
 }
 
-/// The f32 CPU attention of [`crate::encoder_cpu`] on candle tensors `[b, t, d]`.
-fn cpu_attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    heads: usize,
-    scale: f32,
-    valid_keys: &[usize],
-) -> Result<Tensor> {
-    let (b, t, d) = q.dims3()?;
-    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-    let (qs, ql) = q.storage_and_layout();
-    let (ks, kl) = k.storage_and_layout();
-    let (vs, vl) = v.storage_and_layout();
-    let (Storage::Cpu(qc), Storage::Cpu(kc), Storage::Cpu(vc)) = (&*qs, &*ks, &*vs) else {
+/// The f32 CPU attention of [`crate::encoder_cpu`] on the stacked projection `[b, t, 3 d]`; returns
+/// `[b, t, d]`.
+fn cpu_attention(qkv: &Tensor, heads: usize, scale: f32, valid_keys: &[usize]) -> Result<Tensor> {
+    let (b, t, d3) = qkv.dims3()?;
+    let d = d3 / 3;
+    let qkv = qkv.contiguous()?;
+    let (storage, layout) = qkv.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
         return Err(ModelError::Input(
-            "the CPU encoder attention got tensors on another device".into(),
+            "the CPU encoder attention got a tensor on another device".into(),
         ));
     };
-    let len = b * t * d;
-    let (q, k, v) = (
-        &qc.as_slice::<f32>()?[ql.start_offset()..][..len],
-        &kc.as_slice::<f32>()?[kl.start_offset()..][..len],
-        &vc.as_slice::<f32>()?[vl.start_offset()..][..len],
-    );
+    let values = &cpu.as_slice::<f32>()?[layout.start_offset()..][..b * t * d3];
     let shape = crate::encoder_cpu::Shape {
         b,
         t,
         heads,
         hd: d / heads,
     };
-    let o = crate::encoder_cpu::attention(q, k, v, shape, scale, valid_keys);
+    let o = crate::encoder_cpu::attention(values, shape, scale, valid_keys);
     Ok(Tensor::from_vec(o, (b, t, d), &candle_core::Device::Cpu)?)
 }
 

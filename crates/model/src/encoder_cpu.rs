@@ -29,28 +29,23 @@ pub(crate) struct Shape {
     pub hd: usize,
 }
 
-/// `q`, `k`, `v`: `[b, t, d]` row-major, straight from the projections (q not yet scaled). Window `i`
-/// attends to its first `valid_keys[i]` keys (at least one). Returns `[b, t, d]`: per head,
-/// `softmax(scale q k^T) v`.
-pub(crate) fn attention(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    s: Shape,
-    scale: f32,
-    valid_keys: &[usize],
-) -> Vec<f32> {
+/// `qkv`: `[b, t, 3 d]` row-major, q, k and v side by side as the stacked projection gives them (q not yet
+/// scaled). Window `i` attends to its first `valid_keys[i]` keys (at least one). Returns `[b, t, d]`: per
+/// head, `softmax(scale q k^T) v`.
+pub(crate) fn attention(qkv: &[f32], s: Shape, scale: f32, valid_keys: &[usize]) -> Vec<f32> {
     let Shape { b, t, heads, hd } = s;
     let d = heads * hd;
-    assert!(q.len() == b * t * d && k.len() == q.len() && v.len() == q.len());
+    assert_eq!(qkv.len(), b * t * 3 * d, "q, k and v of every position");
     assert_eq!(valid_keys.len(), b, "one valid-key count per window");
     let per_head: Vec<Vec<f32>> = (0..b * heads)
         .into_par_iter()
         .map(|job| {
             let (i, h) = (job / heads, job % heads);
             let n = valid_keys[i].clamp(1, t);
-            // Element (row r, column c) of this head's [t, hd] slice of q, k or v.
-            let at = |x: &[f32], r: usize, c: usize| x[(i * t + r) * d + h * hd + c];
+            // Element (row r, column c) of this head's [t, hd] slice of q (part 0), k (1) or v (2).
+            let at =
+                |part: usize, r: usize, c: usize| qkv[(i * t + r) * 3 * d + part * d + h * hd + c];
+            let (q, k, v) = (0, 1, 2);
             // Scores are computed transposed, `k q^T` (`[n, queries]`): the keys are the packed rows (once
             // per head), a block of queries the weight, and the result is already the k-major layout the
             // second product reads in place. So nothing the size of the scores is ever packed.
@@ -143,7 +138,13 @@ mod tests {
         let (q, k, v) = (gen(), gen(), gen());
         let valid = [150, 37];
         let scale = (s.hd as f32).powf(-0.5);
-        let got = attention(&q, &k, &v, s, scale, &valid);
+        let d = s.heads * s.hd;
+        let qkv: Vec<f32> = (0..s.b * s.t)
+            .flat_map(|row| [&q, &k, &v].map(|x| &x[row * d..(row + 1) * d]))
+            .flatten()
+            .copied()
+            .collect();
+        let got = attention(&qkv, s, scale, &valid);
         let want = reference(&q, &k, &v, s, scale, &valid);
         let worst = got
             .iter()

@@ -14,7 +14,7 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use afnext_collectives::Collective;
-use candle_core::{DType, Device, Module, Storage, Tensor};
+use candle_core::{DType, Device, Module, Storage, Tensor, WithDType};
 use half::bf16;
 
 use crate::cpu_amx::AmxWeight;
@@ -71,6 +71,34 @@ impl ParallelLinear {
             None
         };
         Self::from_weight(weight, bias)
+    }
+
+    /// Whole layers over the same input, stacked into one: `[.., out_dim * parts.len()]`, the parts' outputs
+    /// side by side in order (the encoder's q, k and v: one product and one packing of the input instead of
+    /// three). Each part is `(prefix, bias)`; a part without a bias gets zeros (adding 0 changes no value).
+    pub fn load_stacked(
+        w: &Weights,
+        parts: &[(&str, bool)],
+        in_dim: usize,
+        out_dim: usize,
+    ) -> Result<Self> {
+        let mut weights = Vec::with_capacity(parts.len());
+        let mut biases = Vec::with_capacity(parts.len());
+        for &(prefix, bias) in parts {
+            let weight = w.get(&format!("{prefix}.weight"), &[out_dim, in_dim])?;
+            biases.push(if bias {
+                w.get(&format!("{prefix}.bias"), &[out_dim])?
+            } else {
+                Tensor::zeros(out_dim, weight.dtype(), weight.device())?
+            });
+            weights.push(weight);
+        }
+        let bias = parts
+            .iter()
+            .any(|p| p.1)
+            .then(|| Tensor::cat(&biases, 0))
+            .transpose()?;
+        Self::from_weight(Tensor::cat(&weights, 0)?, bias)
     }
 
     /// Column-parallel: output features `rows` of the layer (and their bias). Whole when `rows` is all.
@@ -168,8 +196,9 @@ impl ParallelLinear {
             // it to its own columns (in parallel, in cache) instead of a separate single-threaded pass.
             (Kernel::Packed { w, bias }, None) if x.dtype() == DType::F32 => {
                 cpu_forward(x, w.in_dim(), w.out_dim(), |m| {
-                    let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
-                    Ok(w.matmul_gelu(&xs, m, bias.as_deref().map(|b| b.as_slice())))
+                    with_slice(x, |xs: &[f32]| {
+                        Ok(w.matmul_gelu(xs, m, bias.as_deref().map(|b| b.as_slice())))
+                    })
                 })
             }
             _ => Ok(self.forward(x)?.gelu_erf()?),
@@ -209,14 +238,16 @@ impl ParallelLinear {
                 }
             },
             Kernel::Packed { w, bias } => cpu_forward(x, w.in_dim(), w.out_dim(), |m| {
-                let xs: Vec<f32> = x.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
-                let mut y = w.matmul(&xs, m, bias.as_deref().map(|b| b.as_slice()));
+                let mut y = with_slice(x, |xs: &[f32]| {
+                    Ok(w.matmul(xs, m, bias.as_deref().map(|b| b.as_slice())))
+                })?;
                 finish(&mut y, w.out_dim())?;
                 Ok(y)
             }),
             Kernel::Amx { w, bias } => cpu_forward(x, w.in_dim(), w.out_dim(), |m| {
-                let xs: Vec<bf16> = x.flatten_all()?.to_dtype(DType::BF16)?.to_vec1()?;
-                let mut y = w.matmul(&xs, m, bias.as_deref().map(|b| b.as_slice()));
+                let mut y = with_slice(x, |xs: &[bf16]| {
+                    Ok(w.matmul(xs, m, bias.as_deref().map(|b| b.as_slice())))
+                })?;
                 finish(&mut y, w.out_dim())?;
                 Ok(y)
             }),
@@ -255,6 +286,19 @@ fn cpu_forward(
         return Ok(Tensor::from_vec(out, shape, &Device::Cpu)?);
     }
     Ok(Tensor::from_vec(y, shape, &Device::Cpu)?.to_dtype(x.dtype())?)
+}
+
+/// Runs `f` on `x`'s values as one slice of `T`: borrowed from a contiguous CPU tensor of that dtype (no copy
+/// of an encoder window's 7.7 MB activations per projection), else converted.
+fn with_slice<T: WithDType, R>(x: &Tensor, f: impl FnOnce(&[T]) -> Result<R>) -> Result<R> {
+    if x.dtype() == T::DTYPE && x.is_contiguous() {
+        let (storage, layout) = x.storage_and_layout();
+        if let Storage::Cpu(cpu) = &*storage {
+            return f(&cpu.as_slice::<T>()?[layout.start_offset()..][..x.elem_count()]);
+        }
+    }
+    let v: Vec<T> = x.flatten_all()?.to_dtype(T::DTYPE)?.to_vec1()?;
+    f(&v)
 }
 
 /// Packs a CPU f32 or bf16 `[out, in]` weight; `None` for other devices and dtypes.
