@@ -45,125 +45,81 @@ pub(crate) fn gelu_erf_in_place(v: &mut [f32]) {
     }
 }
 
-/// Softmax down every column of `s` (`[rows, cols]` row-major, `rows >= 1`), in place: the encoder's
-/// attention computes its scores as `k q^T`, one column per query. Three passes over the rows (maximum;
-/// exponentials and their sums; the scale by `1 / sum`, as torch's CPU softmax multiplies by the reciprocal),
-/// each 16 columns at a time with AVX-512, and a column's sum taken over the rows in order.
-pub(crate) fn softmax_columns(s: &mut [f32], rows: usize, cols: usize) {
-    assert_eq!(s.len(), rows * cols, "softmax_columns: buffer size");
+/// The unnormalised softmax down every column of `s` (`[rows, cols]` row-major, `rows >= 1`), in place:
+/// `s[r][c] = exp(s[r][c] - max_r s[r][c])`; returns each column's `1 / sum`. The encoder's attention
+/// computes its scores as `k q^T`, one column per query, and scales its output rows by these reciprocals
+/// (as flash attention does) instead of the `1500 x queries` probabilities. Two passes over the rows
+/// (maximum; exponentials and their sums, a column's sum taken over the rows in order). With AVX-512, 128
+/// columns at a time with the maxima and sums of all of them in registers (kept in memory, each row's update
+/// waited on the previous row's masked store).
+pub(crate) fn exp_columns(s: &mut [f32], rows: usize, cols: usize) -> Vec<f32> {
+    assert_eq!(s.len(), rows * cols, "exp_columns: buffer size");
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F (checked above); the buffer holds rows x cols values.
+            return unsafe { avx512::exp_columns(s, rows, cols) };
+        }
+    }
     let mut m = vec![f32::NEG_INFINITY; cols];
     for row in s.chunks(cols) {
-        max_into(&mut m, row);
+        for (m, &v) in m.iter_mut().zip(row) {
+            *m = m.max(v);
+        }
     }
     let mut sum = vec![0f32; cols];
     for row in s.chunks_mut(cols) {
-        exp_sub_accumulate(row, &m, &mut sum);
-    }
-    let inv: Vec<f32> = sum.iter().map(|&v| 1.0 / v).collect();
-    for row in s.chunks_mut(cols) {
-        mul_into(row, &inv);
-    }
-}
-
-/// `m[c] = max(m[c], row[c])`.
-fn max_into(m: &mut [f32], row: &[f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512F (checked above).
-            return unsafe { avx512::max_into(m, row) };
+        for ((v, &m), s) in row.iter_mut().zip(&m).zip(sum.iter_mut()) {
+            *v = (*v - m).exp();
+            *s += *v;
         }
     }
-    for (m, &v) in m.iter_mut().zip(row) {
-        *m = m.max(v);
-    }
-}
-
-/// `row[c] = exp(row[c] - m[c])`, added to `sum[c]`.
-fn exp_sub_accumulate(row: &mut [f32], m: &[f32], sum: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512F (checked above).
-            return unsafe { avx512::exp_sub_accumulate(row, m, sum) };
-        }
-    }
-    for ((v, &m), s) in row.iter_mut().zip(m).zip(sum.iter_mut()) {
-        *v = (*v - m).exp();
-        *s += *v;
-    }
-}
-
-/// `row[c] *= f[c]`.
-fn mul_into(row: &mut [f32], f: &[f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512F (checked above).
-            return unsafe { avx512::mul_into(row, f) };
-        }
-    }
-    for (v, &f) in row.iter_mut().zip(f) {
-        *v *= f;
-    }
+    sum.iter().map(|&v| 1.0 / v).collect()
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
 
-    /// The lanes `i..i + 16` of a slice of length `n`, as a mask (the tail's partial).
-    #[inline(always)]
-    fn mask(n: usize, i: usize) -> __mmask16 {
-        if n - i >= 16 {
-            0xffff
-        } else {
-            ((1u32 << (n - i)) - 1) as u16
-        }
-    }
+    /// Column groups of `exp_columns`: 8 vectors of maxima and 8 of sums stay in registers.
+    const GROUP: usize = 8;
 
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn max_into(m: &mut [f32], row: &[f32]) {
-        let n = m.len().min(row.len());
-        let (pm, pr) = (m.as_mut_ptr(), row.as_ptr());
-        for i in (0..n).step_by(16) {
-            let k = mask(n, i);
-            let y = _mm512_max_ps(
-                _mm512_maskz_loadu_ps(k, pm.add(i)),
-                _mm512_maskz_loadu_ps(k, pr.add(i)),
-            );
-            _mm512_mask_storeu_ps(pm.add(i), k, y);
+    pub unsafe fn exp_columns(s: &mut [f32], rows: usize, cols: usize) -> Vec<f32> {
+        let base = s.as_mut_ptr();
+        let mut inv = vec![0f32; cols];
+        for g in (0..cols).step_by(GROUP * 16) {
+            let width = (cols - g).min(GROUP * 16);
+            // Lanes past the group's width are masked: loaded as 0, never stored.
+            let mut k = [0 as __mmask16; GROUP];
+            for (j, k) in k.iter_mut().enumerate() {
+                let lanes = width.saturating_sub(j * 16).min(16);
+                *k = ((1u32 << lanes) - 1) as u16;
+            }
+            let row = |r: usize| base.add(r * cols + g);
+            let mut m = [_mm512_set1_ps(f32::NEG_INFINITY); GROUP];
+            for r in 0..rows {
+                let p = row(r);
+                for j in 0..GROUP {
+                    m[j] = _mm512_max_ps(m[j], _mm512_maskz_loadu_ps(k[j], p.add(j * 16)));
+                }
+            }
+            let mut sum = [_mm512_setzero_ps(); GROUP];
+            for r in 0..rows {
+                let p = row(r);
+                for j in 0..GROUP {
+                    let x = _mm512_maskz_loadu_ps(k[j], p.add(j * 16));
+                    let e = exp16(_mm512_sub_ps(x, m[j]));
+                    _mm512_mask_storeu_ps(p.add(j * 16), k[j], e);
+                    sum[j] = _mm512_add_ps(sum[j], e);
+                }
+            }
+            for j in 0..GROUP {
+                let v = _mm512_div_ps(_mm512_set1_ps(1.0), sum[j]);
+                _mm512_mask_storeu_ps(inv.as_mut_ptr().add(g + j * 16), k[j], v);
+            }
         }
-    }
-
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn mul_into(row: &mut [f32], f: &[f32]) {
-        let n = row.len().min(f.len());
-        let (pr, pf) = (row.as_mut_ptr(), f.as_ptr());
-        for i in (0..n).step_by(16) {
-            let k = mask(n, i);
-            let y = _mm512_mul_ps(
-                _mm512_maskz_loadu_ps(k, pr.add(i)),
-                _mm512_maskz_loadu_ps(k, pf.add(i)),
-            );
-            _mm512_mask_storeu_ps(pr.add(i), k, y);
-        }
-    }
-
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn exp_sub_accumulate(row: &mut [f32], m: &[f32], sum: &mut [f32]) {
-        let n = row.len().min(m.len()).min(sum.len());
-        let (pr, pm, ps) = (row.as_mut_ptr(), m.as_ptr(), sum.as_mut_ptr());
-        for i in (0..n).step_by(16) {
-            let k = mask(n, i);
-            let e = exp16(_mm512_sub_ps(
-                _mm512_maskz_loadu_ps(k, pr.add(i)),
-                _mm512_maskz_loadu_ps(k, pm.add(i)),
-            ));
-            _mm512_mask_storeu_ps(pr.add(i), k, e);
-            let s = _mm512_add_ps(_mm512_maskz_loadu_ps(k, ps.add(i)), e);
-            _mm512_mask_storeu_ps(ps.add(i), k, s);
-        }
+        inv
     }
 
     #[target_feature(enable = "avx512f")]
@@ -336,13 +292,23 @@ mod tests {
 
     #[test]
     fn column_softmax_matches_f64() {
-        // 37 columns: two full 16-lane blocks and a masked tail.
-        let (rows, cols) = (150, 37);
+        // 37 columns: two full 16-lane blocks and a masked tail; 150: more than one group of 128.
+        for (rows, cols) in [(150, 37), (9, 150)] {
+            column_softmax_case(rows, cols);
+        }
+    }
+
+    fn column_softmax_case(rows: usize, cols: usize) {
         let x: Vec<f32> = (0..rows * cols)
             .map(|i| ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * 30.0)
             .collect();
         let mut s = x.clone();
-        softmax_columns(&mut s, rows, cols);
+        let inv = exp_columns(&mut s, rows, cols);
+        for row in s.chunks_mut(cols) {
+            for (v, f) in row.iter_mut().zip(&inv) {
+                *v *= f;
+            }
+        }
         for c in 0..cols {
             let col: Vec<f32> = (0..rows).map(|r| x[r * cols + c]).collect();
             let m = col.iter().copied().fold(f32::NEG_INFINITY, f32::max);

@@ -3,22 +3,24 @@
 //! Through candle, one 30 s window's attention allocated a `[20, 1500, 1500]` score tensor (180 MB, faulted
 //! in page by page on every layer), copied q, k and v into head-major layout and ran candle's GEMM on
 //! them: about a third of the encoder's time besides the projections. Here each task packs its head's keys
-//! and the transposed values once for [`crate::cpu_gemm`], then for every block of [`QB`] queries computes the
-//! scores (which stay in L2), their softmax in place, and the block's output. The keys past a window's valid
+//! and values once for [`crate::cpu_gemm`], then for every block of [`QB`] queries computes the scores
+//! (which stay in L2), their exponentials in place, and the block's output. The keys past a window's valid
 //! length are left out, which is what the reference's `finfo.min` mask amounts to (its softmax gives them
 //! exact zeros).
 //!
-//! Numerics as the reference's eager attention in f32: `q` scaled first (in f32, as `q * scale`), scores
-//! summed in f32, softmax in f32 (exponentials within an ulp of libm, see [`crate::cpu_exp`]), then the
-//! product with `v` in f32.
+//! Numerics in f32 throughout: `q` scaled first (as `q * scale`, as the reference does), scores summed in f32,
+//! `exp(s - max)` within an ulp of libm (see [`crate::cpu_exp`]), the product of those unnormalised weights
+//! with `v`, and each output row scaled by `1 / sum` last, as flash attention does (the reference scales the
+//! weights before the product; the two differ by roundings, not in value).
 
 use rayon::prelude::*;
 
-use crate::cpu_gemm::{PackedRows, PackedWeight};
+use crate::cpu_gemm::{PackedRows, PackedWeight, MR};
 
-/// Queries per block: their scores (`1500 x QB` f32, 750 KiB for a full window) stay in L2 between the two
-/// products.
-const QB: usize = 128;
+/// Queries per block: their scores (`1500 x QB` f32, 740 KiB for a full window) stay in L2 between the two
+/// products. A multiple of the GEMM's row tile, so the second product has no part-empty tile (126 queries are
+/// also 4 panels of 32, all but 2 columns used, in the first).
+const QB: usize = 9 * MR;
 
 /// Shapes of one call: `b` windows of `t` positions, `heads` heads of `hd` values (`d = heads * hd`).
 #[derive(Debug, Clone, Copy)]
@@ -57,9 +59,14 @@ pub(crate) fn attention(qkv: &[f32], s: Shape, scale: f32, valid_keys: &[usize])
                 let rows = QB.min(t - q0);
                 let queries = PackedWeight::from_fn(rows, hd, |r, c| at(q, q0 + r, c) * scale);
                 let mut scores = queries.matmul_packed_serial(&keys);
-                crate::cpu_exp::softmax_columns(&mut scores, n, rows);
-                out[q0 * hd..(q0 + rows) * hd]
-                    .copy_from_slice(&values.matmul_kmajor_serial(&scores, rows, rows));
+                let inv = crate::cpu_exp::exp_columns(&mut scores, n, rows);
+                let mut o = values.matmul_kmajor_serial(&scores, rows, rows);
+                for (row, f) in o.chunks_mut(hd).zip(&inv) {
+                    for v in row {
+                        *v *= f;
+                    }
+                }
+                out[q0 * hd..(q0 + rows) * hd].copy_from_slice(&o);
             }
             out
         })
