@@ -19,7 +19,7 @@
 
 use std::sync::OnceLock;
 
-use crate::cpu_gemm::{par_panels, Epilogue, NR};
+use crate::cpu_gemm::{par_panels, uninit_result, Epilogue, SyncPtr, NR};
 use half::bf16;
 
 const KB: usize = 32;
@@ -74,8 +74,11 @@ impl AmxWeight {
     pub fn matmul(&self, x: &[bf16], m: usize, bias: Option<&[f32]>) -> Vec<f32> {
         assert_eq!(x.len(), m * self.k, "activation buffer size");
         let (n, k, kp) = (self.n, self.k, self.kp);
-        let mut y = vec![0f32; m * n];
-        if m == 0 || n == 0 {
+        if m == 0 || n == 0 || k == 0 {
+            let mut y = vec![0f32; m * n];
+            if let Some(b) = bias {
+                y.chunks_mut(n).for_each(|r| r.copy_from_slice(b));
+            }
             return y;
         }
         let mp = m.div_ceil(MB) * MB;
@@ -88,7 +91,7 @@ impl AmxWeight {
                 *d = s.to_bits();
             }
         }
-        par_panels(&mut y, n, Epilogue { bias, gelu: false }, |range, out| {
+        let task = |range: std::ops::Range<usize>, out: &SyncPtr| {
             let mut tmp = [0f32; MB * NR];
             // SAFETY: `available()` was checked by the caller (the tile state is granted); pointers and
             // strides stay inside `xp`, the panels and `tmp`; this task writes only its panels' columns.
@@ -115,8 +118,14 @@ impl AmxWeight {
                 }
                 imp::release();
             }
-        });
-        y
+        };
+        // SAFETY: every task copies all rows of each of its panels' valid columns into the result, and the
+        // tasks cover all panels.
+        unsafe {
+            uninit_result(m, n, |out| {
+                par_panels(out, m, n, Epilogue { bias, gelu: false }, task)
+            })
+        }
     }
 }
 

@@ -151,8 +151,9 @@ impl PackedWeight {
 
     fn run(&self, x: Rows<'_>, m: usize, epilogue: Epilogue<'_>, parallel: bool) -> Vec<f32> {
         let n = self.n;
-        let mut y = vec![0f32; m * n];
-        if m == 0 || n == 0 {
+        if m == 0 || n == 0 || self.k == 0 {
+            let mut y = vec![0f32; m * n];
+            finish(&SyncPtr(y.as_mut_ptr()), m, n, 0..n, epilogue);
             return y;
         }
         let avx512 = has_avx512();
@@ -160,14 +161,18 @@ impl PackedWeight {
             Panels::F32(w) => run_panels(w, x, m, self.k, n, range, out, avx512),
             Panels::Bf16(w) => run_panels(w, x, m, self.k, n, range, out, avx512),
         };
-        if parallel {
-            par_panels(&mut y, n, epilogue, task);
-        } else {
-            let out = SyncPtr(y.as_mut_ptr());
-            task(0..Self::panel_count(n), &out);
-            finish(&out, m, n, 0..n, epilogue);
+        // SAFETY: with k > 0 the first K block of every tile overwrites its elements, and the tiles cover
+        // all m rows and n columns (all panels, in one task or spread over the pool).
+        unsafe {
+            uninit_result(m, n, |out| {
+                if parallel {
+                    par_panels(out, m, n, epilogue, task);
+                } else {
+                    task(0..Self::panel_count(n), out);
+                    finish(out, m, n, 0..n, epilogue);
+                }
+            })
         }
-        y
     }
 }
 
@@ -199,19 +204,19 @@ fn finish(out: &SyncPtr, m: usize, n: usize, cols: std::ops::Range<usize>, e: Ep
     }
 }
 
-/// Splits the `ceil(n / 32)` output panels of `y` (`[m, n]`) into ranges over the rayon pool (a few per thread
-/// for balance, at least 2 panels each) and runs `task` on each; tasks write disjoint columns through the
-/// pointer. Then each task applies the `epilogue` to its columns. Shared by this kernel and
+/// Splits the `ceil(n / 32)` output panels of `y` (`[m, n]` behind `out`) into ranges over the rayon pool
+/// (one per thread with many rows, a few per thread with few) and runs `task` on each; tasks write disjoint
+/// columns through the pointer. Then each task applies the `epilogue` to its columns. Shared by this kernel and
 /// [`crate::cpu_amx`].
 pub(crate) fn par_panels(
-    y: &mut [f32],
+    out: &SyncPtr,
+    m: usize,
     n: usize,
     epilogue: Epilogue<'_>,
     task: impl Fn(std::ops::Range<usize>, &SyncPtr) + Sync,
 ) {
     let panels = n.div_ceil(NR);
     let threads = rayon::current_num_threads().max(1);
-    let m = y.len() / n.max(1);
     // Every task streams all of x once: with many rows (x of an encoder window's fc2 is 30 MB) that traffic
     // is paid per task, so one task per thread; with few rows (decode) x is tiny and the panel stream is the
     // cost, so a few tasks per thread balance it.
@@ -220,17 +225,30 @@ pub(crate) fn par_panels(
     } else {
         panels.div_ceil(threads * 4).max(2)
     };
-    let out = SyncPtr(y.as_mut_ptr());
     (0..panels)
         .into_par_iter()
         .step_by(per_task)
         .for_each(|p0| {
             let range = p0..(p0 + per_task).min(panels);
             let cols = range.start * NR..(range.end * NR).min(n);
-            task(range, &out);
+            task(range, out);
             // Each task finishes its own columns, while they are still in cache.
-            finish(&out, m, n, cols, epilogue);
+            finish(out, m, n, cols, epilogue);
         });
+}
+
+/// An `[m, n]` f32 result allocated without zeroing, filled by `fill` through the pointer. Zeroing an
+/// encoder window's 30 MB output was a single-threaded pass before the parallel product (or, for memory fresh
+/// from the system, page faults), for values the product overwrites anyway.
+///
+/// # Safety
+/// `fill` must store every one of the `m * n` elements before it returns, and read none it has not stored.
+pub(crate) unsafe fn uninit_result(m: usize, n: usize, fill: impl FnOnce(&SyncPtr)) -> Vec<f32> {
+    let mut y: Vec<f32> = Vec::with_capacity(m * n);
+    fill(&SyncPtr(y.as_mut_ptr()));
+    // SAFETY: `fill` stored all m * n elements (the caller's contract); the capacity is m * n.
+    unsafe { y.set_len(m * n) };
+    y
 }
 
 /// `[m, k]` activations in the kernel's layout (see [`pack_rows`]), packed once and used for several
