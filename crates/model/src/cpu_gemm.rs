@@ -673,4 +673,49 @@ mod tests {
             assert_eq!(fast, slow, "m = {m}");
         }
     }
+
+    #[test]
+    fn prepacked_k_major_and_fused_gelu_variants_agree_with_the_plain_product() {
+        let mut s = 13u64;
+        // Few rows (panel stream) and many rows (blocked), K over one block, n off the panel width.
+        for (m, n, k) in [(5, 45, 70), (60, 45, 500)] {
+            let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut s)).collect();
+            let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut s)).collect();
+            let b: Vec<f32> = (0..n).map(|_| lcg(&mut s)).collect();
+            let pw = PackedWeight::from_f32(&w, n, k);
+            let plain = pw.matmul(&x, m, None);
+            // The same weight packed element by element from its transpose.
+            let wt = PackedWeight::from_fn(n, k, |row, kk| w[row * k + kk]);
+            assert_eq!(wt.matmul(&x, m, None), plain, "from_fn ({m},{n},{k})");
+            // Rows packed once by the caller, and rows read in place k-major (x^T, row stride m + 3).
+            let rows = PackedRows::from_fn(m, k, |r, kk| x[r * k + kk]);
+            assert_eq!(
+                pw.matmul_packed_serial(&rows),
+                plain,
+                "packed ({m},{n},{k})"
+            );
+            let stride = m + 3;
+            let mut xt = vec![f32::NAN; k * stride];
+            for r in 0..m {
+                for kk in 0..k {
+                    xt[kk * stride + r] = x[r * k + kk];
+                }
+            }
+            assert_eq!(
+                pw.matmul_kmajor_serial(&xt, m, stride),
+                plain,
+                "k-major ({m},{n},{k})"
+            );
+            // Bias then GELU, applied per task: the scalar GELU of the biased product within its error.
+            let fused = pw.matmul_gelu(&x, m, Some(&b));
+            let biased = pw.matmul(&x, m, Some(&b));
+            for (i, (&g, &y)) in fused.iter().zip(&biased).enumerate() {
+                let want = crate::elementwise::gelu_erf_f32(y);
+                assert!(
+                    (g - want).abs() <= 2e-7 * y.abs().max(1.0),
+                    "gelu ({m},{n},{k}) [{i}]: {g} vs {want}"
+                );
+            }
+        }
+    }
 }
