@@ -19,7 +19,7 @@
 
 use std::sync::OnceLock;
 
-use crate::cpu_gemm::{par_panels, uninit_result, Epilogue, SyncPtr, NR};
+use crate::cpu_gemm::{finish, par_panels, uninit_result, Epilogue, SyncPtr, NR};
 use half::bf16;
 
 const KB: usize = 32;
@@ -74,11 +74,10 @@ impl AmxWeight {
     pub fn matmul(&self, x: &[bf16], m: usize, bias: Option<&[f32]>) -> Vec<f32> {
         assert_eq!(x.len(), m * self.k, "activation buffer size");
         let (n, k, kp) = (self.n, self.k, self.kp);
+        let epilogue = Epilogue { bias, gelu: false };
         if m == 0 || n == 0 || k == 0 {
             let mut y = vec![0f32; m * n];
-            if let Some(b) = bias {
-                y.chunks_mut(n).for_each(|r| r.copy_from_slice(b));
-            }
+            finish(&SyncPtr(y.as_mut_ptr()), m, n, 0..n, epilogue);
             return y;
         }
         let mp = m.div_ceil(MB) * MB;
@@ -121,11 +120,7 @@ impl AmxWeight {
         };
         // SAFETY: every task copies all rows of each of its panels' valid columns into the result, and the
         // tasks cover all panels.
-        unsafe {
-            uninit_result(m, n, |out| {
-                par_panels(out, m, n, Epilogue { bias, gelu: false }, task)
-            })
-        }
+        unsafe { uninit_result(m, n, |out| par_panels(out, m, n, epilogue, task)) }
     }
 }
 

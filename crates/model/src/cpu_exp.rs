@@ -1,4 +1,5 @@
-//! Vectorised exponentials on the CPU: a softmax row's `e[i] = exp(e[i] - m)` and their sum, and the GELU.
+//! Vectorised exponentials on the CPU: a softmax row's `e[i] = exp(e[i] - m)` and their sum, the same down
+//! the columns of the encoder's transposed attention scores, and the GELU.
 //!
 //! libm's `expf` is one call per element and does not vectorise: it was ~10 % of a bf16 prefill and, in the
 //! encoder, runs once per score of every 1500 x 1500 head (1.4 G calls per 30 s window). With AVX-512 the

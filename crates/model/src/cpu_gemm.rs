@@ -142,11 +142,8 @@ impl PackedWeight {
 
     fn product(&self, x: &[f32], m: usize, epilogue: Epilogue<'_>, parallel: bool) -> Vec<f32> {
         assert_eq!(x.len(), m * self.k, "activation buffer size");
-        if m == 0 || self.n == 0 {
-            return vec![0f32; m * self.n];
-        }
-        let xp = pack_rows(x, m, self.k, parallel);
-        self.run(Rows::Packed(&xp), m, epilogue, parallel)
+        let xp = PackedRows::pack(x, m, self.k, parallel);
+        self.run(Rows::Packed(&xp.data), m, epilogue, parallel)
     }
 
     fn run(&self, x: Rows<'_>, m: usize, epilogue: Epilogue<'_>, parallel: bool) -> Vec<f32> {
@@ -185,7 +182,13 @@ pub(crate) struct Epilogue<'a> {
 }
 
 /// Applies `e` to columns `cols` of every row of `y` (`[m, n]` behind `out`).
-fn finish(out: &SyncPtr, m: usize, n: usize, cols: std::ops::Range<usize>, e: Epilogue<'_>) {
+pub(crate) fn finish(
+    out: &SyncPtr,
+    m: usize,
+    n: usize,
+    cols: std::ops::Range<usize>,
+    e: Epilogue<'_>,
+) {
     if e.bias.is_none() && !e.gelu {
         return;
     }
@@ -251,8 +254,9 @@ pub(crate) unsafe fn uninit_result(m: usize, n: usize, fill: impl FnOnce(&SyncPt
     y
 }
 
-/// `[m, k]` activations in the kernel's layout (see [`pack_rows`]), packed once and used for several
-/// products (the encoder's attention: a head's keys, for every block of queries).
+/// `[m, k]` activations in the kernel's layout: tiles of [`MR`] rows, each stored k-major (`[K][MR]`,
+/// missing rows zero), so the kernel's broadcasts walk one sequential stream. Packed per product, or once by a
+/// caller that uses them for several (the encoder's attention: a head's keys, for every block of queries).
 pub(crate) struct PackedRows {
     data: Vec<f32>,
     m: usize,
@@ -261,40 +265,33 @@ pub(crate) struct PackedRows {
 
 impl PackedRows {
     /// Packs `[m, k]` rows given element by element: `x(r, kk)`.
-    pub(crate) fn from_fn(m: usize, k: usize, x: impl Fn(usize, usize) -> f32) -> Self {
+    pub(crate) fn from_fn(m: usize, k: usize, x: impl Fn(usize, usize) -> f32 + Sync) -> Self {
+        Self::build(m, k, false, x)
+    }
+
+    /// Packs row-major `x` (`[m, k]`), the tiles in parallel when asked and the rows are many (a decode
+    /// step's few rows pack in well under a microsecond).
+    fn pack(x: &[f32], m: usize, k: usize, parallel: bool) -> Self {
+        Self::build(m, k, parallel && m > FEW_ROWS, |r, kk| x[r * k + kk])
+    }
+
+    fn build(m: usize, k: usize, parallel: bool, x: impl Fn(usize, usize) -> f32 + Sync) -> Self {
         let mut data = vec![0f32; m.div_ceil(MR) * k * MR];
-        for (t, tile) in data.chunks_mut(k * MR).enumerate() {
-            let rows = MR.min(m - t * MR);
-            for kk in 0..k {
-                for r in 0..rows {
+        // Row by row within a tile: a row is read in order, wherever it lies.
+        let fill = |(t, tile): (usize, &mut [f32])| {
+            for r in 0..MR.min(m - t * MR) {
+                for kk in 0..k {
                     tile[kk * MR + r] = x(t * MR + r, kk);
                 }
             }
+        };
+        if parallel {
+            data.par_chunks_mut(k * MR).enumerate().for_each(fill);
+        } else {
+            data.chunks_mut(k * MR).enumerate().for_each(fill);
         }
         PackedRows { data, m, k }
     }
-}
-
-/// Activations in tiles of [`MR`] rows, each stored k-major (`[K][MR]`, missing rows zero), so the kernel's
-/// broadcasts walk one sequential stream.
-fn pack_rows(x: &[f32], m: usize, k: usize, parallel: bool) -> Vec<f32> {
-    let tiles = m.div_ceil(MR);
-    let mut out = vec![0f32; tiles * k * MR];
-    let fill = |(t, tile): (usize, &mut [f32])| {
-        for r in 0..MR.min(m - t * MR) {
-            let row = &x[(t * MR + r) * k..(t * MR + r + 1) * k];
-            for (kk, &v) in row.iter().enumerate() {
-                tile[kk * MR + r] = v;
-            }
-        }
-    };
-    // Parallel only where it pays: a decode step's few rows pack in well under a microsecond.
-    if parallel && m > FEW_ROWS {
-        out.par_chunks_mut(k * MR).enumerate().for_each(fill);
-    } else {
-        out.chunks_mut(k * MR).enumerate().for_each(fill);
-    }
-    out
 }
 
 fn pack_into<T: Copy + Default>(w: &[T], n: usize, k: usize, out: &mut [T]) {
@@ -353,7 +350,7 @@ impl Elem for u16 {
 /// Where the kernel finds row `r`'s element `kk` of `x`.
 #[derive(Clone, Copy)]
 enum Rows<'a> {
-    /// Packed by [`pack_rows`]: tiles of [`MR`] rows, each `[K][MR]`.
+    /// Packed ([`PackedRows`]): tiles of [`MR`] rows, each `[K][MR]`.
     Packed(&'a [f32]),
     /// Given k-major: element `(r, kk)` at `kk * stride + r` (`x^T` row-major, e.g. attention scores
     /// computed as `k q^T`), read in place with no packing.
@@ -658,7 +655,7 @@ mod tests {
                 unreachable!()
             };
             let mut slow = vec![0f32; m * n];
-            let xp = pack_rows(&x, m, k, false);
+            let xp = PackedRows::pack(&x, m, k, false).data;
             let out = SyncPtr(slow.as_mut_ptr());
             run_panels(
                 panels,

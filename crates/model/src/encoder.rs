@@ -114,12 +114,12 @@ fn candle_attention(
 ) -> Result<Tensor> {
     let (b, t, d) = q.dims3()?;
     let hd = d / heads;
-    let split = |x: Tensor| -> Result<Tensor> {
+    let split = |x: &Tensor| -> Result<Tensor> {
         Ok(x.reshape((b, t, heads, hd))?
             .transpose(1, 2)?
             .contiguous()?)
     };
-    let (q, k, v) = (split(q.clone())?, split(k.clone())?, split(v.clone())?);
+    let (q, k, v) = (split(q)?, split(k)?, split(v)?);
     // The reference adds finfo.min to the scores of padding keys, which softmax turns into exact zeros:
     // the same as leaving those keys out. So full windows (all but an audio's last) attend with no mask
     // at all, and a partial window attends over its valid keys only. (An additive mask broadcast over
