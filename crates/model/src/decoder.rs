@@ -203,13 +203,13 @@ impl DecoderLayer {
     /// The rest of the layer after attention (shared by both cache layouts): output projection and residual,
     /// post-attention norm, SwiGLU MLP and residual. `o` is the attention output in `h`'s row layout.
     fn output(&self, h: &Tensor, o: &Tensor) -> Result<Tensor> {
-        let h = (h + self.o.forward(o)?)?;
+        let h = crate::elementwise::add(h, &self.o.forward(o)?)?;
         let y = self.post_norm.forward(&h)?;
         let m = self.down.forward(&crate::elementwise::silu_mul(
             &self.gate.forward(&y)?,
             &self.up.forward(&y)?,
         )?)?;
-        Ok((h + m)?)
+        crate::elementwise::add(&h, &m)
     }
 
     fn forward(

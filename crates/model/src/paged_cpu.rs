@@ -149,51 +149,73 @@ fn run<T: Kv>(
     slot: impl Fn(usize, usize, usize) -> usize + Sync,
     out: &mut [f32],
 ) {
-    let (nh, hd) = (g.nh, g.hd);
-    let group = nh / g.nkv;
+    let (nh, nkv, hd) = (g.nh, g.nkv, g.hd);
+    let group = nh / nkv;
     let scale = (hd as f64).powf(-0.5) as f32;
-    out.par_chunks_mut(hd).enumerate().for_each(|(th, o)| {
-        let (t, h) = (th / nh, th % nh);
-        let Some((s, pos)) = rows[t] else { return };
-        let kvh = h / group;
-        let qh = &q[th * hd..(th + 1) * hd];
-        let slot = |j: usize| slot(s, j, kvh);
-        let ctx = pos + 1;
-        let mut scores = Vec::with_capacity(ctx);
-        let mut max = f32::NEG_INFINITY;
-        for j in 0..ctx {
-            let sc = dot(qh, &k[slot(j)..slot(j) + hd]) * scale;
-            max = max.max(sc);
-            scores.push(sc);
-        }
-        // The same exponentials and sum as `softmax_rows` computes for these scores (the blocked path of
-        // longer chunks), so a sequence's numbers do not depend on which path its rows take.
-        let sum = crate::cpu_exp::exp_shifted_sum(&mut scores, max);
-        o.iter_mut().for_each(|x| *x = 0.0);
-        for (j, &p) in scores.iter().enumerate() {
-            let vj = &v[slot(j)..slot(j) + hd];
-            for (x, &vv) in o.iter_mut().zip(vj) {
-                *x += p * vv.f();
+    // One task per (row, kv head): the query heads of a GQA group are consecutive (head h reads kv head
+    // h / group), so the task's heads are `group` consecutive chunks of `q` and `out`, and every key and
+    // value vector is read and converted once for all of them. Each head's arithmetic (the dot products'
+    // order, the softmax, the order of the weighted sum) is what a task per head computed.
+    out.par_chunks_mut(group * hd)
+        .enumerate()
+        .for_each(|(tk, o)| {
+            let (t, kvh) = (tk / nkv, tk % nkv);
+            let Some((s, pos)) = rows[t] else { return };
+            let qs = &q[tk * group * hd..(tk + 1) * group * hd];
+            let ctx = pos + 1;
+            // scores[i * ctx + j]: head i of the group, key j.
+            let mut scores = vec![0f32; group * ctx];
+            let mut row = vec![0f32; hd];
+            let load = |src: &[T], j: usize, row: &mut [f32]| {
+                let at = slot(s, j, kvh);
+                for (d, x) in row.iter_mut().zip(&src[at..at + hd]) {
+                    *d = x.f();
+                }
+            };
+            for j in 0..ctx {
+                load(k, j, &mut row);
+                for (i, qh) in qs.chunks_exact(hd).enumerate() {
+                    scores[i * ctx + j] = dot(qh, &row) * scale;
+                }
             }
-        }
-        let inv = 1.0 / sum;
-        o.iter_mut().for_each(|x| *x *= inv);
-    });
+            let mut inv = Vec::with_capacity(group);
+            for sc in scores.chunks_exact_mut(ctx) {
+                let max = sc.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                // The same exponentials and sum as `softmax_rows` computes for these scores (the blocked
+                // path of longer chunks), so a sequence's numbers do not depend on which path its rows take.
+                inv.push(1.0 / crate::cpu_exp::exp_shifted_sum(sc, max));
+            }
+            o.iter_mut().for_each(|x| *x = 0.0);
+            for j in 0..ctx {
+                load(v, j, &mut row);
+                for (i, oh) in o.chunks_exact_mut(hd).enumerate() {
+                    let p = scores[i * ctx + j];
+                    for (x, &vv) in oh.iter_mut().zip(&row) {
+                        *x += p * vv;
+                    }
+                }
+            }
+            for (oh, &inv) in o.chunks_exact_mut(hd).zip(&inv) {
+                oh.iter_mut().for_each(|x| *x *= inv);
+            }
+        });
 }
 
-/// Dot product with 16 independent accumulators (vectorises without reassociation flags).
+/// Dot product with 16 independent accumulators, summed lane by lane, then the tail (vectorises without
+/// reassociation flags; slices of exact chunks keep bounds checks out of the loop).
 #[inline(always)]
-fn dot<T: Kv>(a: &[f32], b: &[T]) -> f32 {
+fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 16];
-    let chunks = a.len() / 16;
-    for c in 0..chunks {
+    let (ac, bc) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .fold(0.0, |s, (&x, &y)| s + x * y);
+    for (x, y) in ac.zip(bc) {
         for l in 0..16 {
-            acc[l] += a[c * 16 + l] * b[c * 16 + l].f();
+            acc[l] += x[l] * y[l];
         }
     }
-    let mut s = 0f32;
-    for i in chunks * 16..a.len() {
-        s += a[i] * b[i].f();
-    }
-    acc.iter().sum::<f32>() + s
+    acc.iter().sum::<f32>() + tail
 }

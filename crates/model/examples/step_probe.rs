@@ -1,0 +1,112 @@
+//! One engine step of the decoder in isolation: a Qwen2.5-0.5B-shaped random decoder (the load bench's)
+//! over the paged KV cache, `B` sequences of a 40-token prompt each, then decode steps of `B` rows (one
+//! per sequence), timed without the server. A diagnostic for batching work (the load bench over gRPC is
+//! `cargo bench -p afnext-server --bench load`).
+//! Run: `RAYON_NUM_THREADS=2 cargo run --release -p afnext-model --example step_probe [bf16|f32] [B,...]`.
+//! Prints per batch size the median step time split into layers (`forward_paged`) and lm_head.
+
+use afnext_model::paged::{PagedKv, SeqStep};
+use afnext_model::tp::StepPlan;
+use afnext_model::{AfNext, AfNextConfig};
+use candle_core::{DType, Device, Tensor};
+use std::path::Path;
+use std::time::Instant;
+
+const PROMPT: usize = 40;
+const BLOCK: usize = 16;
+
+fn config() -> AfNextConfig {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/ckpt/tiny-a");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    v["text_config"] = serde_json::json!({
+        "vocab_size": 151672, "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+        "num_attention_heads": 14, "num_key_value_heads": 2, "rms_norm_eps": 1e-6,
+        "rope_parameters": {"rope_theta": 1000000.0}, "tie_word_embeddings": true,
+        "max_position_embeddings": 32768, "eos_token_id": 386, "pad_token_id": 384,
+    });
+    AfNextConfig::from_json(&v).expect("probe config")
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let dtype = match args.next().as_deref() {
+        Some("f32") => DType::F32,
+        _ => DType::BF16,
+    };
+    // AFNEXT_PROBE_STEPS: decode steps per batch size (more for profiling).
+    let steps: usize = std::env::var("AFNEXT_PROBE_STEPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(12);
+    let batches: Vec<usize> = args
+        .next()
+        .map(|s| s.split(',').map(|b| b.parse().unwrap()).collect())
+        .unwrap_or(vec![1, 4, 16]);
+    let model = AfNext::random(config(), 0, dtype, &Device::Cpu).unwrap();
+    let d = &model.decoder;
+    let v = d.config().vocab_size as u32;
+    let max_b = *batches.iter().max().unwrap();
+    let per_seq = (PROMPT + steps + 2).div_ceil(BLOCK);
+    let kv = PagedKv::new(d.config(), max_b * per_seq, BLOCK, dtype, &Device::Cpu).unwrap();
+    println!("decode step, {dtype:?}, {PROMPT}-token prompts, median of {steps} steps");
+    println!("| rows | step (ms) | layers (ms) | lm_head (ms) | tok/s |");
+    println!("|---:|---:|---:|---:|---:|");
+    for &b in &batches {
+        let tables: Vec<Vec<u32>> = (0..b)
+            .map(|s| ((s * per_seq) as u32..((s + 1) * per_seq) as u32).collect())
+            .collect();
+        // Prefill every sequence in one step.
+        let plan = StepPlan {
+            seqs: tables
+                .iter()
+                .map(|t| SeqStep {
+                    start: 0,
+                    len: PROMPT,
+                    block_table: t.clone(),
+                })
+                .collect(),
+            ids: (0..b * PROMPT)
+                .map(|i| (i as u32 * 7919 + 13) % v)
+                .collect(),
+            sample_rows: (0..b as u32).map(|s| (s + 1) * PROMPT as u32 - 1).collect(),
+        };
+        d.run_step(&plan, None, &kv).unwrap();
+        let (mut total, mut layers, mut head) = (vec![], vec![], vec![]);
+        for step in 0..steps {
+            let seqs: Vec<SeqStep> = tables
+                .iter()
+                .map(|t| SeqStep {
+                    start: PROMPT + step,
+                    len: 1,
+                    block_table: t.clone(),
+                })
+                .collect();
+            let ids: Vec<u32> = (0..b).map(|i| (i as u32 * 31 + step as u32) % v).collect();
+            let t0 = Instant::now();
+            let embeds = d.embed_rows(&ids).unwrap();
+            let h = d.forward_paged(&embeds, &seqs, &kv).unwrap();
+            let t1 = Instant::now();
+            let logits: Tensor = d.logits(&h).unwrap();
+            let rows: Vec<Vec<f32>> = logits.to_vec2().unwrap();
+            std::hint::black_box(&rows);
+            let t2 = Instant::now();
+            total.push((t2 - t0).as_secs_f64());
+            layers.push((t1 - t0).as_secs_f64());
+            head.push((t2 - t1).as_secs_f64());
+        }
+        let s = median(total);
+        println!(
+            "| {b} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            s * 1e3,
+            median(layers) * 1e3,
+            median(head) * 1e3,
+            b as f64 / s
+        );
+    }
+}
