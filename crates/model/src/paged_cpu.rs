@@ -3,8 +3,9 @@
 //!
 //! A decode step of 16 sequences through candle ops costs ~20 small tensor operations per sequence and layer
 //! (gathers, GQA copies, two matmuls, softmax, casts); on a CPU their fixed cost per call dominates the step.
-//! Here every (row, head) pair is one task over the rayon pool: scores against the sequence's keys read in place
-//! from the pool (no gather, no GQA copy), a max-subtracted softmax in f32, and the weighted sum of the values.
+//! Here every (row, kv head) pair is one task over the rayon pool, for the query heads of its GQA group: scores
+//! against the sequence's keys read in place from the pool (no gather, no GQA copy; each key converted once for
+//! the group), a max-subtracted softmax in f32, and the weighted sum of the values.
 //! Each row's result depends only on its own sequence, so it is the same alone or batched. The single-sequence
 //! contiguous cache of the CLI and the tests uses the same kernel for its decode steps and short chunks.
 
