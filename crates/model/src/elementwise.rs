@@ -53,7 +53,7 @@ pub(crate) fn check_row_vector(x: &Tensor, v: &Tensor, what: &str) -> Result<()>
 
 /// `silu(gate) * up` for tensors of one shape and dtype.
 pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    if gate.dims() != up.dims() || gate.dtype() != up.dtype() {
+    if !same_shape(gate, up) {
         return Err(ModelError::Input(format!(
             "silu_mul of {:?} {:?} and {:?} {:?}",
             gate.dims(),
@@ -64,61 +64,33 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     }
     Ok(gate
         .contiguous()?
-        .apply_op2_no_bwd(&up.contiguous()?, &SiluMul)?)
+        .apply_op2_no_bwd(&up.contiguous()?, &Pointwise::SiluMul)?)
 }
 
 /// `a + b` for tensors of one shape and dtype, rounded once to the dtype (candle's and torch's result): the
 /// decoder's residual adds. On the CPU a parallel pass of our own; candle's bf16 add cost ~13 ns per element
 /// there (6 % of a 16-row decode step). Elsewhere candle's add.
 pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    if !a.device().is_cpu() || a.dims() != b.dims() || a.dtype() != b.dtype() {
+    if !a.device().is_cpu() || !same_shape(a, b) {
         return Ok((a + b)?);
     }
-    Ok(a.contiguous()?.apply_op2_no_bwd(&b.contiguous()?, &Add)?)
+    Ok(a.contiguous()?
+        .apply_op2_no_bwd(&b.contiguous()?, &Pointwise::Add)?)
+}
+
+fn same_shape(a: &Tensor, b: &Tensor) -> bool {
+    a.dims() == b.dims() && a.dtype() == b.dtype()
 }
 
 struct AddBias {
     gelu: bool,
 }
-struct SiluMul;
-struct Add;
 
-impl Map2 for Add {
-    const OP: &'static str = "add";
-    fn f<T: WithDType>(
-        &self,
-        a: &[T],
-        la: &Layout,
-        b: &[T],
-        lb: &Layout,
-    ) -> candle_core::Result<Vec<T>> {
-        check_float(T::DTYPE, Self::OP)?;
-        let (a, b) = (contiguous(a, la, Self::OP)?, contiguous(b, lb, Self::OP)?);
-        let mut y = vec![T::zero(); a.len()];
-        y.par_chunks_mut(1 << 12)
-            .zip(a.par_chunks(1 << 12).zip(b.par_chunks(1 << 12)))
-            .for_each(|(y, (a, b))| {
-                for ((y, &a), &b) in y.iter_mut().zip(a).zip(b) {
-                    *y = round(f(a) + f(b));
-                }
-            });
-        Ok(y)
-    }
-}
-
-impl CustomOp2 for Add {
-    fn name(&self) -> &'static str {
-        "afnext-add"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        Ok((self.map(s1, l1, s2, l2)?, l1.shape().clone()))
-    }
+/// Element-wise maps of two tensors of one shape and dtype.
+#[derive(Clone, Copy)]
+enum Pointwise {
+    SiluMul,
+    Add,
 }
 
 /// The elements of a contiguous layout (our kernels' inputs are made contiguous by their callers).
@@ -214,18 +186,39 @@ impl AddBias {
     }
 }
 
-impl SiluMul {
-    fn cpu<T: WithDType>(g: &[T], u: &[T]) -> Vec<T> {
-        let mut y = vec![T::zero(); g.len()];
-        y.par_iter_mut()
-            .zip(g.par_iter().zip(u.par_iter()))
-            .for_each(|(y, (&g, &u))| {
+impl Pointwise {
+    /// The name in error messages.
+    fn label(self) -> &'static str {
+        match self {
+            Pointwise::SiluMul => "silu_mul",
+            Pointwise::Add => "add",
+        }
+    }
+
+    fn cpu<T: WithDType>(self, a: &[T], b: &[T]) -> Vec<T> {
+        match self {
+            Pointwise::SiluMul => zip_map(a, b, |g, u| {
                 let a = f(g);
                 let s: T = round(a / (1.0 + (-a).exp()));
-                *y = round(f(s) * f(u));
-            });
-        y
+                round(f(s) * f(u))
+            }),
+            Pointwise::Add => zip_map(a, b, |a, b| round(f(a) + f(b))),
+        }
     }
+}
+
+/// `op` over the pairs of `a` and `b`, in parallel.
+fn zip_map<T: WithDType>(a: &[T], b: &[T], op: impl Fn(T, T) -> T + Sync) -> Vec<T> {
+    const CHUNK: usize = 1 << 12;
+    let mut y = vec![T::zero(); a.len()];
+    y.par_chunks_mut(CHUNK)
+        .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
+        .for_each(|(y, (a, b))| {
+            for ((y, &a), &b) in y.iter_mut().zip(a).zip(b) {
+                *y = op(a, b);
+            }
+        });
+    y
 }
 
 impl Map2 for AddBias {
@@ -246,20 +239,18 @@ impl Map2 for AddBias {
     }
 }
 
-impl Map2 for SiluMul {
-    const OP: &'static str = "silu_mul";
+impl Map2 for Pointwise {
+    const OP: &'static str = "pointwise";
     fn f<T: WithDType>(
         &self,
-        g: &[T],
-        lg: &Layout,
-        u: &[T],
-        lu: &Layout,
+        a: &[T],
+        la: &Layout,
+        b: &[T],
+        lb: &Layout,
     ) -> candle_core::Result<Vec<T>> {
-        check_float(T::DTYPE, Self::OP)?;
-        Ok(SiluMul::cpu(
-            contiguous(g, lg, Self::OP)?,
-            contiguous(u, lu, Self::OP)?,
-        ))
+        let op = self.label();
+        check_float(T::DTYPE, op)?;
+        Ok(self.cpu(contiguous(a, la, op)?, contiguous(b, lb, op)?))
     }
 }
 
@@ -293,9 +284,12 @@ impl CustomOp2 for AddBias {
     }
 }
 
-impl CustomOp2 for SiluMul {
+impl CustomOp2 for Pointwise {
     fn name(&self) -> &'static str {
-        "afnext-silu-mul"
+        match self {
+            Pointwise::SiluMul => "afnext-silu-mul",
+            Pointwise::Add => "afnext-add",
+        }
     }
     fn cpu_fwd(
         &self,
@@ -314,7 +308,11 @@ impl CustomOp2 for SiluMul {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        cuda::binary(s1, l1, s2, l2, cuda::Kind::SiluMul)
+        match self {
+            Pointwise::SiluMul => cuda::binary(s1, l1, s2, l2, cuda::Kind::SiluMul),
+            // `add` takes candle's add on every device but the CPU.
+            Pointwise::Add => candle_core::bail!("afnext-add runs on the CPU only"),
+        }
     }
 }
 
