@@ -124,39 +124,57 @@ impl PackedWeight {
     }
 
     /// On the calling thread only, for callers that already run many small products in parallel (the
-    /// encoder's attention, one head per task): `x`'s rows packed once by the caller.
-    pub(crate) fn matmul_packed_serial(&self, x: &PackedRows) -> Vec<f32> {
+    /// attention kernels, one head per task): the first `m` of `x`'s rows, packed once by the caller (the
+    /// keys a causal block of queries can see are a prefix of the sequence's).
+    pub(crate) fn matmul_packed_serial(&self, x: &PackedRows, m: usize) -> Vec<f32> {
         assert_eq!(x.k, self.k, "packed rows' width");
-        self.run(Rows::Packed(&x.data), x.m, Epilogue::default(), false)
+        assert!(m <= x.m, "{m} of {} packed rows", x.m);
+        let x = &x.data[..m.div_ceil(MR) * self.k * MR];
+        self.run(Rows::Packed(x), m, self.k, Epilogue::default(), false)
     }
 
     /// On the calling thread only, `x` given k-major: row `r`'s element `kk` at `x[kk * stride + r]`
-    /// (`m <= stride`), read in place.
-    pub(crate) fn matmul_kmajor_serial(&self, x: &[f32], m: usize, stride: usize) -> Vec<f32> {
+    /// (`m <= stride`), read in place, over the first `k` of the weight's inputs (`k <= in_dim`: the values
+    /// a causal block of queries can see).
+    pub(crate) fn matmul_kmajor_serial(
+        &self,
+        x: &[f32],
+        m: usize,
+        stride: usize,
+        k: usize,
+    ) -> Vec<f32> {
         assert!(
-            m <= stride && x.len() >= self.k.saturating_sub(1) * stride + m,
+            k <= self.k && m <= stride && x.len() >= k.saturating_sub(1) * stride + m,
             "k-major activation buffer size"
         );
-        self.run(Rows::KMajor { x, stride }, m, Epilogue::default(), false)
+        self.run(Rows::KMajor { x, stride }, m, k, Epilogue::default(), false)
     }
 
     fn product(&self, x: &[f32], m: usize, epilogue: Epilogue<'_>, parallel: bool) -> Vec<f32> {
         assert_eq!(x.len(), m * self.k, "activation buffer size");
         let xp = PackedRows::pack(x, m, self.k, parallel);
-        self.run(Rows::Packed(&xp.data), m, epilogue, parallel)
+        self.run(Rows::Packed(&xp.data), m, self.k, epilogue, parallel)
     }
 
-    fn run(&self, x: Rows<'_>, m: usize, epilogue: Epilogue<'_>, parallel: bool) -> Vec<f32> {
+    /// `y = x W^T` over the first `k` inputs of `W` (all of them but in the attention kernels).
+    fn run(
+        &self,
+        x: Rows<'_>,
+        m: usize,
+        k: usize,
+        epilogue: Epilogue<'_>,
+        parallel: bool,
+    ) -> Vec<f32> {
         let n = self.n;
-        if m == 0 || n == 0 || self.k == 0 {
+        if m == 0 || n == 0 || k == 0 {
             let mut y = vec![0f32; m * n];
             finish(&SyncPtr(y.as_mut_ptr()), m, n, 0..n, epilogue);
             return y;
         }
         let avx512 = has_avx512();
         let task = |range, out: &SyncPtr| match &self.panels {
-            Panels::F32(w) => run_panels(w, x, m, self.k, n, range, out, avx512),
-            Panels::Bf16(w) => run_panels(w, x, m, self.k, n, range, out, avx512),
+            Panels::F32(w) => run_panels(w, x, m, (k, self.k), n, range, out, avx512),
+            Panels::Bf16(w) => run_panels(w, x, m, (k, self.k), n, range, out, avx512),
         };
         // SAFETY: with k > 0 the first K block of every tile overwrites its elements, and the tiles cover
         // all m rows and n columns (all panels, in one task or spread over the pool).
@@ -362,17 +380,19 @@ fn run_panels<T: Elem>(
     w: &[T],
     x: Rows<'_>,
     m: usize,
-    k: usize,
+    (k, stride): (usize, usize),
     n: usize,
     panels: std::ops::Range<usize>,
     out: &SyncPtr,
     avx512: bool,
 ) {
+    // `k` inputs are summed; `stride` is the packed K of the panels (and of packed rows).
     let stream = m <= FEW_ROWS;
     let block = |p: usize, kc: usize, r0: usize, r1: usize| {
         let kl = KC.min(k - kc);
         let cols = NR.min(n - p * NR);
-        let panel = &w[p * k * NR + kc * NR..p * k * NR + (kc + kl) * NR];
+        let base = p * stride * NR;
+        let panel = &w[base + kc * NR..base + (kc + kl) * NR];
         for r in (r0..r1).step_by(MR) {
             let rows = MR.min(r1 - r);
             // SAFETY: rows r..r+rows and columns p*NR..p*NR+cols are inside y (m x n) and belong to this
@@ -380,7 +400,7 @@ fn run_panels<T: Elem>(
             let c = unsafe { out.0.add(r * n + p * NR) };
             let (x, xs) = match x {
                 // `r` is a multiple of MR: the start of a packed row tile.
-                Rows::Packed(x) => (&x[r * k + kc * MR..], MR),
+                Rows::Packed(x) => (&x[r * stride + kc * MR..], MR),
                 Rows::KMajor { x, stride } => (&x[kc * stride + r..], stride),
             };
             let tile = Tile {
@@ -661,7 +681,7 @@ mod tests {
                 panels,
                 Rows::Packed(&xp),
                 m,
-                k,
+                (k, k),
                 n,
                 0..n.div_ceil(NR),
                 &out,
@@ -687,9 +707,16 @@ mod tests {
             // Rows packed once by the caller, and rows read in place k-major (x^T, row stride m + 3).
             let rows = PackedRows::from_fn(m, k, |r, kk| x[r * k + kk]);
             assert_eq!(
-                pw.matmul_packed_serial(&rows),
+                pw.matmul_packed_serial(&rows, m),
                 plain,
                 "packed ({m},{n},{k})"
+            );
+            // A prefix of the packed rows (cut inside a row tile) is the product of those rows alone.
+            let cut = m - 3;
+            assert_eq!(
+                pw.matmul_packed_serial(&rows, cut),
+                pw.matmul(&x[..cut * k], cut, None),
+                "packed prefix ({m},{n},{k})"
             );
             let stride = m + 3;
             let mut xt = vec![f32::NAN; k * stride];
@@ -699,9 +726,21 @@ mod tests {
                 }
             }
             assert_eq!(
-                pw.matmul_kmajor_serial(&xt, m, stride),
+                pw.matmul_kmajor_serial(&xt, m, stride, k),
                 plain,
                 "k-major ({m},{n},{k})"
+            );
+            // The first `kp` inputs only (not a multiple of the K block): the product with the weight and
+            // the rows cut to them.
+            let kp = k - 7;
+            let cut_w: Vec<f32> = (0..n)
+                .flat_map(|row| w[row * k..row * k + kp].to_vec())
+                .collect();
+            let cut_x: Vec<f32> = (0..m).flat_map(|r| x[r * k..r * k + kp].to_vec()).collect();
+            assert_eq!(
+                pw.matmul_kmajor_serial(&xt, m, stride, kp),
+                PackedWeight::from_f32(&cut_w, n, kp).matmul(&cut_x, m, None),
+                "k-major prefix ({m},{n},{kp})"
             );
             // Bias then GELU, applied per task: the scalar GELU of the biased product within its error.
             let fused = pw.matmul_gelu(&x, m, Some(&b));

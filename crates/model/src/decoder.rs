@@ -238,9 +238,9 @@ impl DecoderLayer {
         *cache = Some((k.clone(), v.clone()));
         let total = k.dim(2)?;
         let start = total - l;
-        if h.device().is_cpu() && b == 1 && l <= paged_cpu::MAX_QUERY_ROWS {
-            // Decode steps and short chunks: the fused CPU kernel reads the cache in place (no casts, GQA
-            // copies or score tensors), as the engine's paged decode does.
+        if h.device().is_cpu() && b == 1 {
+            // The CPU kernels read the cache in place (no casts, GQA copies or score tensors), as the
+            // engine's paged steps do: decode steps and short chunks fused, longer chunks blocked.
             let g = paged_cpu::Heads { nh, nkv, hd };
             let q = q.squeeze(0)?.transpose(0, 1)?.contiguous()?;
             let o = paged_cpu::attend_contiguous(&q, start, (&k, &v), g)?;
@@ -300,38 +300,40 @@ impl DecoderLayer {
             let o = paged::attend_decode(&q, d, kv, c)?;
             return self.output(h, &o);
         }
-        // Few-query sequences on the CPU: one fused pass over the pool; longer chunks: blocked matmuls.
-        let short: Vec<bool> = seqs
-            .iter()
-            .map(|s| h.device().is_cpu() && s.len <= paged_cpu::MAX_QUERY_ROWS)
-            .collect();
-        let fused = if short.iter().any(|&b| b) {
-            let mut out = vec![0f32; t * nh * hd];
+        if h.device().is_cpu() {
+            // Few-query sequences: one fused pass over the pool for all of them; longer chunks: the blocked
+            // causal kernel, one sequence at a time (parallel inside). Both in f32 from the pool in place.
             let g = paged_cpu::Heads { nh, nkv, hd };
-            paged_cpu::attend_rows(&q, seqs, &short, kv, g, index.block_size, &mut out)?;
-            Some(Tensor::from_vec(out, (t, nh * hd), h.device())?.to_dtype(h.dtype())?)
-        } else {
-            None
-        };
-        let o = match fused {
-            Some(f) if short.iter().all(|&b| b) => f,
-            fused => {
-                let mut outs = Vec::with_capacity(seqs.len());
-                let mut row = 0;
-                for ((s, slots), &is_short) in seqs.iter().zip(&index.read).zip(&short) {
-                    match &fused {
-                        Some(f) if is_short => outs.push(f.narrow(0, row, s.len)?),
-                        _ => {
-                            let qs = q.narrow(0, row, s.len)?.transpose(0, 1)?.contiguous()?;
-                            outs.push(paged::attend(&qs, s.start, slots, kv, c, index.attn_block)?);
-                        }
-                    }
-                    row += s.len;
-                }
-                Tensor::cat(&outs, 0)?
+            let width = nh * hd;
+            let short: Vec<bool> = seqs
+                .iter()
+                .map(|s| s.len <= paged_cpu::MAX_QUERY_ROWS)
+                .collect();
+            let mut out = vec![0f32; t * width];
+            if short.iter().any(|&b| b) {
+                paged_cpu::attend_rows(&q, seqs, &short, kv, g, index.block_size, &mut out)?;
             }
-        };
-        self.output(h, &o)
+            let mut row = 0;
+            for (s, &is_short) in seqs.iter().zip(&short) {
+                if !is_short {
+                    let dst = &mut out[row * width..(row + s.len) * width];
+                    let qs = q.narrow(0, row, s.len)?;
+                    paged_cpu::attend_chunk(&qs, s, kv, (g, index.block_size), dst)?;
+                }
+                row += s.len;
+            }
+            let o = Tensor::from_vec(out, (t, width), h.device())?.to_dtype(h.dtype())?;
+            return self.output(h, &o);
+        }
+        // Other devices: blocked matmuls per sequence.
+        let mut outs = Vec::with_capacity(seqs.len());
+        let mut row = 0;
+        for (s, slots) in seqs.iter().zip(&index.read) {
+            let qs = q.narrow(0, row, s.len)?.transpose(0, 1)?.contiguous()?;
+            outs.push(paged::attend(&qs, s.start, slots, kv, c, index.attn_block)?);
+            row += s.len;
+        }
+        self.output(h, &Tensor::cat(&outs, 0)?)
     }
 }
 

@@ -197,27 +197,32 @@ impl Pointwise {
 
     fn cpu<T: WithDType>(self, a: &[T], b: &[T]) -> Vec<T> {
         match self {
-            Pointwise::SiluMul => zip_map(a, b, |g, u| {
-                let a = f(g);
-                let s: T = round(a / (1.0 + (-a).exp()));
-                round(f(s) * f(u))
+            // `exp(-x)` of a chunk at a time through the vectorised exponential (libm's, one call per
+            // element, was ~5 % of a bf16 prefill), then the rest of `x / (1 + exp(-x))` element-wise.
+            Pointwise::SiluMul => zip_map(a, b, |y, g, u| {
+                let mut e: Vec<f32> = g.iter().map(|&g| -f(g)).collect();
+                crate::cpu_exp::exp_in_place(&mut e);
+                for (((y, &g), &u), &e) in y.iter_mut().zip(g).zip(u).zip(&e) {
+                    let s: T = round(f(g) / (1.0 + e));
+                    *y = round(f(s) * f(u));
+                }
             }),
-            Pointwise::Add => zip_map(a, b, |a, b| round(f(a) + f(b))),
+            Pointwise::Add => zip_map(a, b, |y, a, b| {
+                for ((y, &a), &b) in y.iter_mut().zip(a).zip(b) {
+                    *y = round(f(a) + f(b));
+                }
+            }),
         }
     }
 }
 
-/// `op` over the pairs of `a` and `b`, in parallel.
-fn zip_map<T: WithDType>(a: &[T], b: &[T], op: impl Fn(T, T) -> T + Sync) -> Vec<T> {
+/// `op(y, a, b)` over matching chunks of the output and of `a` and `b`, in parallel.
+fn zip_map<T: WithDType>(a: &[T], b: &[T], op: impl Fn(&mut [T], &[T], &[T]) + Sync) -> Vec<T> {
     const CHUNK: usize = 1 << 12;
     let mut y = vec![T::zero(); a.len()];
     y.par_chunks_mut(CHUNK)
         .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
-        .for_each(|(y, (a, b))| {
-            for ((y, &a), &b) in y.iter_mut().zip(a).zip(b) {
-                *y = op(a, b);
-            }
-        });
+        .for_each(|(y, (a, b))| op(y, a, b));
     y
 }
 
@@ -520,8 +525,9 @@ mod tests {
             let a = t(3 * 4099, 5, &[3, 4099], dtype);
             let c = t(3 * 4099, 6, &[4099, 3], dtype).t().unwrap();
             assert!(same(&add(&a, &c).unwrap(), &(&a + &c).unwrap()));
-            let g = t(30, 3, &[3, 10], dtype);
-            let u = t(30, 4, &[3, 10], dtype);
+            // More elements than one chunk of the vectorised exponential.
+            let g = t(3 * 4099, 3, &[3, 4099], dtype);
+            let u = t(3 * 4099, 4, &[3, 4099], dtype);
             let want = (candle_nn::ops::silu(&g).unwrap() * &u).unwrap();
             let got = silu_mul(&g, &u).unwrap();
             let d = max_diff(&got, &want);

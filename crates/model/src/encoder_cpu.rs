@@ -1,12 +1,12 @@
-//! The encoder's self-attention on the CPU in f32, one (window, head) per task, a block of queries at a time.
+//! The encoder's self-attention on the CPU in f32, one (window, head) per task, a block of queries at a time
+//! (the kernel of [`crate::attn_cpu`], which also serves the decoder's prefill chunks).
 //!
 //! Through candle, one 30 s window's attention allocated a `[20, 1500, 1500]` score tensor (180 MB, faulted
 //! in page by page on every layer), copied q, k and v into head-major layout and ran candle's GEMM on
 //! them: about a third of the encoder's time besides the projections. Here each task packs its head's keys
-//! and values once for [`crate::cpu_gemm`], then for every block of [`QB`] queries computes the scores
-//! (which stay in L2), their exponentials in place, and the block's output. The keys past a window's valid
-//! length are left out, which is what the reference's `finfo.min` mask amounts to (its softmax gives them
-//! exact zeros).
+//! and values once, then runs [`crate::attn_cpu::block`] for every block of queries. The keys past a window's
+//! valid length are left out, which is what the reference's `finfo.min` mask amounts to (its softmax gives
+//! them exact zeros).
 //!
 //! Numerics in f32 throughout: `q` scaled first (as `q * scale`, as the reference does), scores summed in f32,
 //! `exp(s - max)` within an ulp of libm (see [`crate::cpu_exp`]), the product of those unnormalised weights
@@ -15,12 +15,8 @@
 
 use rayon::prelude::*;
 
-use crate::cpu_gemm::{PackedRows, PackedWeight, MR};
-
-/// Queries per block: their scores (`1500 x QB` f32, 740 KiB for a full window) stay in L2 between the two
-/// products. A multiple of the GEMM's row tile, so the second product has no part-empty tile (126 queries are
-/// also 4 panels of 32, all but 2 columns used, in the first).
-const QB: usize = 9 * MR;
+use crate::attn_cpu::QB;
+use crate::cpu_gemm::{PackedRows, PackedWeight};
 
 /// Shapes of one call: `b` windows of `t` positions, `heads` heads of `hd` values (`d = heads * hd`).
 #[derive(Debug, Clone, Copy)]
@@ -48,9 +44,8 @@ pub(crate) fn attention(qkv: &[f32], s: Shape, scale: f32, valid_keys: &[usize])
             let at =
                 |part: usize, r: usize, c: usize| qkv[(i * t + r) * 3 * d + part * d + h * hd + c];
             let (q, k, v) = (0, 1, 2);
-            // Scores are computed transposed, `k q^T` (`[n, queries]`): the keys are the packed rows (once
-            // per head), a block of queries the weight, and the result is already the k-major layout the
-            // second product reads in place. So nothing the size of the scores is ever packed.
+            // The keys are the first product's packed rows (once per head), a block of queries its weight
+            // (see attn_cpu).
             let keys = PackedRows::from_fn(n, hd, |r, c| at(k, r, c));
             // v^T ([hd, n]) is the weight of the second product: out[r][c] = sum_j p[j][r] v[j][c].
             let values = PackedWeight::from_fn(hd, n, |c, j| at(v, j, c));
@@ -58,14 +53,8 @@ pub(crate) fn attention(qkv: &[f32], s: Shape, scale: f32, valid_keys: &[usize])
             for q0 in (0..t).step_by(QB) {
                 let rows = QB.min(t - q0);
                 let queries = PackedWeight::from_fn(rows, hd, |r, c| at(q, q0 + r, c) * scale);
-                let mut scores = queries.matmul_packed_serial(&keys);
-                let inv = crate::cpu_exp::exp_columns(&mut scores, n, rows);
-                let mut o = values.matmul_kmajor_serial(&scores, rows, rows);
-                for (row, f) in o.chunks_mut(hd).zip(&inv) {
-                    for v in row {
-                        *v *= f;
-                    }
-                }
+                // q is scaled already (the reference's order for the encoder): the softmax's scale is 1.
+                let o = crate::attn_cpu::block(&keys, &values, n, &queries, 1.0, None);
                 out[q0 * hd..(q0 + rows) * hd].copy_from_slice(&o);
             }
             out

@@ -7,11 +7,12 @@
 //! `table[p / block_size] * block_size + p % block_size`. Which blocks are free, shared or cached is decided by
 //! the engine's block manager; this module only reads and writes slots.
 //!
-//! Attention takes a step's new queries in blocks of at most [`ATTN_BLOCK`] rows (fewer when the context is
-//! long: a block's scores stay under [`SCORE_BUDGET`] bytes), so the score matrix of a 45 000-token prompt is
-//! never materialised. A block attends to exactly the keys it can see, `0..=its last position`: no work on
-//! future keys, and no mask: [`softmax_rows`] limits each row to its own causal prefix, in f32 with one
-//! rounding (no f32 copy of bf16 scores). Each block's rows are whole, so the softmax is the reference's,
+//! On the CPU, attention reads the pool in place through `paged_cpu` and `attn_cpu` (the decoder dispatches
+//! there). On other devices, [`attend`] takes a step's new queries in blocks of at most [`ATTN_BLOCK`] rows
+//! (fewer when the context is long: a block's scores stay under [`SCORE_BUDGET`] bytes), so the score matrix
+//! of a 45 000-token prompt is never materialised. A block attends to exactly the keys it can see,
+//! `0..=its last position`: no work on future keys, and no mask: [`softmax_rows`] limits each row to its own
+//! causal prefix, in f32 with one rounding (no f32 copy of bf16 scores). Each block's rows are whole, so the softmax is the reference's,
 //! not an online rescaling; the GQA query heads of one kv head are the rows of one matmul, and the visible
 //! keys are strided views of the gathered context, so keys are never copied per head or per block.
 
@@ -373,6 +374,58 @@ pub(crate) fn attend_decode(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The blocked matmul attention other devices take, run on the CPU, against the CPU kernels that the
+    /// CPU takes (`paged_cpu`): the same attention, up to f32 roundings, over a scattered block table, with
+    /// GQA, cached positions, and query blocks smaller than the chunk.
+    #[test]
+    fn blocked_matmul_attention_matches_the_cpu_kernel() {
+        let c = TextConfig {
+            vocab_size: 1,
+            hidden_size: 6 * 24,
+            intermediate_size: 1,
+            num_hidden_layers: 1,
+            num_attention_heads: 6,
+            num_key_value_heads: 2,
+            head_dim: 24,
+            rms_norm_eps: 1e-6,
+            rope_theta: 1e4,
+            max_position_embeddings: 4096,
+            tie_word_embeddings: true,
+            eos_token_id: vec![],
+            pad_token_id: None,
+        };
+        let (nh, nkv, hd, bs) = (6, 2, 24, 4);
+        let dev = Device::Cpu;
+        let pool = || Tensor::rand(-1f32, 1f32, (40 * bs, nkv * hd), &dev).unwrap();
+        let (k, v) = (pool(), pool());
+        let table: Vec<u32> = (0..40).rev().step_by(2).collect();
+        let (start, len) = (23, 50);
+        let seq = SeqStep {
+            start,
+            len,
+            block_table: table.clone(),
+        };
+        let q = Tensor::rand(-1f32, 1f32, (len, nh, hd), &dev).unwrap();
+        let idx = slots(&table, bs, 0, start + len).unwrap();
+        let idx = Tensor::from_vec(idx, start + len, &dev).unwrap();
+        let qt = q.transpose(0, 1).unwrap().contiguous().unwrap();
+        let blocked: Vec<f32> = attend(&qt, start, &idx, (&k, &v), &c, 16)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let mut fused = vec![0f32; len * nh * hd];
+        let g = crate::paged_cpu::Heads { nh, nkv, hd };
+        crate::paged_cpu::attend_chunk(&q, &seq, (&k, &v), (g, bs), &mut fused).unwrap();
+        let worst = blocked
+            .iter()
+            .zip(&fused)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(worst < 1e-5, "worst difference {worst}");
+    }
 
     #[test]
     fn slots_follow_the_block_table() {

@@ -1,5 +1,7 @@
-//! Attention over the paged KV cache for few-query sequences on the CPU (decode steps, short chunks), computed
-//! straight from the block pool.
+//! Attention over the paged KV cache on the CPU, computed straight from the block pool: this module's kernel
+//! for few-query sequences (decode steps, short chunks), and the blocked causal kernel of
+//! [`crate::attn_cpu`] for longer chunks (prefill), both behind one dispatch on the cache's dtype (f32, bf16
+//! or f16, computed in f32).
 //!
 //! A decode step of 16 sequences through candle ops costs ~20 small tensor operations per sequence and layer
 //! (gathers, GQA copies, two matmuls, softmax, casts); on a CPU their fixed cost per call dominates the step.
@@ -7,7 +9,7 @@
 //! against the sequence's keys read in place from the pool (no gather, no GQA copy; each key converted once for
 //! the group), a max-subtracted softmax in f32, and the weighted sum of the values.
 //! Each row's result depends only on its own sequence, so it is the same alone or batched. The single-sequence
-//! contiguous cache of the CLI and the tests uses the same kernel for its decode steps and short chunks.
+//! contiguous cache of the CLI and the tests uses the same kernels.
 
 use candle_core::{DType, Storage, Tensor};
 use half::{bf16, f16};
@@ -19,7 +21,8 @@ use crate::paged::SeqStep;
 /// Query rows per sequence up to which this kernel is used (longer prefill chunks use blocked matmuls).
 pub const MAX_QUERY_ROWS: usize = 16;
 
-trait Kv: Copy + Sync {
+/// A cache element, read as f32.
+pub(crate) trait Kv: Copy + Sync {
     fn f(self) -> f32;
 }
 impl Kv for f32 {
@@ -72,12 +75,34 @@ pub(crate) fn attend_rows(
         let table = &seqs[s].block_table;
         (table[j / bs] as usize * bs + j % bs) * width + kvh * g.hd
     };
-    attend(q, &rows, pools, g, slot, out)
+    attend(q, Job::Rows(&rows), pools, g, slot, out)
+}
+
+/// Causal attention of one sequence's long chunk over the pool ([`crate::attn_cpu::causal_chunk`]): `q`
+/// `[len, nh, hd]` (after RoPE) at positions `seq.start..seq.start + len`. Writes `out` `[len, nh * hd]`.
+pub(crate) fn attend_chunk(
+    q: &Tensor,
+    seq: &SeqStep,
+    pools: (&Tensor, &Tensor),
+    (g, bs): (Heads, usize),
+    out: &mut [f32],
+) -> Result<()> {
+    let width = g.nkv * g.hd;
+    let table = &seq.block_table;
+    let slot = |_: usize, j: usize, kvh: usize| {
+        (table[j / bs] as usize * bs + j % bs) * width + kvh * g.hd
+    };
+    let job = Job::Chunk {
+        start: seq.start,
+        len: seq.len,
+    };
+    attend(q, job, pools, g, slot, out)
 }
 
 /// Attention of the single sequence of the contiguous cache (see [`crate::decoder::KvCache`]): `q`
-/// `[l, nh, hd]` (after RoPE) at positions `start..start + l`, keys and values `[1, nkv, start + l, hd]`.
-/// Returns `[l, nh * hd]` f32.
+/// `[l, nh, hd]` (after RoPE) at positions `start..start + l`, keys and values `[1, nkv, start + l, hd]`;
+/// up to [`MAX_QUERY_ROWS`] queries through this module's kernel, more through the blocked kernel of
+/// [`crate::attn_cpu`] (as the paged path splits them). Returns `[l, nh * hd]` f32.
 pub(crate) fn attend_contiguous(
     q: &Tensor,
     start: usize,
@@ -86,12 +111,18 @@ pub(crate) fn attend_contiguous(
 ) -> Result<Vec<f32>> {
     let l = q.dim(0)?;
     let total = k.dim(2)?;
-    let rows: Vec<Option<(usize, usize)>> = (0..l).map(|i| Some((0, start + i))).collect();
+    let rows: Vec<Option<(usize, usize)>>;
+    let job = if l <= MAX_QUERY_ROWS {
+        rows = (0..l).map(|i| Some((0, start + i))).collect();
+        Job::Rows(&rows)
+    } else {
+        Job::Chunk { start, len: l }
+    };
     let mut out = vec![0f32; l * g.nh * g.hd];
     let (k, v) = (k.contiguous()?, v.contiguous()?);
     attend(
         q,
-        &rows,
+        job,
         (&k, &v),
         g,
         |_, j, kvh| (kvh * total + j) * g.hd,
@@ -100,11 +131,20 @@ pub(crate) fn attend_contiguous(
     Ok(out)
 }
 
-/// The kernel's dispatch on the cache dtype; `slot(seq, position, kv_head)` is the element offset of a key (or
-/// value) vector in the storage of `pools`.
+/// What [`attend`] computes.
+#[derive(Clone, Copy)]
+enum Job<'a> {
+    /// Few-query rows, each `Some((sequence, position))` or `None` (not computed here): [`run`].
+    Rows(&'a [Option<(usize, usize)>]),
+    /// One sequence's chunk of queries at positions `start..start + len`: the blocked causal kernel.
+    Chunk { start: usize, len: usize },
+}
+
+/// The kernels' dispatch on the cache dtype; `slot(seq, position, kv_head)` is the element offset of a key
+/// (or value) vector in the storage of `pools` (`seq` is 0 for a chunk).
 fn attend(
     q: &Tensor,
-    rows: &[Option<(usize, usize)>],
+    job: Job<'_>,
     pools: (&Tensor, &Tensor),
     g: Heads,
     slot: impl Fn(usize, usize, usize) -> usize + Sync,
@@ -120,17 +160,17 @@ fn attend(
         DType::F32 => {
             let k = &kc.as_slice::<f32>()?[kl.start_offset()..];
             let v = &vc.as_slice::<f32>()?[vl.start_offset()..];
-            run(&qv, rows, k, v, g, slot, out);
+            compute(&qv, job, (k, v), g, slot, out);
         }
         DType::BF16 => {
             let k = &kc.as_slice::<bf16>()?[kl.start_offset()..];
             let v = &vc.as_slice::<bf16>()?[vl.start_offset()..];
-            run(&qv, rows, k, v, g, slot, out);
+            compute(&qv, job, (k, v), g, slot, out);
         }
         DType::F16 => {
             let k = &kc.as_slice::<f16>()?[kl.start_offset()..];
             let v = &vc.as_slice::<f16>()?[vl.start_offset()..];
-            run(&qv, rows, k, v, g, slot, out);
+            compute(&qv, job, (k, v), g, slot, out);
         }
         other => {
             return Err(ModelError::Input(format!(
@@ -139,6 +179,23 @@ fn attend(
         }
     }
     Ok(())
+}
+
+fn compute<T: Kv>(
+    q: &[f32],
+    job: Job<'_>,
+    (k, v): (&[T], &[T]),
+    g: Heads,
+    slot: impl Fn(usize, usize, usize) -> usize + Sync,
+    out: &mut [f32],
+) {
+    match job {
+        Job::Rows(rows) => run(q, rows, k, v, g, slot, out),
+        Job::Chunk { start, len } => {
+            let slot = |j: usize, kvh: usize| slot(0, j, kvh);
+            crate::attn_cpu::causal_chunk(q, (start, len), (k, v), g, slot, out)
+        }
+    }
 }
 
 fn run<T: Kv>(
