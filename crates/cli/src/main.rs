@@ -24,6 +24,11 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Return freed memory to the system at once (glibc's default). Otherwise the commands that run the
+    /// model keep it for reuse: on a CPU, every step's large buffers would be faulted in again, page by page
+    /// (see docs/PERFORMANCE.md).
+    #[arg(long, global = true)]
+    return_freed_memory: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -46,6 +51,10 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    let runs_model = !matches!(cli.command, Command::Ask(_) | Command::Router(_));
+    if runs_model && !cli.return_freed_memory {
+        afnext_model::alloc::retain_freed_memory();
+    }
     let result = match cli.command {
         Command::Ask(args) => ask::run(args),
         Command::Generate(args) => generate::run(args),

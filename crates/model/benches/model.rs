@@ -124,6 +124,10 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(2);
+    // As the CLI does (unless `--return-freed-memory`); AFNEXT_BENCH_MALLOC=default measures without it.
+    if std::env::var("AFNEXT_BENCH_MALLOC").as_deref() != Ok("default") {
+        afnext_model::alloc::retain_freed_memory();
+    }
     let quick = std::env::var("AFNEXT_BENCH_QUICK").is_ok();
     let (mut enc_iters, n_prefill, n_decode) = if quick { (1, 256, 8) } else { (2, 1000, 32) };
     if std::env::var("AFNEXT_BENCH_SKIP_ENCODER").is_ok() {

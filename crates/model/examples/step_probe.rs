@@ -4,6 +4,8 @@
 //! `cargo bench -p afnext-server --bench load`).
 //! Run: `RAYON_NUM_THREADS=2 cargo run --release -p afnext-model --example step_probe [bf16|f32] [B,...]`.
 //! Prints per batch size the median step time split into layers (`forward_paged`) and lm_head.
+//! `... step_probe [bf16|f32] prefill [N,...]` times instead the prefill of one N-token prompt in one step
+//! (the engine's chunk for prompts within its token budget), the median of `AFNEXT_PROBE_STEPS` runs.
 
 use afnext_model::paged::{PagedKv, SeqStep};
 use afnext_model::tp::StepPlan;
@@ -44,11 +46,22 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(12);
-    let batches: Vec<usize> = args
-        .next()
+    let mut list = args.next();
+    let prefill = list.as_deref() == Some("prefill");
+    if prefill {
+        list = args.next();
+    }
+    let batches: Vec<usize> = list
         .map(|s| s.split(',').map(|b| b.parse().unwrap()).collect())
-        .unwrap_or(vec![1, 4, 16]);
+        .unwrap_or(if prefill { vec![1000] } else { vec![1, 4, 16] });
+    // As the CLI does (`--return-freed-memory` turns it off there); AFNEXT_PROBE_MALLOC=default skips it.
+    if std::env::var("AFNEXT_PROBE_MALLOC").as_deref() != Ok("default") {
+        afnext_model::alloc::retain_freed_memory();
+    }
     let model = AfNext::random(config(), 0, dtype, &Device::Cpu).unwrap();
+    if prefill {
+        return prefill_rows(&model, dtype, &batches, steps.min(5));
+    }
     let d = &model.decoder;
     let v = d.config().vocab_size as u32;
     let max_b = *batches.iter().max().unwrap();
@@ -108,5 +121,34 @@ fn main() {
             median(head) * 1e3,
             b as f64 / s
         );
+    }
+}
+
+/// The prefill of one `n`-token prompt in one step per length (layers only: the lm_head reads one row).
+fn prefill_rows(model: &AfNext, dtype: DType, lengths: &[usize], runs: usize) {
+    let d = &model.decoder;
+    let v = d.config().vocab_size as u32;
+    println!("prefill in one step, {dtype:?}, median of {runs} runs");
+    println!("| tokens | step (ms) | tok/s |");
+    println!("|---:|---:|---:|");
+    for &n in lengths {
+        let blocks = n.div_ceil(BLOCK);
+        let kv = PagedKv::new(d.config(), blocks, BLOCK, dtype, &Device::Cpu).unwrap();
+        let seq = [SeqStep {
+            start: 0,
+            len: n,
+            block_table: (0..blocks as u32).collect(),
+        }];
+        let ids: Vec<u32> = (0..n).map(|i| (i as u32 * 7919 + 13) % v).collect();
+        let times: Vec<f64> = (0..runs)
+            .map(|_| {
+                let t0 = Instant::now();
+                let h = d.forward_paged(&d.embed_rows(&ids).unwrap(), &seq, &kv);
+                std::hint::black_box(h.unwrap());
+                t0.elapsed().as_secs_f64()
+            })
+            .collect();
+        let s = median(times);
+        println!("| {n} | {:.1} | {:.1} |", s * 1e3, n as f64 / s);
     }
 }

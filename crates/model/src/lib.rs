@@ -3,6 +3,7 @@
 //! prompt merge ([`model`]), the Qwen2 decoder ([`decoder`]), and generation ([`sampling`], [`generate`]).
 //! Every projection is a [`linear::ParallelLinear`].
 
+pub mod alloc;
 mod attn_cpu;
 pub mod config;
 pub mod cpu_amx;

@@ -229,6 +229,10 @@ fn main() {
         .unwrap_or(2);
     // Before rayon's pool exists: the engine's kernels use it.
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    // As the CLI does (unless `--return-freed-memory`); AFNEXT_BENCH_MALLOC=default measures without it.
+    if std::env::var("AFNEXT_BENCH_MALLOC").as_deref() != Ok("default") {
+        afnext_model::alloc::retain_freed_memory();
+    }
     let quick = std::env::var("AFNEXT_BENCH_QUICK").is_ok();
     let new: u32 = std::env::var("AFNEXT_BENCH_NEW")
         .ok()
