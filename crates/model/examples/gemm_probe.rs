@@ -1,14 +1,25 @@
 //! The CPU GEMM of `cpu_gemm` in isolation, at the encoder's shapes by default, against nothing: a
 //! diagnostic for kernel work (the comparison with transformers is `cargo bench -p afnext-model --bench
 //! model`). Run: `RAYON_NUM_THREADS=2 cargo run --release -p afnext-model --example gemm_probe [MxNxK;...]`.
-//! Prints the best and median GFLOP/s of repeated `y = x W^T` products.
+//! Prints the best and median GFLOP/s of repeated `y = x W^T` products. `gemm_probe amx [MxNxK;...]` times
+//! the bf16 AMX kernel of `cpu_amx` instead (where the CPU has it).
 
+use afnext_model::cpu_amx::AmxWeight;
 use afnext_model::cpu_gemm::PackedWeight;
+use half::bf16;
 use std::time::Instant;
 
 fn main() {
-    let shapes: Vec<(usize, usize, usize)> = std::env::args()
-        .nth(1)
+    // As the CLI does: results are not faulted in afresh on every product.
+    afnext_model::alloc::retain_freed_memory();
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let amx = args.first().map(String::as_str) == Some("amx");
+    if amx {
+        args.remove(0);
+        assert!(afnext_model::cpu_amx::available(), "no AMX-BF16 here");
+    }
+    let shapes: Vec<(usize, usize, usize)> = args
+        .first()
         .map(|s| {
             s.split(';')
                 .map(|t| {
@@ -30,11 +41,17 @@ fn main() {
             .map(|i| ((i * 104729) % 1000) as f32 * 1e-3 - 0.5)
             .collect();
         let pw = PackedWeight::from_f32(&w, n, k);
+        let to_bf16 = |v: &[f32]| v.iter().map(|&f| bf16::from_f32(f)).collect::<Vec<bf16>>();
+        let (aw, ax) = (AmxWeight::pack(&to_bf16(&w), n, k), to_bf16(&x));
         let reps = (2e10 / (2.0 * (m * n * k) as f64)).clamp(5.0, 2000.0) as usize;
         let mut ts = vec![];
         for _ in 0..reps {
             let t = Instant::now();
-            let y = pw.matmul(&x, m, None);
+            let y = if amx {
+                aw.matmul(&ax, m, None)
+            } else {
+                pw.matmul(&x, m, None)
+            };
             std::hint::black_box(&y);
             ts.push(t.elapsed().as_secs_f64());
         }
