@@ -447,6 +447,13 @@ impl Worker {
             a.first_token_at = Some(now);
         }
         let t = a.sampler.sample(logits);
+        // Counted before any event goes out: a client that reads the metrics after its stream ends must see
+        // its last token (it was counted after the Finished event, and a scrape could miss it).
+        self.shared
+            .stats
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .tokens_generated += 1;
         let mut finish = None;
         if !a.job.ignore_eos && self.eos.contains(&t) {
             finish = Some(FinishReason::Eos);
@@ -501,18 +508,20 @@ impl Worker {
                     time_to_first_token: first.saturating_duration_since(a.job.submitted),
                     total: now.saturating_duration_since(a.job.submitted),
                 };
+                // Counted before the client hears of it (as the token above).
+                self.shared
+                    .stats
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .requests_finished += 1;
                 let _ = a.job.tx.send(Event::Finished(Summary {
                     finish_reason: reason,
                     usage,
                     timings,
                     preemptions,
                 }));
-                let mut s = self.shared.stats.lock().unwrap_or_else(|p| p.into_inner());
-                s.requests_finished += 1;
             }
         }
-        let mut s = self.shared.stats.lock().unwrap_or_else(|p| p.into_inner());
-        s.tokens_generated += 1;
         Ok(())
     }
 
