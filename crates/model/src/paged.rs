@@ -159,7 +159,7 @@ pub(crate) struct StepIndex {
     /// How the new keys/values are written.
     pub write: Write,
     /// Per sequence: the slots of its whole context (positions `0..start + len`); empty for a batched
-    /// decode step.
+    /// decode step and on the CPU.
     pub read: Vec<Tensor>,
     /// Query rows per attention block.
     pub attn_block: usize,
@@ -245,8 +245,9 @@ impl StepIndex {
         for s in seqs {
             let all = slots(&s.block_table, block_size, 0, s.context_len())?;
             new_slots.extend_from_slice(&all[s.start..]);
-            // A batched decode step gathers through its own index; nothing else reads these.
-            if decode.is_none() {
+            // A batched decode step gathers through its own index, and the CPU's kernels read the block
+            // tables; nothing else reads these.
+            if decode.is_none() && !dev.is_cpu() {
                 read.push(Tensor::from_vec(all, s.context_len(), dev)?);
             }
         }

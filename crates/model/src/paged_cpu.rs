@@ -18,7 +18,8 @@ use rayon::prelude::*;
 use crate::error::{ModelError, Result};
 use crate::paged::SeqStep;
 
-/// Query rows per sequence up to which this kernel is used (longer prefill chunks use blocked matmuls).
+/// Query rows per sequence up to which this kernel is used (longer chunks take [`crate::attn_cpu`]'s blocked
+/// kernel).
 pub const MAX_QUERY_ROWS: usize = 16;
 
 /// A cache element, read as f32.
