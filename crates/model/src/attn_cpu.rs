@@ -109,25 +109,49 @@ pub(crate) fn causal_chunk<T: Kv>(
             block(keys, values, first + rows, &queries, scale, Some(first))
         })
         .collect();
-    out.par_chunks_mut(d).enumerate().for_each(|(r, dst)| {
+    interleave_heads(out, nh, hd, |r, h| {
         let (b, i) = (r / QB, r % QB);
-        for h in 0..nh {
-            let src = &per[(blocks - 1 - b) * nh + h];
-            dst[h * hd..(h + 1) * hd].copy_from_slice(&src[i * hd..(i + 1) * hd]);
-        }
+        &per[(blocks - 1 - b) * nh + h][i * hd..(i + 1) * hd]
     });
 }
 
+/// Fills `out` (`[rows, heads * hd]`, in parallel by rows) from the per-head results of the tasks: head `h`
+/// of row `r` is `head_row(r, h)` (`hd` values).
+pub(crate) fn interleave_heads<'a>(
+    out: &mut [f32],
+    heads: usize,
+    hd: usize,
+    head_row: impl Fn(usize, usize) -> &'a [f32] + Sync,
+) {
+    out.par_chunks_mut(heads * hd)
+        .enumerate()
+        .for_each(|(r, dst)| {
+            for (h, dst) in dst.chunks_exact_mut(hd).enumerate() {
+                dst.copy_from_slice(head_row(r, h));
+            }
+        });
+}
+
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use half::bf16;
 
-    fn lcg(seed: &mut u64) -> f32 {
+    /// Uniform in [-2, 2): the attention tests' inputs (this module's and the encoder's).
+    pub(crate) fn lcg(seed: &mut u64) -> f32 {
         *seed = seed
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
         ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
+    }
+
+    /// The largest absolute difference of two results of one length.
+    pub(crate) fn worst_diff(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len(), "results of one length");
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max)
     }
 
     /// Plain causal GQA attention in f64; `q` `[len, nh, hd]`, `k`/`v` `[ctx, nkv, hd]`.
@@ -179,12 +203,7 @@ mod tests {
             out
         };
         let got = run(&q, start, &k, &v);
-        let want = reference(&q, &k, &v, start, g);
-        let worst = got
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let worst = worst_diff(&got, &reference(&q, &k, &v, start, g));
         assert!(worst < 1e-5, "worst difference {worst}");
         // The same positions in two chunks (split inside a block): the same bits.
         let cut = QB + 5;

@@ -183,6 +183,17 @@ mod imp {
     /// How far ahead of the tile loads the panel stream is prefetched (bytes; four K steps).
     const PREFETCH_AHEAD: usize = 8192;
 
+    /// Prefetches the panel stream one K step's worth (16 pair-rows x 128 bytes) ahead of the step at `b`
+    /// (the next panel follows it in memory; a prefetch past the allocation is harmless: it never faults).
+    #[inline(always)]
+    unsafe fn prefetch_step(b: *const u16) {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let ahead = (b as *const i8).wrapping_add(PREFETCH_AHEAD);
+        for line in 0..(KB / 2) * NR * 2 * 2 / 64 {
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line * 64));
+        }
+    }
+
     /// One 16 x 32 block of C over the whole (padded) K: `x` one packed row block (`kp / 32` tiles of 16 x 32
     /// bf16), `panel` `[kp/2][32][2]`, result stored to `c` `[16][32]` f32. With `stream` (the panel comes
     /// from memory: decode steps, the first row block) the panel is prefetched ahead: a tile load waits for
@@ -190,7 +201,6 @@ mod imp {
     /// Prefetching changes no result.
     #[inline(always)]
     pub unsafe fn block(x: *const u16, kp: usize, panel: *const u16, c: *mut f32, stream: bool) {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
         let xs = KB * 2; // bytes per x row within a packed tile
         let ws = NR * 2 * 2; // bytes per pair-row of the panel
         asm!("tilezero tmm0", "tilezero tmm1", options(nostack, nomem));
@@ -198,12 +208,7 @@ mod imp {
             let a = x.add(ks * MB);
             let b = panel.add((ks / 2) * NR * 2);
             if stream {
-                // One K step reads 16 pair-rows x 128 bytes of the panel (the next panel follows it in memory;
-                // a prefetch past the allocation is harmless: it never faults).
-                let ahead = (b as *const i8).wrapping_add(PREFETCH_AHEAD);
-                for line in 0..(KB / 2) * NR * 2 * 2 / 64 {
-                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line * 64));
-                }
+                prefetch_step(b);
             }
             asm!(
                 "tileloadd tmm2, [{a} + {xs}]",
@@ -237,7 +242,6 @@ mod imp {
     /// step in order), so every element has the same bits either way.
     #[inline(always)]
     pub unsafe fn block2(x: *const u16, kp: usize, panel: *const u16, c: *mut f32, stream: bool) {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
         let xs = KB * 2;
         let ws = NR * 2 * 2;
         asm!(
@@ -251,10 +255,7 @@ mod imp {
             let a = x.add(ks * MB);
             let b = panel.add((ks / 2) * NR * 2);
             if stream {
-                let ahead = (b as *const i8).wrapping_add(PREFETCH_AHEAD);
-                for line in 0..(KB / 2) * NR * 2 * 2 / 64 {
-                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line * 64));
-                }
+                prefetch_step(b);
             }
             asm!(
                 "tileloadd tmm4, [{a} + {xs}]",

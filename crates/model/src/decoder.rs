@@ -309,16 +309,18 @@ impl DecoderLayer {
                 .iter()
                 .map(|s| s.len <= paged_cpu::MAX_QUERY_ROWS)
                 .collect();
+            let geometry = (g, index.block_size);
+            // The queries in f32 once for both kernels.
+            let qf = paged_cpu::f32_queries(&q)?;
             let mut out = vec![0f32; t * width];
             if short.iter().any(|&b| b) {
-                paged_cpu::attend_rows(&q, seqs, &short, kv, g, index.block_size, &mut out)?;
+                paged_cpu::attend_rows(&qf, seqs, &short, kv, geometry, &mut out)?;
             }
             let mut row = 0;
             for (s, &is_short) in seqs.iter().zip(&short) {
                 if !is_short {
-                    let dst = &mut out[row * width..(row + s.len) * width];
-                    let qs = q.narrow(0, row, s.len)?;
-                    paged_cpu::attend_chunk(&qs, s, kv, (g, index.block_size), dst)?;
+                    let rows = row * width..(row + s.len) * width;
+                    paged_cpu::attend_chunk(&qf[rows.clone()], s, kv, geometry, &mut out[rows])?;
                 }
                 row += s.len;
             }

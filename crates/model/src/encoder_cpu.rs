@@ -61,11 +61,9 @@ pub(crate) fn attention(qkv: &[f32], s: Shape, scale: f32, valid_keys: &[usize])
         })
         .collect();
     let mut o = vec![0f32; b * t * d];
-    o.par_chunks_mut(d).enumerate().for_each(|(row, dst)| {
+    crate::attn_cpu::interleave_heads(&mut o, heads, hd, |row, h| {
         let (i, r) = (row / t, row % t);
-        for (h, src) in per_head[i * heads..(i + 1) * heads].iter().enumerate() {
-            dst[h * hd..(h + 1) * hd].copy_from_slice(&src[r * hd..(r + 1) * hd]);
-        }
+        &per_head[i * heads + h][r * hd..(r + 1) * hd]
     });
     o
 }
@@ -73,13 +71,7 @@ pub(crate) fn attention(qkv: &[f32], s: Shape, scale: f32, valid_keys: &[usize])
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
-    }
+    use crate::attn_cpu::tests::{lcg, worst_diff};
 
     /// Plain attention in f64 over the first `n` keys.
     fn reference(
@@ -141,12 +133,7 @@ mod tests {
             .copied()
             .collect();
         let got = attention(&qkv, s, scale, &valid);
-        let want = reference(&q, &k, &v, s, scale, &valid);
-        let worst = got
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let worst = worst_diff(&got, &reference(&q, &k, &v, s, scale, &valid));
         assert!(worst < 1e-5, "worst difference {worst}");
     }
 }

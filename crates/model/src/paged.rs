@@ -419,12 +419,9 @@ mod tests {
             .unwrap();
         let mut fused = vec![0f32; len * nh * hd];
         let g = crate::paged_cpu::Heads { nh, nkv, hd };
-        crate::paged_cpu::attend_chunk(&q, &seq, (&k, &v), (g, bs), &mut fused).unwrap();
-        let worst = blocked
-            .iter()
-            .zip(&fused)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let qf = crate::paged_cpu::f32_queries(&q).unwrap();
+        crate::paged_cpu::attend_chunk(&qf, &seq, (&k, &v), (g, bs), &mut fused).unwrap();
+        let worst = crate::attn_cpu::tests::worst_diff(&blocked, &fused);
         assert!(worst < 1e-5, "worst difference {worst}");
     }
 

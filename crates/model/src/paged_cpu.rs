@@ -54,50 +54,55 @@ pub(crate) struct Heads {
 }
 
 /// Computes `out[t]` (`[nh * hd]` f32) for every row `t` of the step whose sequence has `selected[s]`;
-/// `q` is `[T, nh, hd]` (after RoPE), the pools `[slots, nkv * hd]` in blocks of `bs` slots.
+/// `q` is the step's `[T, nh, hd]` queries (after RoPE) in f32, the pools `[slots, nkv * hd]` in blocks of
+/// `bs` slots.
 pub(crate) fn attend_rows(
-    q: &Tensor,
+    q: &[f32],
     seqs: &[SeqStep],
     selected: &[bool],
     pools: (&Tensor, &Tensor),
-    g: Heads,
-    bs: usize,
+    (g, bs): (Heads, usize),
     out: &mut [f32],
 ) -> Result<()> {
     // Row -> (sequence, position).
-    let mut rows: Vec<Option<(usize, usize)>> = Vec::with_capacity(q.dim(0)?);
+    let mut rows: Vec<Option<(usize, usize)>> = Vec::with_capacity(q.len() / (g.nh * g.hd));
     for (s, seq) in seqs.iter().enumerate() {
         for i in 0..seq.len {
             rows.push(selected[s].then_some((s, seq.start + i)));
         }
     }
-    let width = g.nkv * g.hd;
-    let slot = |s: usize, j: usize, kvh: usize| {
-        let table = &seqs[s].block_table;
-        (table[j / bs] as usize * bs + j % bs) * width + kvh * g.hd
-    };
+    let slot = |s: usize, j: usize, kvh: usize| pool_offset(&seqs[s].block_table, bs, g, j, kvh);
     attend(q, Job::Rows(&rows), pools, g, slot, out)
 }
 
-/// Causal attention of one sequence's long chunk over the pool ([`crate::attn_cpu::causal_chunk`]): `q`
-/// `[len, nh, hd]` (after RoPE) at positions `seq.start..seq.start + len`. Writes `out` `[len, nh * hd]`.
+/// Causal attention of one sequence's long chunk over the pool ([`crate::attn_cpu::causal_chunk`]): `q` its
+/// `[len, nh, hd]` queries (after RoPE) in f32, at positions `seq.start..seq.start + len`. Writes `out`
+/// `[len, nh * hd]`.
 pub(crate) fn attend_chunk(
-    q: &Tensor,
+    q: &[f32],
     seq: &SeqStep,
     pools: (&Tensor, &Tensor),
     (g, bs): (Heads, usize),
     out: &mut [f32],
 ) -> Result<()> {
-    let width = g.nkv * g.hd;
-    let table = &seq.block_table;
-    let slot = |_: usize, j: usize, kvh: usize| {
-        (table[j / bs] as usize * bs + j % bs) * width + kvh * g.hd
-    };
+    let slot = |_: usize, j: usize, kvh: usize| pool_offset(&seq.block_table, bs, g, j, kvh);
     let job = Job::Chunk {
         start: seq.start,
         len: seq.len,
     };
     attend(q, job, pools, g, slot, out)
+}
+
+/// Element offset in a pool of blocks of `bs` slots of the key (or value) vector of position `j`, kv head
+/// `kvh`, of the sequence whose block table is `table`.
+#[inline(always)]
+fn pool_offset(table: &[u32], bs: usize, g: Heads, j: usize, kvh: usize) -> usize {
+    (table[j / bs] as usize * bs + j % bs) * g.nkv * g.hd + kvh * g.hd
+}
+
+/// The queries of a step as the kernels read them: f32, row-major (once per layer, whatever the dtype).
+pub(crate) fn f32_queries(q: &Tensor) -> Result<Vec<f32>> {
+    Ok(q.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?)
 }
 
 /// Attention of the single sequence of the contiguous cache (see [`crate::decoder::KvCache`]): `q`
@@ -122,7 +127,7 @@ pub(crate) fn attend_contiguous(
     let mut out = vec![0f32; l * g.nh * g.hd];
     let (k, v) = (k.contiguous()?, v.contiguous()?);
     attend(
-        q,
+        &f32_queries(q)?,
         job,
         (&k, &v),
         g,
@@ -144,14 +149,13 @@ enum Job<'a> {
 /// The kernels' dispatch on the cache dtype; `slot(seq, position, kv_head)` is the element offset of a key
 /// (or value) vector in the storage of `pools` (`seq` is 0 for a chunk).
 fn attend(
-    q: &Tensor,
+    q: &[f32],
     job: Job<'_>,
     pools: (&Tensor, &Tensor),
     g: Heads,
     slot: impl Fn(usize, usize, usize) -> usize + Sync,
     out: &mut [f32],
 ) -> Result<()> {
-    let qv: Vec<f32> = q.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
     let (ks, kl) = pools.0.storage_and_layout();
     let (vs, vl) = pools.1.storage_and_layout();
     let (Storage::Cpu(kc), Storage::Cpu(vc)) = (&*ks, &*vs) else {
@@ -161,17 +165,17 @@ fn attend(
         DType::F32 => {
             let k = &kc.as_slice::<f32>()?[kl.start_offset()..];
             let v = &vc.as_slice::<f32>()?[vl.start_offset()..];
-            compute(&qv, job, (k, v), g, slot, out);
+            compute(q, job, (k, v), g, slot, out);
         }
         DType::BF16 => {
             let k = &kc.as_slice::<bf16>()?[kl.start_offset()..];
             let v = &vc.as_slice::<bf16>()?[vl.start_offset()..];
-            compute(&qv, job, (k, v), g, slot, out);
+            compute(q, job, (k, v), g, slot, out);
         }
         DType::F16 => {
             let k = &kc.as_slice::<f16>()?[kl.start_offset()..];
             let v = &vc.as_slice::<f16>()?[vl.start_offset()..];
-            compute(&qv, job, (k, v), g, slot, out);
+            compute(q, job, (k, v), g, slot, out);
         }
         other => {
             return Err(ModelError::Input(format!(
