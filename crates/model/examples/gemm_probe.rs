@@ -2,7 +2,8 @@
 //! diagnostic for kernel work (the comparison with transformers is `cargo bench -p afnext-model --bench
 //! model`). Run: `RAYON_NUM_THREADS=2 cargo run --release -p afnext-model --example gemm_probe [MxNxK;...]`.
 //! Prints the best and median GFLOP/s of repeated `y = x W^T` products. `gemm_probe amx [MxNxK;...]` times
-//! the bf16 AMX kernel of `cpu_amx` instead (where the CPU has it).
+//! the bf16 AMX kernel of `cpu_amx` instead (where the CPU has it); `gemm_probe bf16 [MxNxK;...]` the same
+//! kernel with bf16 weights (what a bf16 model runs on a CPU without AMX).
 
 use afnext_model::cpu_amx::AmxWeight;
 use afnext_model::cpu_gemm::PackedWeight;
@@ -17,6 +18,10 @@ fn main() {
     if amx {
         args.remove(0);
         assert!(afnext_model::cpu_amx::available(), "no AMX-BF16 here");
+    }
+    let bf16_weights = args.first().map(String::as_str) == Some("bf16");
+    if bf16_weights {
+        args.remove(0);
     }
     let shapes: Vec<(usize, usize, usize)> = args
         .first()
@@ -45,6 +50,10 @@ fn main() {
             let to_bf16 = |v: &[f32]| v.iter().map(|&f| bf16::from_f32(f)).collect::<Vec<bf16>>();
             let (aw, ax) = (AmxWeight::pack(&to_bf16(&w), n, k), to_bf16(&x));
             Box::new(move || aw.matmul(&ax, m, None))
+        } else if bf16_weights {
+            let wb: Vec<bf16> = w.iter().map(|&f| bf16::from_f32(f)).collect();
+            let pw = PackedWeight::from_bf16(&wb, n, k);
+            Box::new(move || pw.matmul(&x, m, None))
         } else {
             let pw = PackedWeight::from_f32(&w, n, k);
             Box::new(move || pw.matmul(&x, m, None))

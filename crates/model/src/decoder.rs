@@ -436,6 +436,15 @@ impl Qwen2 {
     /// Runs `embeds` (1, l, h) at positions `cache.len()..` and returns the hidden states after the final
     /// norm (1, l, h).
     pub fn forward(&self, embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        crate::pool::on_pool(self.on_cpu_alone(), || self.forward_here(embeds, cache))
+    }
+
+    /// A CPU model of a group of one: its forward passes run on rayon's pool ([`crate::pool`]).
+    fn on_cpu_alone(&self) -> bool {
+        self.shard.world == 1 && self.embed.device().is_cpu()
+    }
+
+    fn forward_here(&self, embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let (_, l, _) = embeds.dims3()?;
         let start = cache.len();
         let (cos, sin) = self
@@ -452,6 +461,17 @@ impl Qwen2 {
     /// `seqs`, in order. Writes their keys and values into `kv` and returns the hidden states after the final
     /// norm, `[T, hidden]`.
     pub fn forward_paged(&self, embeds: &Tensor, seqs: &[SeqStep], kv: &PagedKv) -> Result<Tensor> {
+        crate::pool::on_pool(self.on_cpu_alone(), || {
+            self.forward_paged_here(embeds, seqs, kv)
+        })
+    }
+
+    fn forward_paged_here(
+        &self,
+        embeds: &Tensor,
+        seqs: &[SeqStep],
+        kv: &PagedKv,
+    ) -> Result<Tensor> {
         let t = embeds.dim(0)?;
         let rows: usize = seqs.iter().map(|s| s.len).sum();
         if rows != t {

@@ -22,6 +22,7 @@ pub mod linear;
 pub mod model;
 pub mod paged;
 mod paged_cpu;
+mod pool;
 pub mod rms_norm;
 pub mod rote;
 pub mod sampling;
