@@ -3,7 +3,8 @@
 //! model`). Run: `RAYON_NUM_THREADS=2 cargo run --release -p afnext-model --example gemm_probe [MxNxK;...]`.
 //! Prints the best and median GFLOP/s of repeated `y = x W^T` products. `gemm_probe amx [MxNxK;...]` times
 //! the bf16 AMX kernel of `cpu_amx` instead (where the CPU has it); `gemm_probe bf16 [MxNxK;...]` the same
-//! kernel with bf16 weights (what a bf16 model runs on a CPU without AMX).
+//! kernel with bf16 weights (what a bf16 model runs on a CPU without AMX). `AFNEXT_PROBE_COLD_MB=N` cycles
+//! through copies of the weight, N MiB in all, so that every product streams it from memory.
 
 use afnext_model::cpu_amx::AmxWeight;
 use afnext_model::cpu_gemm::PackedWeight;
@@ -46,21 +47,35 @@ fn main() {
             .map(|i| ((i * 104729) % 1000) as f32 * 1e-3 - 0.5)
             .collect();
         // Only the kernel timed is packed (the other's copy of a large weight is wasted memory).
-        let product: Box<dyn Fn() -> Vec<f32>> = if amx {
-            let to_bf16 = |v: &[f32]| v.iter().map(|&f| bf16::from_f32(f)).collect::<Vec<bf16>>();
-            let (aw, ax) = (AmxWeight::pack(&to_bf16(&w), n, k), to_bf16(&x));
-            Box::new(move || aw.matmul(&ax, m, None))
-        } else if bf16_weights {
-            let wb: Vec<bf16> = w.iter().map(|&f| bf16::from_f32(f)).collect();
-            let pw = PackedWeight::from_bf16(&wb, n, k);
-            Box::new(move || pw.matmul(&x, m, None))
-        } else {
-            let pw = PackedWeight::from_f32(&w, n, k);
-            Box::new(move || pw.matmul(&x, m, None))
+        let x = std::sync::Arc::new(x);
+        let pack = || -> Box<dyn Fn() -> Vec<f32>> {
+            let x = x.clone();
+            if amx {
+                let to_bf16 =
+                    |v: &[f32]| v.iter().map(|&f| bf16::from_f32(f)).collect::<Vec<bf16>>();
+                let (aw, ax) = (AmxWeight::pack(&to_bf16(&w), n, k), to_bf16(&x));
+                Box::new(move || aw.matmul(&ax, m, None))
+            } else if bf16_weights {
+                let wb: Vec<bf16> = w.iter().map(|&f| bf16::from_f32(f)).collect();
+                let pw = PackedWeight::from_bf16(&wb, n, k);
+                Box::new(move || pw.matmul(&x, m, None))
+            } else {
+                let pw = PackedWeight::from_f32(&w, n, k);
+                Box::new(move || pw.matmul(&x, m, None))
+            }
         };
+        // Copies of the weight, taken in turn, so that each product reads it from memory as a decode step
+        // does (`AFNEXT_PROBE_COLD_MB` in all, beyond the last-level cache); one copy by default.
+        let elem = if amx || bf16_weights { 2 } else { 4 };
+        let copies = std::env::var("AFNEXT_PROBE_COLD_MB")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .map_or(1, |mb| (mb << 20).div_ceil(n * k * elem).max(1));
+        let products: Vec<_> = (0..copies).map(|_| pack()).collect();
         let reps = (2e10 / (2.0 * (m * n * k) as f64)).clamp(5.0, 2000.0) as usize;
         let mut ts = vec![];
-        for _ in 0..reps {
+        for rep in 0..reps {
+            let product = &products[rep % copies];
             let t = Instant::now();
             let y = product();
             std::hint::black_box(&y);

@@ -117,6 +117,22 @@ impl PackedWeight {
         self.product(x, m, Epilogue { bias, gelu: false }, true)
     }
 
+    /// [`Self::matmul`] of bf16 activations (a bf16 model on a CPU without AMX), widened as they are packed:
+    /// the same bits as widening them first, without the two extra single-threaded copies of converting
+    /// the tensor.
+    pub fn matmul_bf16(&self, x: &[bf16], m: usize, bias: Option<&[f32]>) -> Vec<f32> {
+        assert_eq!(x.len(), m * self.k, "activation buffer size");
+        let k = self.k;
+        let xp = PackedRows::build(m, k, m > FEW_ROWS, |r, kk| x[r * k + kk].to_f32());
+        self.run(
+            Rows::Packed(&xp.data),
+            m,
+            k,
+            Epilogue { bias, gelu: false },
+            true,
+        )
+    }
+
     /// `gelu_erf(matmul(x, m, bias))`, the GELU applied by each task to its own columns while they are in
     /// cache (the encoder's fc1 in f32, where nothing is rounded between the two).
     pub fn matmul_gelu(&self, x: &[f32], m: usize, bias: Option<&[f32]>) -> Vec<f32> {
@@ -649,6 +665,23 @@ mod tests {
                     "bf16 ({m},{n},{k}) [{i}]: off by {d}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn bf16_activations_give_the_bits_of_widening_them_first() {
+        let mut seed = 7;
+        for &(m, n, k) in &[(1, 40, 33), (16, 70, 100), (60, 33, 450)] {
+            let w: Vec<bf16> = (0..n * k).map(|_| bf16::from_f32(lcg(&mut seed))).collect();
+            let x: Vec<bf16> = (0..m * k).map(|_| bf16::from_f32(lcg(&mut seed))).collect();
+            let wide: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+            let bias: Vec<f32> = (0..n).map(|_| lcg(&mut seed)).collect();
+            let pw = PackedWeight::from_bf16(&w, n, k);
+            assert_eq!(
+                pw.matmul_bf16(&x, m, Some(&bias)),
+                pw.matmul(&wide, m, Some(&bias)),
+                "({m},{n},{k})"
+            );
         }
     }
 

@@ -238,9 +238,13 @@ impl ParallelLinear {
                 }
             },
             Kernel::Packed { w, bias } => cpu_forward(x, w.in_dim(), w.out_dim(), |m| {
-                let mut y = with_slice(x, |xs: &[f32]| {
-                    Ok(w.matmul(xs, m, bias.as_deref().map(|b| b.as_slice())))
-                })?;
+                let b = bias.as_deref().map(|b| b.as_slice());
+                // bf16 activations (a bf16 model without AMX) are widened by the packing itself.
+                let mut y = if x.dtype() == DType::BF16 {
+                    with_slice(x, |xs: &[bf16]| Ok(w.matmul_bf16(xs, m, b)))?
+                } else {
+                    with_slice(x, |xs: &[f32]| Ok(w.matmul(xs, m, b)))?
+                };
                 finish(&mut y, w.out_dim())?;
                 Ok(y)
             }),
