@@ -315,20 +315,29 @@ impl PackedRows {
     }
 
     fn build(m: usize, k: usize, parallel: bool, x: impl Fn(usize, usize) -> f32 + Sync) -> Self {
-        let mut data = vec![0f32; m.div_ceil(MR) * k * MR];
-        // Row by row within a tile: a row is read in order, wherever it lies.
-        let fill = |(t, tile): (usize, &mut [f32])| {
-            for r in 0..MR.min(m - t * MR) {
-                for kk in 0..k {
-                    tile[kk * MR + r] = x(t * MR + r, kk);
+        let len = m.div_ceil(MR) * k * MR;
+        let mut data: Vec<f32> = Vec::with_capacity(len);
+        // Written in order, every element (rows past `m` as zeros), the tile's rows read side by side (each
+        // a sequential stream): zeroing the buffer first and then writing it column by column, 56 bytes
+        // apart, was ~7 % of an f32 prefill (memset and the scattered stores).
+        let fill = |(t, tile): (usize, &mut [std::mem::MaybeUninit<f32>])| {
+            let rows = MR.min(m - t * MR);
+            for (kk, dst) in tile.chunks_exact_mut(MR).enumerate() {
+                for (r, d) in dst.iter_mut().enumerate() {
+                    d.write(if r < rows { x(t * MR + r, kk) } else { 0.0 });
                 }
             }
         };
-        if parallel {
-            data.par_chunks_mut(k * MR).enumerate().for_each(fill);
-        } else {
-            data.chunks_mut(k * MR).enumerate().for_each(fill);
+        if len > 0 {
+            let spare = &mut data.spare_capacity_mut()[..len];
+            if parallel {
+                spare.par_chunks_mut(k * MR).enumerate().for_each(fill);
+            } else {
+                spare.chunks_mut(k * MR).enumerate().for_each(fill);
+            }
         }
+        // SAFETY: the fill wrote all `len` elements (the tiles cover the buffer, MR values per K step).
+        unsafe { data.set_len(len) };
         PackedRows { data, m, k }
     }
 }
