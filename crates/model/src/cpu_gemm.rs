@@ -4,7 +4,8 @@
 //! one-row products are far from the memory bandwidth (docs/PERFORMANCE.md). This kernel:
 //!
 //! * packs `W` `[N, K]` into panels of [`NR`] = 32 output columns stored k-major (`[K][32]`, the last panel
-//!   zero-padded), in f32 or bf16 (bf16 is widened to f32 in registers with a shift: exact);
+//!   zero-padded), in f32 or bf16 (bf16 is widened to f32 exactly: in registers with a shift for few rows,
+//!   a group of panels at a time into an f32 buffer for many);
 //! * computes an `MR x 32` tile of `y` (MR <= 14 rows) with 2 x MR AVX-512 accumulators, broadcasting one `x`
 //!   element per row and FMA-ing it with two vectors of the panel;
 //! * for many rows, blocks K by [`KC`] and runs in BLIS's order: a row tile's KC slice stays in L1 while the
@@ -417,18 +418,90 @@ fn run_panels<T: Elem>(
     avx512: bool,
 ) {
     // `k` inputs are summed; `stride` is the packed K of the panels (and of packed rows).
-    let stream = m <= FEW_ROWS;
-    let block = |p: usize, kc: usize, r0: usize, r1: usize| {
-        let kl = KC.min(k - kc);
-        let cols = NR.min(n - p * NR);
+    let ctx = Blocks {
+        x,
+        stride,
+        n,
+        out,
+        stream: m <= FEW_ROWS,
+        avx512,
+    };
+    // Panel `p`'s K block at `kc`: `kl x 32` values.
+    let slice = |p: usize, kc: usize| {
         let base = p * stride * NR;
-        let panel = &w[base + kc * NR..base + (kc + kl) * NR];
+        &w[base + kc * NR..base + (kc + KC.min(k - kc)) * NR]
+    };
+    // Both orders add the same K blocks in the same order to every output element; they differ only in
+    // which data stays in cache.
+    if ctx.stream {
+        // Few rows (decode steps): stream each panel once, front to back; the rows stay in L1.
+        for p in panels {
+            for kc in (0..k).step_by(KC) {
+                ctx.block(slice(p, kc), p, kc, 0, m);
+            }
+        }
+        return;
+    }
+    // Many rows (prefill, encoder), in BLIS's order: a row tile's KC slice stays in L1 while the KC slices
+    // of a group of panels (in L2) stream past it; each panel load then feeds MR FMAs. bf16 panels are
+    // widened once per group into f32 (exact), not once per row tile in registers: the widening's shifts
+    // and permutes took FMA ports, and a bf16 prefill ran ~20 % slower than an f32 one.
+    let mut wide = if T::IS_BF16 {
+        vec![0f32; GROUP * KC * NR]
+    } else {
+        Vec::new()
+    };
+    for kc in (0..k).step_by(KC) {
+        for g in panels.clone().step_by(GROUP) {
+            let group = g..(g + GROUP).min(panels.end);
+            if T::IS_BF16 {
+                for p in group.clone() {
+                    let src = slice(p, kc);
+                    let dst = &mut wide[(p - g) * KC * NR..][..src.len()];
+                    for (d, s) in dst.iter_mut().zip(src) {
+                        *d = s.widen();
+                    }
+                }
+            }
+            for r in (0..m).step_by(MR) {
+                for p in group.clone() {
+                    let rows = (r, (r + MR).min(m));
+                    if T::IS_BF16 {
+                        let len = slice(p, kc).len();
+                        ctx.block(&wide[(p - g) * KC * NR..][..len], p, kc, rows.0, rows.1);
+                    } else {
+                        ctx.block(slice(p, kc), p, kc, rows.0, rows.1);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What the blocks of one product share.
+struct Blocks<'a> {
+    x: Rows<'a>,
+    /// The packed K of the panels (and of packed rows).
+    stride: usize,
+    n: usize,
+    out: &'a SyncPtr,
+    /// Few rows: the panels are read once, as a stream from memory.
+    stream: bool,
+    avx512: bool,
+}
+
+impl Blocks<'_> {
+    /// Rows `r0..r1` of panel `p`'s K block at `kc`, whose `kl x 32` values are `panel`, in tiles of MR rows.
+    fn block<E: Elem>(&self, panel: &[E], p: usize, kc: usize, r0: usize, r1: usize) {
+        let (n, stride) = (self.n, self.stride);
+        let kl = panel.len() / NR;
+        let cols = NR.min(n - p * NR);
         for r in (r0..r1).step_by(MR) {
             let rows = MR.min(r1 - r);
             // SAFETY: rows r..r+rows and columns p*NR..p*NR+cols are inside y (m x n) and belong to this
             // task's panels only.
-            let c = unsafe { out.0.add(r * n + p * NR) };
-            let (x, xs) = match x {
+            let c = unsafe { self.out.0.add(r * n + p * NR) };
+            let (x, xs) = match self.x {
                 // `r` is a multiple of MR: the start of a packed row tile.
                 Rows::Packed(x) => (&x[r * stride + kc * MR..], MR),
                 Rows::KMajor { x, stride } => (&x[kc * stride + r..], stride),
@@ -442,38 +515,16 @@ fn run_panels<T: Elem>(
                 ldc: n,
                 cols,
                 accumulate: kc > 0,
-                prefetch: stream && r == r0,
+                prefetch: self.stream && r == r0,
             };
             #[cfg(target_arch = "x86_64")]
-            if avx512 {
+            if self.avx512 {
                 // SAFETY: AVX-512 F/BW were detected; the tile's bounds hold by construction.
-                unsafe { avx512::tile::<T>(&tile, rows) };
+                unsafe { avx512::tile::<E>(&tile, rows) };
                 continue;
             }
-            let _ = avx512;
+            let _ = self.avx512;
             portable_tile(&tile, rows);
-        }
-    };
-    // Both orders add the same K blocks in the same order to every output element; they differ only in
-    // which data stays in cache.
-    if stream {
-        // Few rows (decode steps): stream each panel once, front to back; the rows stay in L1.
-        for p in panels {
-            for kc in (0..k).step_by(KC) {
-                block(p, kc, 0, m);
-            }
-        }
-    } else {
-        // Many rows (prefill, encoder), in BLIS's order: a row tile's KC slice stays in L1 while the KC slices
-        // of a group of panels (in L2) stream past it; each panel load then feeds MR FMAs.
-        for kc in (0..k).step_by(KC) {
-            for g in panels.clone().step_by(GROUP) {
-                for r in (0..m).step_by(MR) {
-                    for p in g..(g + GROUP).min(panels.end) {
-                        block(p, kc, r, (r + MR).min(m));
-                    }
-                }
-            }
         }
     }
 }
@@ -674,6 +725,23 @@ mod tests {
                     "bf16 ({m},{n},{k}) [{i}]: off by {d}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn bf16_weights_give_the_bits_of_their_f32_values() {
+        // Few rows widen in registers, many rows widen a group of panels at a time (several groups here,
+        // and several K blocks): both must sum exactly what the f32 kernel sums.
+        let mut seed = 11;
+        for &(m, n, k) in &[(5, 1600, 800), (60, 1600, 800), (49, 40, 390)] {
+            let w: Vec<bf16> = (0..n * k).map(|_| bf16::from_f32(lcg(&mut seed))).collect();
+            let wide: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
+            let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut seed)).collect();
+            assert_eq!(
+                PackedWeight::from_bf16(&w, n, k).matmul(&x, m, None),
+                PackedWeight::from_f32(&wide, n, k).matmul(&x, m, None),
+                "({m},{n},{k})"
+            );
         }
     }
 
