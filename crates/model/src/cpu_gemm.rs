@@ -124,7 +124,9 @@ impl PackedWeight {
     pub fn matmul_bf16(&self, x: &[bf16], m: usize, bias: Option<&[f32]>) -> Vec<f32> {
         assert_eq!(x.len(), m * self.k, "activation buffer size");
         let k = self.k;
-        let xp = PackedRows::build(m, k, m > FEW_ROWS, |r, kk| x[r * k + kk].to_f32());
+        let xp = PackedRows::build(m, k, m > FEW_ROWS, |r, kk| {
+            crate::elementwise::widen_bf16(x[r * k + kk])
+        });
         self.run(
             Rows::Packed(&xp.data),
             m,
@@ -446,8 +448,10 @@ fn run_panels<T: Elem>(
     // of a group of panels (in L2) stream past it; each panel load then feeds MR FMAs. bf16 panels are
     // widened once per group into f32 (exact), not once per row tile in registers: the widening's shifts
     // and permutes took FMA ports, and a bf16 prefill ran ~20 % slower than an f32 one.
+    // One panel's slice per `ks` values, for the group's panels (fewer in a small product).
+    let ks = KC.min(k) * NR;
     let mut wide = if T::IS_BF16 {
-        vec![0f32; GROUP * KC * NR]
+        vec![0f32; GROUP.min(panels.len()) * ks]
     } else {
         Vec::new()
     };
@@ -457,7 +461,7 @@ fn run_panels<T: Elem>(
             if T::IS_BF16 {
                 for p in group.clone() {
                     let src = slice(p, kc);
-                    let dst = &mut wide[(p - g) * KC * NR..][..src.len()];
+                    let dst = &mut wide[(p - g) * ks..][..src.len()];
                     for (d, s) in dst.iter_mut().zip(src) {
                         *d = s.widen();
                     }
@@ -468,7 +472,7 @@ fn run_panels<T: Elem>(
                     let rows = (r, (r + MR).min(m));
                     if T::IS_BF16 {
                         let len = slice(p, kc).len();
-                        ctx.block(&wide[(p - g) * KC * NR..][..len], p, kc, rows.0, rows.1);
+                        ctx.block(&wide[(p - g) * ks..][..len], p, kc, rows.0, rows.1);
                     } else {
                         ctx.block(slice(p, kc), p, kc, rows.0, rows.1);
                     }

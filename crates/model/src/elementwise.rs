@@ -136,6 +136,13 @@ pub(crate) fn to_bf16(x: f32) -> half::bf16 {
     half::bf16::from_bits(if x.is_nan() { nan } else { rounded })
 }
 
+/// `x` widened to f32: exact, and without `half::bf16::to_f32`'s NaN branch, so loops over it vectorise (a
+/// signalling NaN stays signalling; the next arithmetic quiets it, as widening would have).
+#[inline(always)]
+pub(crate) fn widen_bf16(x: half::bf16) -> f32 {
+    f32::from_bits(u32::from(x.to_bits()) << 16)
+}
+
 /// `x` as f32 (exact for f32, bf16 and f16); see [`round`].
 #[inline(always)]
 pub(crate) fn f<T: WithDType>(x: T) -> f32 {
@@ -143,7 +150,7 @@ pub(crate) fn f<T: WithDType>(x: T) -> f32 {
     unsafe {
         match T::DTYPE {
             DType::F32 => std::mem::transmute_copy::<T, f32>(&x),
-            DType::BF16 => std::mem::transmute_copy::<T, half::bf16>(&x).to_f32(),
+            DType::BF16 => widen_bf16(std::mem::transmute_copy::<T, half::bf16>(&x)),
             DType::F16 => std::mem::transmute_copy::<T, half::f16>(&x).to_f32(),
             _ => x.to_f64() as f32,
         }
