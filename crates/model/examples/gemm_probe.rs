@@ -48,16 +48,14 @@ fn main() {
             .collect();
         // Only the kernel timed is packed (the other's copy of a large weight is wasted memory).
         let x = std::sync::Arc::new(x);
+        let to_bf16 = |v: &[f32]| v.iter().map(|&f| bf16::from_f32(f)).collect::<Vec<bf16>>();
         let pack = || -> Box<dyn Fn() -> Vec<f32>> {
             let x = x.clone();
             if amx {
-                let to_bf16 =
-                    |v: &[f32]| v.iter().map(|&f| bf16::from_f32(f)).collect::<Vec<bf16>>();
                 let (aw, ax) = (AmxWeight::pack(&to_bf16(&w), n, k), to_bf16(&x));
                 Box::new(move || aw.matmul(&ax, m, None))
             } else if bf16_weights {
-                let wb: Vec<bf16> = w.iter().map(|&f| bf16::from_f32(f)).collect();
-                let pw = PackedWeight::from_bf16(&wb, n, k);
+                let pw = PackedWeight::from_bf16(&to_bf16(&w), n, k);
                 Box::new(move || pw.matmul(&x, m, None))
             } else {
                 let pw = PackedWeight::from_f32(&w, n, k);

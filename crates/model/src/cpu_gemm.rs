@@ -122,18 +122,9 @@ impl PackedWeight {
     /// the same bits as widening them first, without the two extra single-threaded copies of converting
     /// the tensor.
     pub fn matmul_bf16(&self, x: &[bf16], m: usize, bias: Option<&[f32]>) -> Vec<f32> {
-        assert_eq!(x.len(), m * self.k, "activation buffer size");
-        let k = self.k;
-        let xp = PackedRows::build(m, k, m > FEW_ROWS, |r, kk| {
-            crate::elementwise::widen_bf16(x[r * k + kk])
-        });
-        self.run(
-            Rows::Packed(&xp.data),
-            m,
-            k,
-            Epilogue { bias, gelu: false },
-            true,
-        )
+        use half::slice::HalfFloatSliceExt;
+        let bits: &[u16] = x.reinterpret_cast();
+        self.product(bits, m, Epilogue { bias, gelu: false }, true)
     }
 
     /// `gelu_erf(matmul(x, m, bias))`, the GELU applied by each task to its own columns while they are in
@@ -169,7 +160,14 @@ impl PackedWeight {
         self.run(Rows::KMajor { x, stride }, m, k, Epilogue::default(), false)
     }
 
-    fn product(&self, x: &[f32], m: usize, epilogue: Epilogue<'_>, parallel: bool) -> Vec<f32> {
+    /// `x` f32, or bf16 bit patterns (widened as they are packed).
+    fn product<A: Elem>(
+        &self,
+        x: &[A],
+        m: usize,
+        epilogue: Epilogue<'_>,
+        parallel: bool,
+    ) -> Vec<f32> {
         assert_eq!(x.len(), m * self.k, "activation buffer size");
         let xp = PackedRows::pack(x, m, self.k, parallel);
         self.run(Rows::Packed(&xp.data), m, self.k, epilogue, parallel)
@@ -259,8 +257,9 @@ pub(crate) fn par_panels(
     let threads = rayon::current_num_threads().max(1);
     // Every task streams all of x once: with many rows (x of an encoder window's fc2 is 30 MB) that traffic
     // is paid per task, so one task per thread; with few rows (decode) x is tiny and the panel stream is the
-    // cost, so a few tasks per thread balance it. The panels are dealt out evenly (sizes differ by at most one): 28 panels (896 outputs) in tasks of 4
-    // were 7 tasks for 2 threads, one thread doing 4 of them while the other waited.
+    // cost, so a few tasks per thread balance it. The panels are dealt out evenly (sizes differ by at most
+    // one): 28 panels (896 outputs) in tasks of 4 were 7 tasks for 2 threads, one thread doing 4 of them
+    // while the other waited.
     let tasks = if m > FEW_ROWS {
         threads
     } else {
@@ -313,8 +312,10 @@ impl PackedRows {
 
     /// Packs row-major `x` (`[m, k]`), the tiles in parallel when asked and the rows are many (a decode
     /// step's few rows pack in well under a microsecond).
-    fn pack(x: &[f32], m: usize, k: usize, parallel: bool) -> Self {
-        Self::build(m, k, parallel && m > FEW_ROWS, |r, kk| x[r * k + kk])
+    fn pack<A: Elem>(x: &[A], m: usize, k: usize, parallel: bool) -> Self {
+        Self::build(m, k, parallel && m > FEW_ROWS, |r, kk| {
+            x[r * k + kk].widen()
+        })
     }
 
     fn build(m: usize, k: usize, parallel: bool, x: impl Fn(usize, usize) -> f32 + Sync) -> Self {
@@ -393,7 +394,7 @@ impl Elem for f32 {
 impl Elem for u16 {
     #[inline(always)]
     fn widen(self) -> f32 {
-        f32::from_bits(u32::from(self) << 16)
+        crate::elementwise::widen_bf16(bf16::from_bits(self))
     }
     const IS_BF16: bool = true;
 }
@@ -468,13 +469,13 @@ fn run_panels<T: Elem>(
                 }
             }
             for r in (0..m).step_by(MR) {
+                let r1 = (r + MR).min(m);
                 for p in group.clone() {
-                    let rows = (r, (r + MR).min(m));
+                    let panel = slice(p, kc);
                     if T::IS_BF16 {
-                        let len = slice(p, kc).len();
-                        ctx.block(&wide[(p - g) * ks..][..len], p, kc, rows.0, rows.1);
+                        ctx.block(&wide[(p - g) * ks..][..panel.len()], p, kc, r, r1);
                     } else {
-                        ctx.block(slice(p, kc), p, kc, rows.0, rows.1);
+                        ctx.block(panel, p, kc, r, r1);
                     }
                 }
             }

@@ -41,7 +41,7 @@ impl Kv for f16 {
 impl Kv for bf16 {
     #[inline(always)]
     fn f(self) -> f32 {
-        f32::from_bits(u32::from(self.to_bits()) << 16)
+        crate::elementwise::widen_bf16(self)
     }
 }
 
