@@ -6,7 +6,8 @@
 //! For each dtype: throughput and time-to-first-token / inter-token latency (p50, p99) at concurrency 1, 4 and
 //! 16 (each client sends its requests back to back; every request generates exactly NEW tokens), a follow-up
 //! turn on a 5-minute clip against its first turn, and, in the same run, transformers' static batch of 16 on
-//! the same shapes (`tools/bench/load_ref.py`, in the venv of `tools/fixtures/run.sh` or `$AFNEXT_REF_PYTHON`).
+//! the same shapes, with prompts as long as the server's at 16 (`tools/bench/load_ref.py`, in the venv of
+//! `tools/fixtures/run.sh` or `$AFNEXT_REF_PYTHON`).
 //!
 //! `cargo bench -p afnext-server --bench load` (env: AFNEXT_BENCH_THREADS=2, AFNEXT_BENCH_DTYPES=f32,bf16,
 //! AFNEXT_BENCH_NEW=48, AFNEXT_BENCH_QUICK=1 for a smoke run).
@@ -55,6 +56,8 @@ struct ReqStats {
     ttft: f64,
     gaps: Vec<f64>,
     tokens: usize,
+    /// Prompt tokens as the server counted them (template included).
+    prompt_tokens: u32,
 }
 
 async fn one(c: &mut AfNextClient<Channel>, r: pb::GenerateRequest) -> ReqStats {
@@ -64,19 +67,29 @@ async fn one(c: &mut AfNextClient<Channel>, r: pb::GenerateRequest) -> ReqStats 
     let mut last = t0;
     let mut gaps = Vec::new();
     let mut tokens = 0;
+    let mut prompt_tokens = 0;
     while let Some(m) = s.message().await.expect("stream") {
-        if let Some(pb::generate_response::Event::Delta(d)) = m.event {
-            let now = Instant::now();
-            if tokens == 0 {
-                ttft = (now - t0).as_secs_f64();
-            } else {
-                gaps.push((now - last).as_secs_f64());
+        match m.event {
+            Some(pb::generate_response::Event::Delta(d)) => {
+                let now = Instant::now();
+                if tokens == 0 {
+                    ttft = (now - t0).as_secs_f64();
+                } else {
+                    gaps.push((now - last).as_secs_f64());
+                }
+                last = now;
+                tokens += d.token_ids.len();
             }
-            last = now;
-            tokens += d.token_ids.len();
+            Some(pb::generate_response::Event::Started(st)) => prompt_tokens = st.prompt_tokens,
+            _ => {}
         }
     }
-    ReqStats { ttft, gaps, tokens }
+    ReqStats {
+        ttft,
+        gaps,
+        tokens,
+        prompt_tokens,
+    }
 }
 
 fn text_request(prompt: String, new: u32) -> pb::GenerateRequest {
@@ -96,6 +109,8 @@ fn text_request(prompt: String, new: u32) -> pb::GenerateRequest {
 struct Row {
     conc: usize,
     tok_s: f64,
+    /// Mean prompt tokens per request.
+    prompt_tokens: f64,
     ttft: (f64, f64),
     itl: (f64, f64),
 }
@@ -124,11 +139,14 @@ async fn concurrency(c: &AfNextClient<Channel>, conc: usize, per_client: usize, 
     }
     let wall = t0.elapsed().as_secs_f64();
     let tokens: usize = all.iter().map(|s| s.tokens).sum();
+    let prompt_tokens =
+        all.iter().map(|s| s.prompt_tokens as f64).sum::<f64>() / all.len().max(1) as f64;
     let mut ttft: Vec<f64> = all.iter().map(|s| s.ttft).collect();
     let mut gaps: Vec<f64> = all.iter().flat_map(|s| s.gaps.iter().copied()).collect();
     Row {
         conc,
         tok_s: tokens as f64 / wall,
+        prompt_tokens,
         ttft: (percentile(&mut ttft, 0.5), percentile(&mut ttft, 0.99)),
         itl: (percentile(&mut gaps, 0.5), percentile(&mut gaps, 0.99)),
     }
@@ -200,7 +218,8 @@ fn ref_python() -> Option<PathBuf> {
     p.exists().then_some(p)
 }
 
-fn reference(threads: usize, dtype: &str, new: u32) -> Option<f64> {
+/// transformers' tokens/s for a static batch of 16 prompts of `prompt` tokens.
+fn reference(threads: usize, dtype: &str, prompt: usize, new: u32) -> Option<f64> {
     let py = ref_python()?;
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tools/bench/load_ref.py");
     let o = Command::new(py)
@@ -209,7 +228,7 @@ fn reference(threads: usize, dtype: &str, new: u32) -> Option<f64> {
             threads.to_string(),
             dtype.into(),
             "16".into(),
-            "24".into(),
+            prompt.to_string(),
             new.to_string(),
         ])
         .output()
@@ -300,10 +319,13 @@ fn main() {
             let _ = srv.await;
             (rows, fu)
         });
+        // The reference prefills prompts as long as the server's were (the chat template included), so
+        // that both sides do the same work.
+        let prompt = rows.0[2].prompt_tokens.round() as usize;
         let reference = if quick {
             None
         } else {
-            reference(threads, name, new)
+            reference(threads, name, prompt, new)
         };
         println!("\n## {name}");
         println!("| concurrency | tokens/s | x conc. 1 | TTFT p50 / p99 (ms) | inter-token p50 / p99 (ms) |");
@@ -323,7 +345,7 @@ fn main() {
         }
         match reference {
             Some(t) => println!(
-                "transformers static batch 16 ({new} new tokens, 24-token prompts): {t:.1} tok/s; afnext at 16 = {:.2}x",
+                "transformers static batch 16 ({new} new tokens, {prompt}-token prompts as afnext's): {t:.1} tok/s; afnext at 16 = {:.2}x",
                 rows.0[2].tok_s / t
             ),
             None => println!("transformers reference: not run (quick mode or no reference venv)"),
