@@ -607,7 +607,7 @@ mod tests {
         // Few rows widen in registers, many rows widen a group of panels at a time (several groups here,
         // and several K blocks): both must sum exactly what the f32 kernel sums.
         let mut seed = 11;
-        for &(m, n, k) in &[(5, 1600, 800), (60, 1600, 800), (49, 40, 390)] {
+        for &(m, n, k) in &[(5, 1600, 800), (16, 1610, 800), (60, 1600, 800), (49, 40, 390)] {
             let w: Vec<bf16> = (0..n * k).map(|_| bf16::from_f32(lcg(&mut seed))).collect();
             let wide: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
             let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut seed)).collect();
@@ -658,10 +658,12 @@ mod tests {
         let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut s)).collect();
         let x: Vec<f32> = (0..37 * k).map(|_| lcg(&mut s)).collect();
         let pw = PackedWeight::from_f32(&w, n, k);
-        let all = pw.matmul(&x, 37, None);
-        for r in [0, 5, 8, 36] {
-            let one = pw.matmul(&x[r * k..(r + 1) * k], 1, None);
-            assert_eq!(one, all[r * n..(r + 1) * n].to_vec(), "row {r}");
+        for m in [37, 16, 32] {
+            let all = pw.matmul(&x[..m * k], m, None);
+            for r in [0, 5, 8, 15, m - 1] {
+                let one = pw.matmul(&x[r * k..(r + 1) * k], 1, None);
+                assert_eq!(one, all[r * n..(r + 1) * n].to_vec(), "row {r} of {m}");
+            }
         }
     }
 
@@ -671,8 +673,9 @@ mod tests {
             return;
         }
         let mut s = 11u64;
-        // Both loop orders: few rows (panel stream) and many rows (K/M blocking).
-        for (m, n, k) in [(10, 40, 500), (60, 40, 500)] {
+        // Both loop orders: few rows (panel stream; 16 and 32 rows, a decode step's batch, as 14 + 2 and
+        // 14 + 14 + 4, with a last panel of 8 and of 22 columns) and many rows (K/M blocking).
+        for (m, n, k) in [(10, 40, 500), (16, 40, 500), (32, 86, 900), (60, 40, 500)] {
             let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut s)).collect();
             let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut s)).collect();
             let pw = PackedWeight::from_f32(&w, n, k);
