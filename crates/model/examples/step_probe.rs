@@ -1,5 +1,5 @@
 //! One engine step of the decoder in isolation: a Qwen2.5-0.5B-shaped random decoder (the load bench's)
-//! over the paged KV cache, `B` sequences of a 40-token prompt each, then decode steps of `B` rows (one
+//! over the paged KV cache, `B` sequences of a 40-token prompt each (`AFNEXT_PROBE_PROMPT`), then decode steps of `B` rows (one
 //! per sequence), timed without the server. A diagnostic for batching work (the load bench over gRPC is
 //! `cargo bench -p afnext-server --bench load`).
 //! Run: `RAYON_NUM_THREADS=2 cargo run --release -p afnext-model --example step_probe [bf16|f32] [B,...]`.
@@ -14,7 +14,6 @@ use candle_core::{DType, Device, Tensor};
 use std::path::Path;
 use std::time::Instant;
 
-const PROMPT: usize = 40;
 const BLOCK: usize = 16;
 
 fn config() -> AfNextConfig {
@@ -65,9 +64,14 @@ fn main() {
     let d = &model.decoder;
     let v = d.config().vocab_size as u32;
     let max_b = *batches.iter().max().unwrap();
-    let per_seq = (PROMPT + steps + 2).div_ceil(BLOCK);
+    // AFNEXT_PROBE_PROMPT: each sequence's prompt length before the decode steps (default 40).
+    let prompt: usize = std::env::var("AFNEXT_PROBE_PROMPT")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(40);
+    let per_seq = (prompt + steps + 2).div_ceil(BLOCK);
     let kv = PagedKv::new(d.config(), max_b * per_seq, BLOCK, dtype, &Device::Cpu).unwrap();
-    println!("decode step, {dtype:?}, {PROMPT}-token prompts, median of {steps} steps");
+    println!("decode step, {dtype:?}, {prompt}-token prompts, median of {steps} steps");
     println!("| rows | step (ms) | layers (ms) | lm_head (ms) | tok/s |");
     println!("|---:|---:|---:|---:|---:|");
     for &b in &batches {
@@ -80,14 +84,14 @@ fn main() {
                 .iter()
                 .map(|t| SeqStep {
                     start: 0,
-                    len: PROMPT,
+                    len: prompt,
                     block_table: t.clone(),
                 })
                 .collect(),
-            ids: (0..b * PROMPT)
+            ids: (0..b * prompt)
                 .map(|i| (i as u32 * 7919 + 13) % v)
                 .collect(),
-            sample_rows: (0..b as u32).map(|s| (s + 1) * PROMPT as u32 - 1).collect(),
+            sample_rows: (0..b as u32).map(|s| (s + 1) * prompt as u32 - 1).collect(),
         };
         d.run_step(&plan, None, &kv).unwrap();
         let (mut total, mut layers, mut head) = (vec![], vec![], vec![]);
@@ -95,7 +99,7 @@ fn main() {
             let seqs: Vec<SeqStep> = tables
                 .iter()
                 .map(|t| SeqStep {
-                    start: PROMPT + step,
+                    start: prompt + step,
                     len: 1,
                     block_table: t.clone(),
                 })

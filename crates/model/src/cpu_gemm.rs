@@ -607,7 +607,12 @@ mod tests {
         // Few rows widen in registers, many rows widen a group of panels at a time (several groups here,
         // and several K blocks): both must sum exactly what the f32 kernel sums.
         let mut seed = 11;
-        for &(m, n, k) in &[(5, 1600, 800), (16, 1610, 800), (60, 1600, 800), (49, 40, 390)] {
+        for &(m, n, k) in &[
+            (5, 1600, 800),
+            (16, 1610, 800),
+            (60, 1600, 800),
+            (49, 40, 390),
+        ] {
             let w: Vec<bf16> = (0..n * k).map(|_| bf16::from_f32(lcg(&mut seed))).collect();
             let wide: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
             let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut seed)).collect();

@@ -7,7 +7,9 @@
 //! (gathers, GQA copies, two matmuls, softmax, casts); on a CPU their fixed cost per call dominates the step.
 //! Here every (row, kv head) pair is one task over the rayon pool, for the query heads of its GQA group: scores
 //! against the sequence's keys read in place from the pool (no gather, no GQA copy; each key converted once for
-//! the group), a max-subtracted softmax in f32, and the weighted sum of the values.
+//! the group), a max-subtracted softmax in f32, and the weighted sum of the values. The task's code is compiled
+//! for AVX-512 where the CPU has it, and scores up to 8 heads of the group side by side, one per vector lane
+//! (a 16-row decode step over 1 000-token contexts: its layers 148 -> 128 ms, docs/PERFORMANCE.md).
 //! Each row's result depends only on its own sequence, so it is the same alone or batched. The single-sequence
 //! contiguous cache of the CLI and the tests uses the same kernels.
 
@@ -215,6 +217,7 @@ fn run<T: Kv>(
     let (nh, nkv, hd) = (g.nh, g.nkv, g.hd);
     let group = nh / nkv;
     let scale = (hd as f64).powf(-0.5) as f32;
+    let avx512 = avx512();
     // One task per (row, kv head): the query heads of a GQA group are consecutive (head h reads kv head
     // h / group), so the task's heads are `group` consecutive chunks of `q` and `out`, and every key and
     // value vector is read and converted once for all of them. Each head's arithmetic (the dot products'
@@ -225,48 +228,152 @@ fn run<T: Kv>(
             let (t, kvh) = (tk / nkv, tk % nkv);
             let Some((s, pos)) = rows[t] else { return };
             let qs = &q[tk * group * hd..(tk + 1) * group * hd];
-            let ctx = pos + 1;
-            // scores[i * ctx + j]: head i of the group, key j.
-            let mut scores = vec![0f32; group * ctx];
-            let mut row = vec![0f32; hd];
-            let load = |src: &[T], j: usize, row: &mut [f32]| {
-                let at = slot(s, j, kvh);
-                for (d, x) in row.iter_mut().zip(&src[at..at + hd]) {
-                    *d = x.f();
-                }
-            };
-            for j in 0..ctx {
-                load(k, j, &mut row);
-                for (i, qh) in qs.chunks_exact(hd).enumerate() {
-                    scores[i * ctx + j] = dot(qh, &row) * scale;
-                }
+            // Where each visible position's key and value vectors start (one block-table lookup each).
+            let at: Vec<usize> = (0..=pos).map(|j| slot(s, j, kvh)).collect();
+            #[cfg(target_arch = "x86_64")]
+            if avx512 {
+                // SAFETY: AVX-512F was detected.
+                unsafe { row_avx512(qs, o, (k, v), hd, scale, &at) };
+                return;
             }
-            let mut inv = Vec::with_capacity(group);
-            for sc in scores.chunks_exact_mut(ctx) {
-                let max = sc.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-                // The same exponentials and sum as `softmax_rows` computes for these scores (the blocked
-                // path of longer chunks), so a sequence's numbers do not depend on which path its rows take.
-                inv.push(1.0 / crate::cpu_exp::exp_shifted_sum(sc, max));
-            }
-            o.iter_mut().for_each(|x| *x = 0.0);
-            for j in 0..ctx {
-                load(v, j, &mut row);
-                for (i, oh) in o.chunks_exact_mut(hd).enumerate() {
-                    let p = scores[i * ctx + j];
-                    for (x, &vv) in oh.iter_mut().zip(&row) {
-                        *x += p * vv;
-                    }
-                }
-            }
-            for (oh, &inv) in o.chunks_exact_mut(hd).zip(&inv) {
-                oh.iter_mut().for_each(|x| *x *= inv);
-            }
+            let _ = avx512;
+            row(qs, o, (k, v), hd, scale, &at);
         });
 }
 
-/// Dot product with 16 independent accumulators, summed lane by lane, then the tail (vectorises without
-/// reassociation flags; slices of exact chunks keep bounds checks out of the loop).
+/// Whether the CPU has AVX-512F (the few-query kernel is then compiled for it: its loops vectorise 16 wide).
+fn avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn row_avx512<T: Kv>(
+    qs: &[f32],
+    o: &mut [f32],
+    kv: (&[T], &[T]),
+    hd: usize,
+    scale: f32,
+    at: &[usize],
+) {
+    row(qs, o, kv, hd, scale, at)
+}
+
+/// Query heads per score pass of [`row`] (vector lanes).
+const LANES: usize = 8;
+
+/// One (row, kv head) task: the `group` query heads `qs` (`[group, hd]`) attend to the keys and values at
+/// offsets `at` (positions `0..at.len()`); writes `o` (`[group, hd]`).
+///
+/// Scores go up to [`LANES`] heads at a time, one per vector lane: the heads' queries transposed once
+/// (`qt[d * LANES + i]`), each key converted to f32 once and its elements broadcast. Each lane sums in
+/// exactly the order of a plain dot product with 16 partial sums (partial sum `l` takes elements `l, l + 16,
+/// ...`; the partial sums are then added in order, then the tail past the last 16): one such dot product
+/// per key and head took a chain of 15 dependent scalar additions, most of a long context's decode step.
 #[inline(always)]
+fn row<T: Kv>(
+    qs: &[f32],
+    o: &mut [f32],
+    (k, v): (&[T], &[T]),
+    hd: usize,
+    scale: f32,
+    at: &[usize],
+) {
+    let ctx = at.len();
+    let group = qs.len() / hd;
+    // scores[i * ctx + j]: head i of the group, key j.
+    let mut scores = vec![0f32; group * ctx];
+    let mut qt = vec![0f32; hd * LANES];
+    let mut key = vec![0f32; hd];
+    for h0 in (0..group).step_by(LANES) {
+        let heads = LANES.min(group - h0);
+        // Lanes past `heads` stay zero; their scores are dropped.
+        qt.iter_mut().for_each(|x| *x = 0.0);
+        for i in 0..heads {
+            for (d, &x) in qs[(h0 + i) * hd..][..hd].iter().enumerate() {
+                qt[d * LANES + i] = x;
+            }
+        }
+        for (j, &a) in at.iter().enumerate() {
+            for (d, x) in key.iter_mut().zip(&k[a..a + hd]) {
+                *d = x.f();
+            }
+            let sc = dot_heads(&qt, &key);
+            for (i, &x) in sc.iter().take(heads).enumerate() {
+                scores[(h0 + i) * ctx + j] = x * scale;
+            }
+        }
+    }
+    let mut inv = Vec::with_capacity(group);
+    for sc in scores.chunks_exact_mut(ctx) {
+        let max = sc.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+        // The same exponentials and sum as `softmax_rows` computes for these scores (the blocked path of
+        // longer chunks), so a sequence's numbers do not depend on which path its rows take.
+        inv.push(1.0 / crate::cpu_exp::exp_shifted_sum(sc, max));
+    }
+    o.iter_mut().for_each(|x| *x = 0.0);
+    let mut vrow = vec![0f32; hd];
+    for (j, &a) in at.iter().enumerate() {
+        for (d, x) in vrow.iter_mut().zip(&v[a..a + hd]) {
+            *d = x.f();
+        }
+        for (i, oh) in o.chunks_exact_mut(hd).enumerate() {
+            let p = scores[i * ctx + j];
+            for (x, &vv) in oh.iter_mut().zip(&vrow) {
+                *x += p * vv;
+            }
+        }
+    }
+    for (oh, &inv) in o.chunks_exact_mut(hd).zip(&inv) {
+        oh.iter_mut().for_each(|x| *x *= inv);
+    }
+}
+
+/// The dot products of `key` (`hd` values) with the [`LANES`] queries of `qt` (transposed, `[hd][LANES]`),
+/// each summed as [`dot`] sums one: 16 partial sums over elements `l, l + 16, ...`, added in order (from
+/// -0.0, as `Iterator::sum` does), plus the tail past the last full 16.
+#[inline(always)]
+fn dot_heads(qt: &[f32], key: &[f32]) -> [f32; LANES] {
+    let full = key.len() / 16 * 16;
+    let mut part = [[0f32; LANES]; 16];
+    for c in (0..full).step_by(16) {
+        for (l, p) in part.iter_mut().enumerate() {
+            let y = key[c + l];
+            let col = &qt[(c + l) * LANES..][..LANES];
+            for (a, &x) in p.iter_mut().zip(col) {
+                *a += x * y;
+            }
+        }
+    }
+    let mut s = [-0.0f32; LANES];
+    for p in &part {
+        for (a, &b) in s.iter_mut().zip(p) {
+            *a += b;
+        }
+    }
+    let mut tail = [0f32; LANES];
+    for (d, &y) in key.iter().enumerate().skip(full) {
+        let col = &qt[d * LANES..][..LANES];
+        for (a, &x) in tail.iter_mut().zip(col) {
+            *a += x * y;
+        }
+    }
+    for (a, &t) in s.iter_mut().zip(&tail) {
+        *a += t;
+    }
+    s
+}
+
+/// Dot product with 16 independent accumulators, summed lane by lane, then the tail: the order each lane of
+/// [`dot_heads`] follows (the reference of its test).
+#[cfg(test)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 16];
     let (ac, bc) = (a.chunks_exact(16), b.chunks_exact(16));
@@ -281,4 +388,63 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
         }
     }
     acc.iter().sum::<f32>() + tail
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(s: &mut u64) -> f32 {
+        *s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((*s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+    }
+
+    #[test]
+    fn lane_scores_sum_in_the_order_of_one_dot_product() {
+        let mut s = 5u64;
+        for hd in [64, 80, 128, 7] {
+            let key: Vec<f32> = (0..hd).map(|_| lcg(&mut s) * 1e3).collect();
+            let qs: Vec<Vec<f32>> = (0..LANES)
+                .map(|_| (0..hd).map(|_| lcg(&mut s)).collect())
+                .collect();
+            let mut qt = vec![0f32; hd * LANES];
+            for (i, q) in qs.iter().enumerate() {
+                for (d, &x) in q.iter().enumerate() {
+                    qt[d * LANES + i] = x;
+                }
+            }
+            let got = dot_heads(&qt, &key);
+            for (i, q) in qs.iter().enumerate() {
+                assert_eq!(
+                    got[i].to_bits(),
+                    dot(q, &key).to_bits(),
+                    "hd {hd}, head {i}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_task_gives_the_same_bits_on_both_code_paths() {
+        // The AVX-512 build of a task and the portable one, with more heads than one pass takes.
+        if !avx512() {
+            return;
+        }
+        let mut s = 9u64;
+        let (hd, group, ctx) = (64, 11, 37);
+        let qs: Vec<f32> = (0..group * hd).map(|_| lcg(&mut s)).collect();
+        let k: Vec<bf16> = (0..ctx * hd).map(|_| bf16::from_f32(lcg(&mut s))).collect();
+        let v: Vec<bf16> = (0..ctx * hd).map(|_| bf16::from_f32(lcg(&mut s))).collect();
+        let at: Vec<usize> = (0..ctx).map(|j| ((j * 5) % ctx) * hd).collect();
+        let (mut a, mut b) = (vec![0f32; group * hd], vec![0f32; group * hd]);
+        row(&qs, &mut a, (&k, &v), hd, 0.125, &at);
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX-512F was detected.
+        unsafe {
+            row_avx512(&qs, &mut b, (&k, &v), hd, 0.125, &at)
+        };
+        assert_eq!(a, b);
+    }
 }
