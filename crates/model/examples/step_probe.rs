@@ -1,6 +1,6 @@
 //! One engine step of the decoder in isolation: a Qwen2.5-0.5B-shaped random decoder (the load bench's)
-//! over the paged KV cache, `B` sequences of a 40-token prompt each (`AFNEXT_PROBE_PROMPT`), then decode steps of `B` rows (one
-//! per sequence), timed without the server. A diagnostic for batching work (the load bench over gRPC is
+//! over the paged KV cache, `B` sequences of a 40-token prompt each (`AFNEXT_PROBE_PROMPT`), then decode
+//! steps of `B` rows (one per sequence), timed without the server. A diagnostic for batching work (the load bench over gRPC is
 //! `cargo bench -p afnext-server --bench load`).
 //! Run: `RAYON_NUM_THREADS=2 cargo run --release -p afnext-model --example step_probe [bf16|f32] [B,...]`.
 //! Prints per batch size the median step time split into layers (`forward_paged`) and lm_head.

@@ -295,16 +295,14 @@ fn row<T: Kv>(
     for h0 in (0..group).step_by(LANES) {
         let heads = LANES.min(group - h0);
         // Lanes past `heads` stay zero; their scores are dropped.
-        qt.iter_mut().for_each(|x| *x = 0.0);
+        qt.fill(0.0);
         for i in 0..heads {
             for (d, &x) in qs[(h0 + i) * hd..][..hd].iter().enumerate() {
                 qt[d * LANES + i] = x;
             }
         }
         for (j, &a) in at.iter().enumerate() {
-            for (d, x) in key.iter_mut().zip(&k[a..a + hd]) {
-                *d = x.f();
-            }
+            widen(&mut key, &k[a..]);
             let sc = dot_heads(&qt, &key);
             for (i, &x) in sc.iter().take(heads).enumerate() {
                 scores[(h0 + i) * ctx + j] = x * scale;
@@ -321,9 +319,7 @@ fn row<T: Kv>(
     o.iter_mut().for_each(|x| *x = 0.0);
     let mut vrow = vec![0f32; hd];
     for (j, &a) in at.iter().enumerate() {
-        for (d, x) in vrow.iter_mut().zip(&v[a..a + hd]) {
-            *d = x.f();
-        }
+        widen(&mut vrow, &v[a..]);
         for (i, oh) in o.chunks_exact_mut(hd).enumerate() {
             let p = scores[i * ctx + j];
             for (x, &vv) in oh.iter_mut().zip(&vrow) {
@@ -333,6 +329,15 @@ fn row<T: Kv>(
     }
     for (oh, &inv) in o.chunks_exact_mut(hd).zip(&inv) {
         oh.iter_mut().for_each(|x| *x *= inv);
+    }
+}
+
+/// The first `dst.len()` values of `src` (a key or value vector in the pool) as f32.
+#[inline(always)]
+fn widen<T: Kv>(dst: &mut [f32], src: &[T]) {
+    let n = dst.len();
+    for (d, x) in dst.iter_mut().zip(&src[..n]) {
+        *d = x.f();
     }
 }
 
@@ -393,13 +398,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn lcg(s: &mut u64) -> f32 {
-        *s = s
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((*s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-    }
+    use crate::attn_cpu::tests::lcg;
 
     #[test]
     fn lane_scores_sum_in_the_order_of_one_dot_product() {
