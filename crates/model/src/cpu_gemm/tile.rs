@@ -30,8 +30,8 @@ pub(super) fn portable_tile<T: Elem>(t: &Tile<'_, T>, rows: usize) {
         for kk in 0..t.kl {
             let xv = t.x[kk * t.xs + r];
             let wrow = &t.panel[kk * NR..(kk + 1) * NR];
-            for (a, &wv) in acc.iter_mut().zip(wrow) {
-                *a = xv.mul_add(wv.widen(), *a);
+            for (col, a) in acc.iter_mut().enumerate() {
+                *a = xv.mul_add(wrow[T::slot(col)].widen(), *a);
             }
         }
         for (col, &a) in acc.iter().enumerate().take(t.cols) {
@@ -53,12 +53,11 @@ pub(super) mod avx512 {
     unsafe fn load_w<T: Elem>(panel: &[T], kk: usize) -> (__m512, __m512) {
         let p = panel.as_ptr().add(kk * NR);
         if T::IS_BF16 {
+            // Lane c: column c in the low half, column c + 16 in the high half (`Elem::slot`).
             let v = _mm512_loadu_si512(p as *const __m512i);
-            let lo = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(v));
-            let hi = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64::<1>(v));
             (
-                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(lo)),
-                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(hi)),
+                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v)),
+                _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(-65536))),
             )
         } else {
             let f = p as *const f32;
