@@ -595,12 +595,16 @@ impl Qwen2 {
             let idx = Tensor::from_vec(audio_rows, n, embeds.device())?;
             embeds = embeds.index_add(&idx, &a.to_dtype(embeds.dtype())?, 0)?;
         }
-        let hidden = self.forward_paged(&embeds, &plan.seqs, kv)?;
-        if plan.sample_rows.is_empty() {
-            return Ok(None);
-        }
-        let n = plan.sample_rows.len();
-        let idx = Tensor::from_slice(&plan.sample_rows, n, hidden.device())?;
-        Ok(Some(self.logits(&hidden.index_select(&idx, 0)?)?))
+        // The lm_head in the same pass on the pool as the layers (one hand-off per step, the workers kept
+        // awake through it).
+        crate::pool::on_pool(self.on_cpu_alone(), || {
+            let hidden = self.forward_paged(&embeds, &plan.seqs, kv)?;
+            if plan.sample_rows.is_empty() {
+                return Ok(None);
+            }
+            let n = plan.sample_rows.len();
+            let idx = Tensor::from_slice(&plan.sample_rows, n, hidden.device())?;
+            Ok(Some(self.logits(&hidden.index_select(&idx, 0)?)?))
+        })
     }
 }
