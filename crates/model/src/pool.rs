@@ -11,8 +11,10 @@
 //! Only for a group of one: a tensor-parallel rank blocks in its collectives, and ranks that share a process
 //! (and its pool) must not park each other's workers.
 
+use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// Runs `f` on a worker of rayon's global pool (on this thread if it is one already), when `whole` (no
 /// group to wait on, see the module documentation); otherwise on this thread.
@@ -40,6 +42,19 @@ pub(crate) fn on_pool<R: Send>(whole: bool, f: impl FnOnce() -> R + Send) -> R {
 /// with unrelated work when it ends (a job of the encoder thread it picked up) does not hold the step up.
 struct KeepAwake(Arc<Spin>);
 
+/// How long a spinning job looks for work in vain before it ends (its worker then sleeps as rayon's
+/// workers do). A job runs on whatever its worker was doing, and rayon runs jobs inside waits: a worker
+/// waiting in a join within one of the pass's own tasks may pick its spinning job up, and that task cannot
+/// finish beneath a job that lasts as long as the pass. Then nobody finds work, and this bound ends the wait
+/// (a unit test runs concurrent passes with nested joins; one such hang was seen in the golden tests before
+/// the bound). The gaps between a pass's kernels are microseconds.
+const MAX_IDLE: Duration = Duration::from_millis(1);
+
+thread_local! {
+    /// This thread is running a spinning job.
+    static SPINNING: Cell<bool> = const { Cell::new(false) };
+}
+
 #[derive(Default)]
 struct Spin {
     done: AtomicBool,
@@ -53,16 +68,29 @@ impl KeepAwake {
         let caller = rayon::current_thread_index();
         let s = spin.clone();
         rayon::spawn_broadcast(move |ctx| {
-            if Some(ctx.index()) == caller {
+            // Not on the caller, and not within another spinning job (it keeps this worker busy already).
+            if Some(ctx.index()) == caller || SPINNING.get() {
                 return;
             }
+            SPINNING.set(true);
             s.live.fetch_add(1, Ordering::AcqRel);
+            // The clock is read once per 1024 idle rounds (a read per round slowed the pass it serves).
+            let (mut idle_rounds, mut idle_since) = (0u32, None);
             while !s.done.load(Ordering::Acquire) {
-                if rayon::yield_now() != Some(rayon::Yield::Executed) {
-                    std::hint::spin_loop();
+                if rayon::yield_now() == Some(rayon::Yield::Executed) {
+                    (idle_rounds, idle_since) = (0, None);
+                    continue;
                 }
+                idle_rounds = idle_rounds.wrapping_add(1);
+                if idle_rounds % 1024 == 0
+                    && idle_since.get_or_insert_with(Instant::now).elapsed() > MAX_IDLE
+                {
+                    break;
+                }
+                std::hint::spin_loop();
             }
             s.live.fetch_sub(1, Ordering::AcqRel);
+            SPINNING.set(false);
         });
         KeepAwake(spin)
     }
@@ -111,6 +139,41 @@ mod tests {
         wait("no worker started spinning", &|live| live > 0);
         drop(awake);
         wait("workers still spinning", &|live| live == 0);
+    }
+
+    #[test]
+    fn concurrent_passes_with_nested_parallel_work_finish() {
+        // Passes started from several threads at once (tests in parallel, the CLI beside a server), each
+        // with joins nested in its parallel work, as the attention's kernels have. A worker waiting in such a
+        // join may pick up another pass's spinning job; if that job only ended with its pass, and the pass
+        // needed the join's work beneath it, nothing would finish.
+        let (tx, rx) = std::sync::mpsc::channel();
+        for t in 0..8u64 {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let mut total = 0u64;
+                for i in 0..2000u64 {
+                    total += on_pool(true, || {
+                        (0..8u64)
+                            .into_par_iter()
+                            .map(|j| {
+                                (0..64u64)
+                                    .into_par_iter()
+                                    .map(|x| x ^ (i + j + t))
+                                    .sum::<u64>()
+                            })
+                            .sum::<u64>()
+                    });
+                }
+                tx.send(total).unwrap();
+            });
+        }
+        drop(tx);
+        for _ in 0..8 {
+            // A bounded wait for liveness, not a timing.
+            let got = rx.recv_timeout(std::time::Duration::from_secs(120));
+            assert!(got.is_ok(), "concurrent passes did not finish: {got:?}");
+        }
     }
 
     #[test]
