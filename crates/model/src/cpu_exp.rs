@@ -13,8 +13,7 @@
 pub(crate) fn exp_shifted_sum(e: &mut [f32], m: f32) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
-        // (std caches the CPU feature query.)
-        if std::arch::is_x86_feature_detected!("avx512f") {
+        if crate::cpu_features::avx512f() {
             // SAFETY: the CPU has AVX-512F (checked above).
             return unsafe { avx512::exp_shifted_sum(e, m) };
         }
@@ -32,7 +31,7 @@ pub(crate) fn exp_shifted_sum(e: &mut [f32], m: f32) -> f32 {
 pub(crate) fn exp_in_place(e: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx512f") {
+        if crate::cpu_features::avx512f() {
             // SAFETY: the CPU has AVX-512F (checked above).
             return unsafe { avx512::exp_in_place(e) };
         }
@@ -51,7 +50,7 @@ pub(crate) fn exp_in_place(e: &mut [f32]) {
 pub(crate) fn gelu_erf_in_place(v: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx512f") {
+        if crate::cpu_features::avx512f() {
             // SAFETY: the CPU has AVX-512F (checked above).
             return unsafe { avx512::gelu_erf_in_place(v) };
         }
@@ -74,7 +73,7 @@ pub(crate) fn exp_columns(s: &mut [f32], rows: usize, cols: usize, scale: f32) -
     assert_eq!(s.len(), rows * cols, "exp_columns: buffer size");
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx512f") {
+        if crate::cpu_features::avx512f() {
             // SAFETY: the CPU has AVX-512F (checked above); the buffer holds rows x cols values.
             return unsafe { avx512::exp_columns(s, rows, cols, scale) };
         }

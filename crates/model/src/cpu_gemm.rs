@@ -375,15 +375,7 @@ unsafe impl Sync for SyncPtr {}
 unsafe impl Send for SyncPtr {}
 
 fn has_avx512() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bw")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    crate::cpu_features::avx512f() && crate::cpu_features::avx512bw()
 }
 
 /// A packed weight element.

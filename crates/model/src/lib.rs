@@ -8,6 +8,7 @@ mod attn_cpu;
 pub mod config;
 pub mod cpu_amx;
 mod cpu_exp;
+mod cpu_features;
 pub mod cpu_gemm;
 pub mod decoder;
 pub mod device;

@@ -217,7 +217,8 @@ fn run<T: Kv>(
     let (nh, nkv, hd) = (g.nh, g.nkv, g.hd);
     let group = nh / nkv;
     let scale = (hd as f64).powf(-0.5) as f32;
-    let avx512 = avx512();
+    // With AVX-512F the few-query kernel is compiled for it: its loops vectorise 16 wide.
+    let avx512 = crate::cpu_features::avx512f();
     // One task per (row, kv head): the query heads of a GQA group are consecutive (head h reads kv head
     // h / group), so the task's heads are `group` consecutive chunks of `q` and `out`, and every key and
     // value vector is read and converted once for all of them. Each head's arithmetic (the dot products'
@@ -239,18 +240,6 @@ fn run<T: Kv>(
             let _ = avx512;
             row(qs, o, (k, v), hd, scale, &at);
         });
-}
-
-/// Whether the CPU has AVX-512F (the few-query kernel is then compiled for it: its loops vectorise 16 wide).
-fn avx512() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -428,7 +417,7 @@ mod tests {
     #[test]
     fn a_task_gives_the_same_bits_on_both_code_paths() {
         // The AVX-512 build of a task and the portable one, with more heads than one pass takes.
-        if !avx512() {
+        if !crate::cpu_features::avx512f() {
             return;
         }
         let mut s = 9u64;
