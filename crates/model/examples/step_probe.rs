@@ -1,7 +1,7 @@
 //! One engine step of the decoder in isolation: a Qwen2.5-0.5B-shaped random decoder (the load bench's)
 //! over the paged KV cache, `B` sequences of a 40-token prompt each (`AFNEXT_PROBE_PROMPT`), then decode
-//! steps of `B` rows (one per sequence), timed without the server. A diagnostic for batching work (the load bench over gRPC is
-//! `cargo bench -p afnext-server --bench load`).
+//! steps of `B` rows (one per sequence), timed without the server. A diagnostic for batching work (the load
+//! bench over gRPC is `cargo bench -p afnext-server --bench load`).
 //! Run: `RAYON_NUM_THREADS=2 cargo run --release -p afnext-model --example step_probe [bf16|f32] [B,...]`.
 //! Prints per batch size the median step time split into layers (`forward_paged`) and lm_head.
 //! `... step_probe [bf16|f32] prefill [N,...]` times instead the prefill of one N-token prompt in one step
@@ -29,6 +29,14 @@ fn config() -> AfNextConfig {
     AfNextConfig::from_json(&v).expect("probe config")
 }
 
+/// The number in environment variable `name`, or `default` when it is unset or not a number.
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -41,10 +49,7 @@ fn main() {
         _ => DType::BF16,
     };
     // AFNEXT_PROBE_STEPS: decode steps per batch size (more for profiling).
-    let steps: usize = std::env::var("AFNEXT_PROBE_STEPS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(12);
+    let steps = env_usize("AFNEXT_PROBE_STEPS", 12);
     let mut list = args.next();
     let prefill = list.as_deref() == Some("prefill");
     if prefill {
@@ -65,10 +70,7 @@ fn main() {
     let v = d.config().vocab_size as u32;
     let max_b = *batches.iter().max().unwrap();
     // AFNEXT_PROBE_PROMPT: each sequence's prompt length before the decode steps (default 40).
-    let prompt: usize = std::env::var("AFNEXT_PROBE_PROMPT")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(40);
+    let prompt = env_usize("AFNEXT_PROBE_PROMPT", 40);
     let per_seq = (prompt + steps + 2).div_ceil(BLOCK);
     let kv = PagedKv::new(d.config(), max_b * per_seq, BLOCK, dtype, &Device::Cpu).unwrap();
     println!("decode step, {dtype:?}, {prompt}-token prompts, median of {steps} steps");

@@ -45,9 +45,10 @@ struct KeepAwake(Arc<Spin>);
 /// How long a spinning job looks for work in vain before it ends (its worker then sleeps as rayon's
 /// workers do). A job runs on whatever its worker was doing, and rayon runs jobs inside waits: a worker
 /// waiting in a join within one of the pass's own tasks may pick its spinning job up, and that task cannot
-/// finish beneath a job that lasts as long as the pass. Then nobody finds work, and this bound ends the wait
-/// (a unit test runs concurrent passes with nested joins; one such hang was seen in the golden tests before
-/// the bound). The gaps between a pass's kernels are microseconds.
+/// finish beneath a job that lasts as long as the pass. Then nobody finds work, and this bound ends the wait.
+/// One such hang was seen in the golden tests before the bound (parallel tests, two passes at once); the
+/// unit test of concurrent passes with nested joins did not reproduce it, the race being narrow. The gaps
+/// between a pass's kernels are microseconds.
 const MAX_IDLE: Duration = Duration::from_millis(1);
 
 thread_local! {
