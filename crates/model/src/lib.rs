@@ -25,6 +25,7 @@ pub mod paged;
 mod paged_cpu;
 mod pool;
 pub mod rms_norm;
+mod rope_cpu;
 pub mod rote;
 pub mod sampling;
 pub mod softmax;
