@@ -47,7 +47,7 @@ pub(crate) fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor, rows: Rows) -> Resul
     let (x, cos, sin) = (x.contiguous()?, cos.contiguous()?, sin.contiguous()?);
     let positions = cos.elem_count() / half.max(1);
     let vectors = x.elem_count() / d.max(1);
-    if d % 2 != 0 || (0..vectors).any(|v| rows.of(v) >= positions) {
+    if d == 0 || d % 2 != 0 || (0..vectors).any(|v| rows.of(v) >= positions) {
         return Err(crate::ModelError::Input(format!(
             "rope of {shape:?} with {positions} positions of {half} frequencies"
         )));
@@ -213,6 +213,8 @@ mod tests {
             random(&[2, 4], DType::F32, 2),
         );
         let x = random(&[3, 1, 8], DType::F32, 3);
+        assert!(apply(&x, &cos, &sin, Rows::Thd { heads: 1 }).is_err());
+        let x = random(&[2, 1, 7], DType::F32, 3);
         assert!(apply(&x, &cos, &sin, Rows::Thd { heads: 1 }).is_err());
         let x = random(&[2, 1, 8], DType::F16, 3);
         assert!(apply(&x, &cos, &sin, Rows::Thd { heads: 1 })
