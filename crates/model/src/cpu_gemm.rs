@@ -332,12 +332,10 @@ impl PackedRows {
         Self::build(m, k, false, x)
     }
 
-    /// Packs row-major `x` (`[m, k]`), the tiles in parallel when asked and the rows are many (a decode
-    /// step's few rows pack in well under a microsecond).
+    /// Packs row-major `x` (`[m, k]`), the tiles in parallel when asked (products of up to [`FEW_ROWS`]
+    /// rows transpose them instead, see [`PackedWeight::product`]).
     fn pack<A: Elem>(x: &[A], m: usize, k: usize, parallel: bool) -> Self {
-        Self::build(m, k, parallel && m > FEW_ROWS, |r, kk| {
-            x[r * k + kk].widen()
-        })
+        Self::build(m, k, parallel, |r, kk| x[r * k + kk].widen())
     }
 
     fn build(m: usize, k: usize, parallel: bool, x: impl Fn(usize, usize) -> f32 + Sync) -> Self {

@@ -294,7 +294,10 @@ fn cpu_forward(
 
 /// Runs `f` on `x`'s values as one slice of `T`: borrowed from a contiguous CPU tensor of that dtype (no copy
 /// of an encoder window's 7.7 MB activations per projection), else converted.
-fn with_slice<T: WithDType, R>(x: &Tensor, f: impl FnOnce(&[T]) -> Result<R>) -> Result<R> {
+pub(crate) fn with_slice<T: WithDType, R>(
+    x: &Tensor,
+    f: impl FnOnce(&[T]) -> Result<R>,
+) -> Result<R> {
     if x.dtype() == T::DTYPE && x.is_contiguous() {
         let (storage, layout) = x.storage_and_layout();
         if let Storage::Cpu(cpu) = &*storage {

@@ -7,12 +7,13 @@
 //! of the step (`step_probe bf16 16`). Here the pairs of a vector are converted and rounded branch-free (the
 //! loop vectorises) and large inputs are split over the pool.
 
-use candle_core::{DType, Device, Storage, Tensor, WithDType};
+use candle_core::{DType, Device, Tensor, WithDType};
 use half::bf16;
 use rayon::prelude::*;
 
 use crate::elementwise::{to_bf16, widen_bf16};
 use crate::error::Result;
+use crate::linear::with_slice;
 
 /// Vectors (of `head_dim` values) per parallel task; fewer in all run on the calling thread.
 const CHUNK: usize = 256;
@@ -43,7 +44,7 @@ pub(crate) fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor, rows: Rows) -> Resul
     }
     let d = x.dim(candle_core::D::Minus1)?;
     let half = d / 2;
-    let shape = x.dims().to_vec();
+    let shape = x.dims();
     let (x, cos, sin) = (x.contiguous()?, cos.contiguous()?, sin.contiguous()?);
     let positions = cos.elem_count() / half.max(1);
     let vectors = x.elem_count() / d.max(1);
@@ -63,33 +64,24 @@ pub(crate) fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor, rows: Rows) -> Resul
             sin.dims()
         )));
     }
-    // The tables are small (positions x half): copied; `x` is read in place.
-    let y = match x.dtype() {
-        DType::BF16 => {
-            let (c, s) = (cos.flatten_all()?.to_vec1()?, sin.flatten_all()?.to_vec1()?);
-            let y = with_slice(&x, |x| rotate(x, (&c, &s), d, rows, pair_bf16))?;
-            Tensor::from_vec(y, shape, &Device::Cpu)?
-        }
-        _ => {
-            let (c, s) = (cos.flatten_all()?.to_vec1()?, sin.flatten_all()?.to_vec1()?);
-            let y = with_slice(&x, |x| rotate(x, (&c, &s), d, rows, pair_f32))?;
-            Tensor::from_vec(y, shape, &Device::Cpu)?
-        }
-    };
-    Ok(Some(y))
+    Ok(Some(match x.dtype() {
+        DType::BF16 => rope(&x, (&cos, &sin), rows, pair_bf16)?,
+        _ => rope(&x, (&cos, &sin), rows, pair_f32)?,
+    }))
 }
 
-/// `f` of the values of a contiguous CPU tensor of dtype `T`, borrowed.
-fn with_slice<T: WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> Result<R> {
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else {
-        return Err(crate::ModelError::Input(
-            "rope on the CPU of a device tensor".into(),
-        ));
-    };
-    Ok(f(
-        &cpu.as_slice::<T>()?[layout.start_offset()..][..t.elem_count()]
-    ))
+/// [`rotate`] of a contiguous CPU tensor whose dtype is `T`'s, as a tensor of `x`'s shape. The tables are
+/// small (positions x half) and copied; `x` is read in place.
+fn rope<T: WithDType + Default>(
+    x: &Tensor,
+    (cos, sin): (&Tensor, &Tensor),
+    rows: Rows,
+    pair: impl Fn(T, T, T, T) -> (T, T) + Sync,
+) -> Result<Tensor> {
+    let (c, s) = (cos.flatten_all()?.to_vec1()?, sin.flatten_all()?.to_vec1()?);
+    let d = x.dim(candle_core::D::Minus1)?;
+    let y = with_slice(x, |x| Ok(rotate(x, (&c, &s), d, rows, pair)))?;
+    Ok(Tensor::from_vec(y, x.dims(), &Device::Cpu)?)
 }
 
 #[inline(always)]
