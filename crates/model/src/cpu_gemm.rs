@@ -10,7 +10,8 @@
 //! * computes an `MR x 32` tile of `y` (MR <= 14 rows) with 2 x MR AVX-512 accumulators, broadcasting one `x`
 //!   element per row and FMA-ing it with two vectors of the panel;
 //! * for many rows, blocks K by [`KC`] and runs in BLIS's order: a row tile's KC slice stays in L1 while the
-//!   slices of a group of panels (in L2) stream past it; for few rows (decode), streams each panel once;
+//!   slices of a group of panels (in L2) stream past it; for few rows (decode), streams each panel once
+//!   (for one or two rows, four panels side by side: see `tile::FEW_PANEL_ROWS`);
 //! * splits the panels (output columns) over the rayon pool; each task then adds the bias (and the GELU, for
 //!   the encoder's fc1) to its own columns while they are in cache.
 //!
@@ -31,7 +32,7 @@ use rayon::prelude::*;
 mod tile;
 #[cfg(target_arch = "x86_64")]
 use tile::avx512;
-use tile::{portable_tile, Tile};
+use tile::{portable_tile, Tile, FEW_PANEL_ROWS, MAX_PANELS};
 
 /// Output columns per panel (two 16-lane vectors).
 pub const NR: usize = 32;
@@ -463,6 +464,21 @@ fn run_panels<T: Elem>(
     };
     // Both orders add the same K blocks in the same order to every output element; they differ only in
     // which data stays in cache.
+    if ctx.stream && m <= FEW_PANEL_ROWS {
+        // One or two rows: MAX_PANELS panels side by side (see `FEW_PANEL_ROWS`), each K block of each
+        // panel once, in order per panel; a task's last group may have fewer.
+        let step = stride * NR;
+        for g in panels.clone().step_by(MAX_PANELS) {
+            let count = MAX_PANELS.min(panels.end - g);
+            for kc in (0..k).step_by(KC) {
+                let kl = KC.min(k - kc);
+                let start = g * step + kc * NR;
+                let blocks = &w[start..start + (count - 1) * step + kl * NR];
+                ctx.side_by_side(blocks, (count, step), g, kc, m);
+            }
+        }
+        return;
+    }
     if ctx.stream {
         // Few rows (decode steps): stream each panel once, front to back; the rows stay in L1.
         for p in panels {
@@ -525,6 +541,48 @@ struct Blocks<'a> {
 }
 
 impl Blocks<'_> {
+    /// All `m` (<= [`FEW_PANEL_ROWS`]) rows of `count` panels from panel `p` on, side by side, over their K
+    /// blocks at `kc`: `blocks` runs from the first block's start to the last one's end, `step` elements
+    /// from one panel to the next.
+    fn side_by_side<E: Elem>(
+        &self,
+        blocks: &[E],
+        (count, step): (usize, usize),
+        p: usize,
+        kc: usize,
+        m: usize,
+    ) {
+        let kl = (blocks.len() - (count - 1) * step) / NR;
+        let x = match self.x {
+            Rows::Packed(x) => &x[kc * MR..],
+            Rows::KMajor { x, stride } => &x[kc * stride..],
+        };
+        let tile = Tile {
+            x,
+            xs: match self.x {
+                Rows::Packed(_) => MR,
+                Rows::KMajor { stride, .. } => stride,
+            },
+            panel: blocks,
+            kl,
+            panels: count,
+            next: step,
+            // SAFETY: rows 0..m and the count panels' columns are inside y and belong to this task.
+            c: unsafe { self.out.0.add(p * NR) },
+            ldc: self.n,
+            cols: (count * NR).min(self.n - p * NR),
+            accumulate: kc > 0,
+            prefetch: true,
+        };
+        #[cfg(target_arch = "x86_64")]
+        if self.avx512 {
+            // SAFETY: AVX-512 F/BW were detected; the tile's bounds hold by construction.
+            unsafe { avx512::tile::<E>(&tile, m) };
+            return;
+        }
+        portable_tile(&tile, m);
+    }
+
     /// Rows `r0..r1` of panel `p`'s K block at `kc`, whose `kl x 32` values are `panel`, in tiles of MR rows.
     fn block<E: Elem>(&self, panel: &[E], p: usize, kc: usize, r0: usize, r1: usize) {
         let (n, stride) = (self.n, self.stride);
@@ -545,6 +603,8 @@ impl Blocks<'_> {
                 xs,
                 panel,
                 kl,
+                panels: 1,
+                next: 0,
                 c,
                 ldc: n,
                 cols,
@@ -632,6 +692,8 @@ mod tests {
         // and several K blocks): both must sum exactly what the f32 kernel sums.
         let mut seed = 11;
         for &(m, n, k) in &[
+            (1, 1610, 800),
+            (2, 1600, 800),
             (5, 1600, 800),
             (16, 1610, 800),
             (60, 1600, 800),
@@ -683,16 +745,24 @@ mod tests {
     #[test]
     fn a_row_gives_the_same_bits_alone_or_in_a_batch() {
         let mut s = 3u64;
-        let (n, k) = (77, 900);
-        let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut s)).collect();
-        let x: Vec<f32> = (0..60 * k).map(|_| lcg(&mut s)).collect();
-        let pw = PackedWeight::from_f32(&w, n, k);
-        // Up to FEW_ROWS rows are transposed k-major, more are packed in row tiles: both against one row.
-        for m in [37, 16, 32, 60] {
-            let all = pw.matmul(&x[..m * k], m, None);
-            for r in [0, 5, 8, 15, m - 1] {
-                let one = pw.matmul(&x[r * k..(r + 1) * k], 1, None);
-                assert_eq!(one, all[r * n..(r + 1) * n].to_vec(), "row {r} of {m}");
+        // 3 panels, the last part-empty; 43 panels: groups of MAX_PANELS side by side for one and two rows,
+        // and shorter groups at the ends of the tasks' ranges.
+        for (n, k) in [(77, 900), (1370, 900)] {
+            let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut s)).collect();
+            let x: Vec<f32> = (0..60 * k).map(|_| lcg(&mut s)).collect();
+            let pw = PackedWeight::from_f32(&w, n, k);
+            // Up to FEW_ROWS rows are transposed k-major, more are packed in row tiles: both against one
+            // row; one and two rows read panels side by side, more one panel at a time.
+            for m in [2, 3, 37, 16, 32, 60] {
+                let all = pw.matmul(&x[..m * k], m, None);
+                for r in [0, 1, 5, 8, 15, m - 1].into_iter().filter(|&r| r < m) {
+                    let one = pw.matmul(&x[r * k..(r + 1) * k], 1, None);
+                    assert_eq!(
+                        one,
+                        all[r * n..(r + 1) * n].to_vec(),
+                        "row {r} of {m}, n {n}"
+                    );
+                }
             }
         }
     }
