@@ -125,16 +125,70 @@ impl Rope {
     }
 }
 
-/// Keys and values of every layer for one sequence: (1, kv_heads, len, head_dim) each.
-#[derive(Debug, Clone, Default)]
+/// Keys and values of every layer for one sequence (the CLI's and `inspect`'s cache; the server's is
+/// [`crate::paged`]).
+///
+/// A layer's keys and values are stored in tensors of `(1, kv_heads, capacity, head_dim)`, of which
+/// positions `0..len` are filled. New positions are written in place, and the capacity grows by half when
+/// it runs out, so a decode step copies its one new position per layer. Appending with `Tensor::cat` copied
+/// the whole cache of every layer on every step: 0.35 ms of a 37 ms bf16 step at 130 positions
+/// (Qwen2.5-0.5B shape), and it grows with the context.
+///
+/// Not `Clone`: a copy would share the storage that the next step writes into.
+#[derive(Debug, Default)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<Option<LayerKv>>,
+}
+
+/// One layer's cache: see [`KvCache`].
+#[derive(Debug)]
+struct LayerKv {
+    k: Tensor,
+    v: Tensor,
+    /// Filled positions.
+    len: usize,
+}
+
+/// The smallest capacity allocated (positions): a prompt's first chunk, or a few decode steps after it.
+const MIN_CAPACITY: usize = 256;
+
+impl LayerKv {
+    /// Appends `k`, `v` `(1, kv_heads, l, head_dim)` to `slot` (growing its storage as needed).
+    fn append(slot: &mut Option<LayerKv>, k: &Tensor, v: &Tensor) -> Result<()> {
+        let (b, nkv, l, hd) = k.dims4()?;
+        let len = slot.as_ref().map_or(0, |s| s.len);
+        let cap = match slot {
+            Some(s) => s.k.dim(2)?,
+            None => 0,
+        };
+        if len + l > cap {
+            let cap = (len + l).max(cap + cap / 2).max(MIN_CAPACITY);
+            let grown = |old: Option<&Tensor>| -> Result<Tensor> {
+                let t = Tensor::zeros((b, nkv, cap, hd), k.dtype(), k.device())?;
+                if let Some(old) = old.filter(|_| len > 0) {
+                    t.slice_set(&old.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+                }
+                Ok(t)
+            };
+            let (ok, ov) = (slot.as_ref().map(|s| &s.k), slot.as_ref().map(|s| &s.v));
+            *slot = Some(LayerKv {
+                k: grown(ok)?,
+                v: grown(ov)?,
+                len,
+            });
+        }
+        let s = slot.as_mut().expect("allocated above");
+        s.k.slice_set(&k.contiguous()?, 2, len)?;
+        s.v.slice_set(&v.contiguous()?, 2, len)?;
+        s.len = len + l;
+        Ok(())
+    }
 }
 
 impl KvCache {
     pub fn new(n_layers: usize) -> Self {
         KvCache {
-            layers: vec![None; n_layers],
+            layers: (0..n_layers).map(|_| None).collect(),
         }
     }
     /// Cached positions.
@@ -142,8 +196,7 @@ impl KvCache {
         self.layers
             .first()
             .and_then(|l| l.as_ref())
-            .map(|(k, _)| k.dim(2).unwrap_or(0))
-            .unwrap_or(0)
+            .map_or(0, |l| l.len)
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
@@ -225,7 +278,7 @@ impl DecoderLayer {
         h: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        cache: &mut Option<(Tensor, Tensor)>,
+        cache: &mut Option<LayerKv>,
         c: &TextConfig,
     ) -> Result<Tensor> {
         let (b, l, _) = h.dims3()?;
@@ -239,22 +292,21 @@ impl DecoderLayer {
         let q = Rope::apply(&split(self.q.forward(&y)?, nh)?, cos, sin)?;
         let k = Rope::apply(&split(self.k.forward(&y)?, nkv)?, cos, sin)?;
         let v = split(self.v.forward(&y)?, nkv)?;
-        let (k, v) = match cache.take() {
-            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-            None => (k, v),
-        };
-        *cache = Some((k.clone(), v.clone()));
-        let total = k.dim(2)?;
+        LayerKv::append(cache, &k, &v)?;
+        let stored = cache.as_ref().expect("appended above");
+        let total = stored.len;
         let start = total - l;
         if h.device().is_cpu() && b == 1 {
             // The CPU kernels read the cache in place (no casts, GQA copies or score tensors), as the
             // engine's paged steps do: decode steps and short chunks fused, longer chunks blocked.
             let g = paged_cpu::Heads { nh, nkv, hd };
             let q = q.squeeze(0)?.transpose(0, 1)?.contiguous()?;
-            let o = paged_cpu::attend_contiguous(&q, start, (&k, &v), g)?;
+            let o = paged_cpu::attend_contiguous(&q, start, (&stored.k, &stored.v), g)?;
             let o = Tensor::from_vec(o, (1, l, nh * hd), h.device())?.to_dtype(h.dtype())?;
             return self.output(h, &o);
         }
+        let k = stored.k.narrow(2, 0, total)?.contiguous()?;
+        let v = stored.v.narrow(2, 0, total)?.contiguous()?;
         // GQA: query head i uses kv head i / (nh / nkv) (consecutive query heads share a kv head).
         let group = nh / nkv;
         let expand = |x: &Tensor| -> Result<Tensor> {
@@ -614,5 +666,57 @@ impl Qwen2 {
             let idx = Tensor::from_slice(&plan.sample_rows, n, hidden.device())?;
             Ok(Some(self.logits(&hidden.index_select(&idx, 0)?)?))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{LayerKv, MIN_CAPACITY};
+    use candle_core::{DType, Device, Tensor};
+
+    #[test]
+    fn appending_in_place_keeps_what_concatenation_gives() {
+        let dev = Device::Cpu;
+        let (nkv, hd) = (2, 3);
+        let mut slot = None;
+        let mut want: Option<(Tensor, Tensor)> = None;
+        // A first chunk, single positions, then chunks that overflow the capacity twice.
+        let mut seed = 0f32;
+        for l in [5, 1, 1, MIN_CAPACITY - 4, 1, MIN_CAPACITY, 7] {
+            let n = nkv * l * hd;
+            let k = Tensor::arange(seed, seed + n as f32, &dev)
+                .unwrap()
+                .reshape((1, nkv, l, hd))
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap();
+            let v = (k.clone() * -1.0).unwrap();
+            seed += n as f32;
+            LayerKv::append(&mut slot, &k, &v).unwrap();
+            want = Some(match want {
+                Some((pk, pv)) => (
+                    Tensor::cat(&[&pk, &k], 2).unwrap(),
+                    Tensor::cat(&[&pv, &v], 2).unwrap(),
+                ),
+                None => (k, v),
+            });
+            let (wk, wv) = want.as_ref().unwrap();
+            let s = slot.as_ref().unwrap();
+            let len = wk.dim(2).unwrap();
+            assert_eq!(s.len, len);
+            assert!(s.k.dim(2).unwrap() >= len);
+            let got = |t: &Tensor| {
+                t.narrow(2, 0, len)
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            };
+            assert_eq!(got(&s.k), got(wk), "keys after {len} positions");
+            assert_eq!(got(&s.v), got(wv), "values after {len} positions");
+        }
     }
 }

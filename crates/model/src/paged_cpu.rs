@@ -108,7 +108,8 @@ pub(crate) fn f32_queries(q: &Tensor) -> Result<Vec<f32>> {
 }
 
 /// Attention of the single sequence of the contiguous cache (see [`crate::decoder::KvCache`]): `q`
-/// `[l, nh, hd]` (after RoPE) at positions `start..start + l`, keys and values `[1, nkv, start + l, hd]`;
+/// `[l, nh, hd]` (after RoPE) at positions `start..start + l`, keys and values `[1, nkv, capacity, hd]` with
+/// positions `0..start + l` filled (nothing past them is read);
 /// up to [`MAX_QUERY_ROWS`] queries through this module's kernel, more through the blocked kernel of
 /// [`crate::attn_cpu`] (as the paged path splits them). Returns `[l, nh * hd]` f32.
 pub(crate) fn attend_contiguous(
