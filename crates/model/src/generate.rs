@@ -203,7 +203,10 @@ pub fn generate(
     params.sampling.validate().map_err(ModelError::Input)?;
     let vocab = model.cfg.text.vocab_size;
     let mut sampler = Sampler::new(params.sampling, vocab, prompt_ids);
-    let mut cache = model.new_cache();
+    // Room for the prompt and the longest answer at once (saturating: a huge limit only means growth).
+    let positions = embeds.dim(1)?.saturating_add(params.max_new_tokens);
+    let mut cache =
+        model.new_cache_with_capacity(positions.min(model.cfg.text.max_position_embeddings));
     let t0 = Instant::now();
     let last = model.prefill(embeds, &mut cache, params.prefill_chunk, false)?;
     let mut logits = model.decoder.logits(&last)?.squeeze(0)?.squeeze(0)?;

@@ -261,4 +261,9 @@ impl AfNext {
     pub fn new_cache(&self) -> KvCache {
         KvCache::new(self.cfg.text.num_hidden_layers)
     }
+
+    /// A cache with room for `positions` positions from the start (see [`KvCache::with_capacity`]).
+    pub fn new_cache_with_capacity(&self, positions: usize) -> KvCache {
+        KvCache::with_capacity(self.cfg.text.num_hidden_layers, positions)
+    }
 }
