@@ -319,10 +319,10 @@ const VALUE_COLS: usize = 32;
 /// `scores` `[group, ctx]`), each product rounded and then added, from 0.
 ///
 /// For up to 8 heads, [`VALUE_COLS`] columns of every head are summed in registers over all keys, then the
-/// next columns: summed into `o` in memory, each key's products took a load and a store per 16 columns per
-/// head (28 stores a key for a group of 7 with 64 columns), the hottest lines of a long context's decode
-/// step. The columns past the last full chunk, and larger groups, take that loop. Every element sees the same
-/// operations in the same order either way.
+/// next columns. Summed into `o` in memory instead, each key's products take a load and a store per 16
+/// columns per head (28 stores a key for a group of 7 with 64 columns): those were the hottest lines of a
+/// long context's decode step. The columns past the last full chunk, and larger groups, still take that
+/// loop. Every element sees the same operations in the same order either way.
 #[inline(always)]
 fn weighted_values<T: Kv>(scores: &[f32], (v, at): (&[T], &[usize]), hd: usize, o: &mut [f32]) {
     let done = match o.len() / hd {
