@@ -464,26 +464,19 @@ fn run_panels<T: Elem>(
     };
     // Both orders add the same K blocks in the same order to every output element; they differ only in
     // which data stays in cache.
-    if ctx.stream && m <= FEW_PANEL_ROWS {
-        // One or two rows: MAX_PANELS panels side by side (see `FEW_PANEL_ROWS`), each K block of each
-        // panel once, in order per panel; a task's last group may have fewer.
+    if ctx.stream {
+        // Few rows (decode steps): stream each panel once, front to back; the rows stay in L1. One or two
+        // rows read MAX_PANELS panels side by side (see `FEW_PANEL_ROWS`), each K block of each panel once,
+        // in order per panel; a task's last group may have fewer.
+        let side = if m <= FEW_PANEL_ROWS { MAX_PANELS } else { 1 };
         let step = stride * NR;
-        for g in panels.clone().step_by(MAX_PANELS) {
-            let count = MAX_PANELS.min(panels.end - g);
+        for g in panels.clone().step_by(side) {
+            let count = side.min(panels.end - g);
             for kc in (0..k).step_by(KC) {
                 let kl = KC.min(k - kc);
                 let start = g * step + kc * NR;
                 let blocks = &w[start..start + (count - 1) * step + kl * NR];
-                ctx.side_by_side(blocks, (count, step), g, kc, m);
-            }
-        }
-        return;
-    }
-    if ctx.stream {
-        // Few rows (decode steps): stream each panel once, front to back; the rows stay in L1.
-        for p in panels {
-            for kc in (0..k).step_by(KC) {
-                ctx.block(slice(p, kc), p, kc, 0, m);
+                ctx.block(blocks, (count, step), g, kc, 0, m);
             }
         }
         return;
@@ -518,9 +511,9 @@ fn run_panels<T: Elem>(
                 for p in group.clone() {
                     let panel = slice(p, kc);
                     if T::IS_BF16 {
-                        ctx.block(&wide[(p - g) * ks..][..panel.len()], p, kc, r, r1);
+                        ctx.block(&wide[(p - g) * ks..][..panel.len()], (1, 0), p, kc, r, r1);
                     } else {
-                        ctx.block(panel, p, kc, r, r1);
+                        ctx.block(panel, (1, 0), p, kc, r, r1);
                     }
                 }
             }
@@ -541,53 +534,22 @@ struct Blocks<'a> {
 }
 
 impl Blocks<'_> {
-    /// All `m` (<= [`FEW_PANEL_ROWS`]) rows of `count` panels from panel `p` on, side by side, over their K
-    /// blocks at `kc`: `blocks` runs from the first block's start to the last one's end, `step` elements
-    /// from one panel to the next.
-    fn side_by_side<E: Elem>(
+    /// Rows `r0..r1` of `count` panels from panel `p` on, over their K blocks at `kc`, in tiles of MR rows:
+    /// `blocks` runs from the first panel's block start to the last one's end, each block `kl x 32` values,
+    /// `step` elements from one panel's block to the next (unused for one panel). More than one panel only
+    /// for up to [`FEW_PANEL_ROWS`] rows, read side by side in one tile.
+    fn block<E: Elem>(
         &self,
         blocks: &[E],
         (count, step): (usize, usize),
         p: usize,
         kc: usize,
-        m: usize,
+        r0: usize,
+        r1: usize,
     ) {
-        let kl = (blocks.len() - (count - 1) * step) / NR;
-        let x = match self.x {
-            Rows::Packed(x) => &x[kc * MR..],
-            Rows::KMajor { x, stride } => &x[kc * stride..],
-        };
-        let tile = Tile {
-            x,
-            xs: match self.x {
-                Rows::Packed(_) => MR,
-                Rows::KMajor { stride, .. } => stride,
-            },
-            panel: blocks,
-            kl,
-            panels: count,
-            next: step,
-            // SAFETY: rows 0..m and the count panels' columns are inside y and belong to this task.
-            c: unsafe { self.out.0.add(p * NR) },
-            ldc: self.n,
-            cols: (count * NR).min(self.n - p * NR),
-            accumulate: kc > 0,
-            prefetch: true,
-        };
-        #[cfg(target_arch = "x86_64")]
-        if self.avx512 {
-            // SAFETY: AVX-512 F/BW were detected; the tile's bounds hold by construction.
-            unsafe { avx512::tile::<E>(&tile, m) };
-            return;
-        }
-        portable_tile(&tile, m);
-    }
-
-    /// Rows `r0..r1` of panel `p`'s K block at `kc`, whose `kl x 32` values are `panel`, in tiles of MR rows.
-    fn block<E: Elem>(&self, panel: &[E], p: usize, kc: usize, r0: usize, r1: usize) {
         let (n, stride) = (self.n, self.stride);
-        let kl = panel.len() / NR;
-        let cols = NR.min(n - p * NR);
+        let kl = (blocks.len() - (count - 1) * step) / NR;
+        let cols = (count * NR).min(n - p * NR);
         for r in (r0..r1).step_by(MR) {
             let rows = MR.min(r1 - r);
             // SAFETY: rows r..r+rows and columns p*NR..p*NR+cols are inside y (m x n) and belong to this
@@ -601,10 +563,10 @@ impl Blocks<'_> {
             let tile = Tile {
                 x,
                 xs,
-                panel,
+                panel: blocks,
                 kl,
-                panels: 1,
-                next: 0,
+                panels: count,
+                next: step,
                 c,
                 ldc: n,
                 cols,
