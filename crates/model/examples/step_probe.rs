@@ -6,7 +6,11 @@
 //! Prints per batch size the median step time split into layers (`forward_paged`) and lm_head.
 //! `... step_probe [bf16|f32] prefill [N,...]` times instead the prefill of one N-token prompt in one step
 //! (the engine's chunk for prompts within its token budget), the median of `AFNEXT_PROBE_STEPS` runs.
+//! `... step_probe [bf16|f32] contiguous` times batch-1 greedy steps over the contiguous cache instead (`KvCache`:
+//! what `afnext generate` and the model bench's decode row run; `AFNEXT_PROBE_PROMPT=100` is the bench's
+//! prompt).
 
+use afnext_model::generate::argmax_last;
 use afnext_model::paged::{PagedKv, SeqStep};
 use afnext_model::tp::StepPlan;
 use afnext_model::{AfNext, AfNextConfig};
@@ -52,7 +56,8 @@ fn main() {
     let steps = env_usize("AFNEXT_PROBE_STEPS", 12);
     let mut list = args.next();
     let prefill = list.as_deref() == Some("prefill");
-    if prefill {
+    let contiguous = list.as_deref() == Some("contiguous");
+    if prefill || contiguous {
         list = args.next();
     }
     let batches: Vec<usize> = list
@@ -66,11 +71,14 @@ fn main() {
     if prefill {
         return prefill_rows(&model, dtype, &batches, steps.min(5));
     }
+    // AFNEXT_PROBE_PROMPT: each sequence's prompt length before the decode steps (default 40).
+    let prompt = env_usize("AFNEXT_PROBE_PROMPT", 40).max(1);
+    if contiguous {
+        return contiguous_steps(&model, dtype, prompt, steps);
+    }
     let d = &model.decoder;
     let v = d.config().vocab_size as u32;
     let max_b = *batches.iter().max().unwrap();
-    // AFNEXT_PROBE_PROMPT: each sequence's prompt length before the decode steps (default 40).
-    let prompt = env_usize("AFNEXT_PROBE_PROMPT", 40);
     let per_seq = (prompt + steps + 2).div_ceil(BLOCK);
     let kv = PagedKv::new(d.config(), max_b * per_seq, BLOCK, dtype, &Device::Cpu).unwrap();
     println!("decode step, {dtype:?}, {prompt}-token prompts, median of {steps} steps");
@@ -128,6 +136,39 @@ fn main() {
             b as f64 / s
         );
     }
+}
+
+/// Batch-1 greedy decode steps over the contiguous cache after a `prompt`-token prompt.
+fn contiguous_steps(model: &AfNext, dtype: DType, prompt: usize, steps: usize) {
+    let d = &model.decoder;
+    let v = d.config().vocab_size as u32;
+    let ids: Vec<u32> = (0..prompt).map(|i| (i as u32 * 7919 + 13) % v).collect();
+    let mut cache = model.new_cache();
+    let h = d.forward(&d.embed(&ids).unwrap(), &mut cache).unwrap();
+    let last = h.narrow(1, prompt - 1, 1).unwrap();
+    let mut tok = argmax_last(&d.logits(&last).unwrap()).unwrap()[0];
+    let (mut total, mut layers, mut head) = (vec![], vec![], vec![]);
+    for _ in 0..steps {
+        let t0 = Instant::now();
+        let h = d.forward(&d.embed(&[tok]).unwrap(), &mut cache).unwrap();
+        let t1 = Instant::now();
+        tok = argmax_last(&d.logits(&h).unwrap()).unwrap()[0];
+        let t2 = Instant::now();
+        total.push((t2 - t0).as_secs_f64());
+        layers.push((t1 - t0).as_secs_f64());
+        head.push((t2 - t1).as_secs_f64());
+    }
+    println!("decode step over the contiguous cache, {dtype:?}, {prompt}-token prompt, median of {steps} steps");
+    println!("| rows | step (ms) | layers (ms) | lm_head + argmax (ms) | tok/s |");
+    println!("|---:|---:|---:|---:|---:|");
+    let s = median(total);
+    println!(
+        "| 1 | {:.1} | {:.1} | {:.1} | {:.1} |",
+        s * 1e3,
+        median(layers) * 1e3,
+        median(head) * 1e3,
+        1.0 / s
+    );
 }
 
 /// The prefill of one `n`-token prompt in one step per length (layers only: the lm_head reads one row).
