@@ -4,7 +4,7 @@
 //! to 2 048 columns, one block per row beyond) and their edges.
 
 use afnext_e2e::{max_tensor_diff, test_device};
-use afnext_model::elementwise::{add_bias, add_bias_gelu, silu_mul};
+use afnext_model::elementwise::{add_bias, add_bias_gelu, silu_mul, silu_mul_halves};
 use afnext_model::softmax::softmax_rows_scaled;
 use candle_core::{DType, Device, IndexOp, Tensor};
 
@@ -115,4 +115,35 @@ fn bias_add_and_silu_mul_match_candles_operations() {
             assert!(d <= tol, "silu_mul {rows}x{cols} {dtype:?}: {d}");
         }
     }
+}
+
+#[test]
+fn silu_mul_of_stacked_halves_equals_silu_mul_of_the_two() {
+    let dev = test_device();
+    for dtype in [DType::F32, DType::BF16] {
+        // One row of a decode step across chunk edges (4 096), several rows, a row of one column.
+        for &(rows, cols) in &[(1, 4864), (3, 4097), (5, 1), (2, 33)] {
+            let mk = |seed: usize| {
+                Tensor::from_vec(values(rows * cols, seed, 6.0), (rows, cols), &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap()
+                    .to_device(&dev)
+                    .unwrap()
+            };
+            let (g, u) = (mk(5), mk(6));
+            let stacked = Tensor::cat(&[&g, &u], 1).unwrap();
+            let got = silu_mul_halves(&stacked).unwrap();
+            assert_eq!(got.dims(), &[rows, cols]);
+            let want = silu_mul(&g, &u).unwrap();
+            assert_eq!(
+                max_tensor_diff(&got, &want),
+                0.0,
+                "silu_mul_halves {rows}x{cols} {dtype:?}"
+            );
+        }
+    }
+    let odd = Tensor::zeros((2, 7), DType::F32, &dev).unwrap();
+    let err = silu_mul_halves(&odd).unwrap_err().to_string();
+    assert!(err.contains("must be even"), "{err}");
 }

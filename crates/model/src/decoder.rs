@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Tensor, D};
 
 use crate::config::TextConfig;
 use crate::error::Result;
-use crate::linear::ParallelLinear;
+use crate::linear::{ParallelLinear, StackedPart};
 use crate::paged::{self, PagedKv, SeqStep, StepIndex};
 use crate::paged_cpu;
 use crate::softmax::softmax_rows_scaled;
@@ -217,13 +217,16 @@ impl KvCache {
 #[derive(Debug, Clone)]
 struct DecoderLayer {
     input_norm: RmsNorm,
-    q: ParallelLinear,
-    k: ParallelLinear,
-    v: ParallelLinear,
+    /// This rank's q, k and v projections stacked (see [`ParallelLinear::load_column_stacked`]):
+    /// `[.., q_width + 2 kv_width]`.
+    qkv: ParallelLinear,
+    /// This rank's query and key/value widths (heads times head size).
+    q_width: usize,
+    kv_width: usize,
     o: ParallelLinear,
     post_norm: RmsNorm,
-    gate: ParallelLinear,
-    up: ParallelLinear,
+    /// This rank's gate and up projections stacked: `[.., 2 inter]`.
+    gate_up: ParallelLinear,
     down: ParallelLinear,
 }
 
@@ -242,14 +245,35 @@ impl DecoderLayer {
         let kv = s.kv_heads.start * hd..s.kv_heads.end * hd;
         let inter = c.intermediate_size;
         let norm = |n: &str| RmsNorm::load(w, &format!("{p}.{n}.weight"), h, c.rms_norm_eps);
-        let col = |n: &str, out: usize, bias: bool, rows: &std::ops::Range<usize>| {
-            ParallelLinear::load_column(w, &format!("{p}.{n}"), (h, out), bias, rows.clone())
-        };
+        let names = [
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+        ]
+        .map(|n| format!("{p}.{n}"));
+        let part =
+            |i: usize, out_dim: usize, bias: bool, rows: &std::ops::Range<usize>| StackedPart {
+                prefix: &names[i],
+                out_dim,
+                bias,
+                rows: rows.clone(),
+            };
+        let qkv = [
+            part(0, qd, true, &heads),
+            part(1, kvd, true, &kv),
+            part(2, kvd, true, &kv),
+        ];
+        let gate_up = [
+            part(3, inter, false, &s.intermediate),
+            part(4, inter, false, &s.intermediate),
+        ];
         Ok(DecoderLayer {
             input_norm: norm("input_layernorm")?,
-            q: col("self_attn.q_proj", qd, true, &heads)?,
-            k: col("self_attn.k_proj", kvd, true, &kv)?,
-            v: col("self_attn.v_proj", kvd, true, &kv)?,
+            qkv: ParallelLinear::load_column_stacked(w, &qkv, h)?,
+            q_width: heads.len(),
+            kv_width: kv.len(),
             o: ParallelLinear::load_row(
                 w,
                 &format!("{p}.self_attn.o_proj"),
@@ -259,8 +283,7 @@ impl DecoderLayer {
                 group,
             )?,
             post_norm: norm("post_attention_layernorm")?,
-            gate: col("mlp.gate_proj", inter, false, &s.intermediate)?,
-            up: col("mlp.up_proj", inter, false, &s.intermediate)?,
+            gate_up: ParallelLinear::load_column_stacked(w, &gate_up, h)?,
             down: ParallelLinear::load_row(
                 w,
                 &format!("{p}.mlp.down_proj"),
@@ -272,14 +295,24 @@ impl DecoderLayer {
         })
     }
 
+    /// q, k and v of `y` (`[.., hidden]`): views of one stacked product's columns.
+    fn qkv(&self, y: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let x = self.qkv.forward(y)?;
+        let (q, kv) = (self.q_width, self.kv_width);
+        Ok((
+            x.narrow(D::Minus1, 0, q)?,
+            x.narrow(D::Minus1, q, kv)?,
+            x.narrow(D::Minus1, q + kv, kv)?,
+        ))
+    }
+
     /// The rest of the layer after attention (shared by both cache layouts): output projection and residual,
     /// post-attention norm, SwiGLU MLP and residual. `o` is the attention output in `h`'s row layout.
     fn output(&self, h: &Tensor, o: &Tensor) -> Result<Tensor> {
         let h = crate::elementwise::add(h, &self.o.forward(o)?)?;
         let y = self.post_norm.forward(&h)?;
-        let m = self.down.forward(&crate::elementwise::silu_mul(
-            &self.gate.forward(&y)?,
-            &self.up.forward(&y)?,
+        let m = self.down.forward(&crate::elementwise::silu_mul_halves(
+            &self.gate_up.forward(&y)?,
         )?)?;
         crate::elementwise::add(&h, &m)
     }
@@ -300,9 +333,10 @@ impl DecoderLayer {
                 .transpose(1, 2)?
                 .contiguous()?)
         };
-        let q = Rope::apply(&split(self.q.forward(&y)?, nh)?, cos, sin)?;
-        let k = Rope::apply(&split(self.k.forward(&y)?, nkv)?, cos, sin)?;
-        let v = split(self.v.forward(&y)?, nkv)?;
+        let (q, k, v) = self.qkv(&y)?;
+        let q = Rope::apply(&split(q, nh)?, cos, sin)?;
+        let k = Rope::apply(&split(k, nkv)?, cos, sin)?;
+        let v = split(v, nkv)?;
         LayerKv::append(cache, &k, &v, reserve)?;
         let stored = cache.as_ref().expect("appended above");
         let total = stored.len;
@@ -360,9 +394,9 @@ impl DecoderLayer {
         let t = h.dim(0)?;
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let y = self.input_norm.forward(h)?;
-        let q = Rope::apply(&self.q.forward(&y)?.reshape((t, nh, hd))?, cos, sin)?;
-        let k = Rope::apply(&self.k.forward(&y)?.reshape((t, nkv, hd))?, cos, sin)?;
-        let v = self.v.forward(&y)?;
+        let (q, k, v) = self.qkv(&y)?;
+        let q = Rope::apply(&q.reshape((t, nh, hd))?, cos, sin)?;
+        let k = Rope::apply(&k.reshape((t, nkv, hd))?, cos, sin)?;
         index
             .write
             .apply(kv.0, &k.reshape((t, nkv * hd))?.contiguous()?)?;

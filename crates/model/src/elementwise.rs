@@ -3,8 +3,8 @@
 //! the largest single kernel in the first profile after attention) and the MLP's `silu(gate) * up` (one pass
 //! instead of two). CPU: plain Rust, in parallel; CUDA (feature `cuda`): `kernels/elementwise.cu`.
 
-use candle_core::cpu_backend::Map2;
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, WithDType};
+use candle_core::cpu_backend::{Map1, Map2};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor, WithDType, D};
 use rayon::prelude::*;
 
 use crate::error::{ModelError, Result};
@@ -65,6 +65,66 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     Ok(gate
         .contiguous()?
         .apply_op2_no_bwd(&up.contiguous()?, &Pointwise::SiluMul)?)
+}
+
+/// `silu(gate) * up` where `x` `[..., 2 n]` holds `gate` in its first `n` columns and `up` in the last `n`
+/// (a stacked gate and up projection, see [`crate::linear::ParallelLinear::load_column_stacked`]): the same
+/// values as [`silu_mul`] of the two halves, read in place on the CPU (two copies of a prefill's halves
+/// would cost more than the stacking saves).
+pub fn silu_mul_halves(x: &Tensor) -> Result<Tensor> {
+    let width = x.dims().last().copied().unwrap_or(0);
+    if width % 2 != 0 {
+        return Err(ModelError::Input(format!(
+            "silu_mul_halves of {:?}: the last dimension must be even",
+            x.dims()
+        )));
+    }
+    let n = width / 2;
+    if !x.device().is_cpu() {
+        return silu_mul(&x.narrow(D::Minus1, 0, n)?, &x.narrow(D::Minus1, n, n)?);
+    }
+    Ok(x.contiguous()?.apply_op1_no_bwd(&SiluMulHalves)?)
+}
+
+/// See [`silu_mul_halves`] (CPU only).
+struct SiluMulHalves;
+
+impl CustomOp1 for SiluMulHalves {
+    fn name(&self) -> &'static str {
+        "afnext-silu-mul-halves"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let mut dims = l.dims().to_vec();
+        let half = dims.last().copied().unwrap_or(0) / 2;
+        if let Some(last) = dims.last_mut() {
+            *last = half;
+        }
+        Ok((self.map(s, l)?, Shape::from(dims)))
+    }
+}
+
+impl Map1 for SiluMulHalves {
+    fn f<T: WithDType>(&self, x: &[T], l: &Layout) -> candle_core::Result<Vec<T>> {
+        const OP: &str = "silu_mul_halves";
+        check_float(T::DTYPE, OP)?;
+        let x = contiguous(x, l, OP)?;
+        let n = l.dims().last().copied().unwrap_or(0) / 2;
+        let mut y = vec![T::zero(); x.len() / 2];
+        if n == 0 {
+            return Ok(y);
+        }
+        // Chunks of a row's columns in parallel (one row, a decode step, still splits).
+        const CHUNK: usize = 1 << 12;
+        y.par_chunks_mut(n)
+            .zip(x.par_chunks(2 * n))
+            .for_each(|(y, x)| {
+                let (g, u) = x.split_at(n);
+                y.par_chunks_mut(CHUNK)
+                    .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
+                    .for_each(|(y, (g, u))| silu_mul_chunk(y, g, u));
+            });
+        Ok(y)
+    }
 }
 
 /// `a + b` for tensors of one shape and dtype, rounded once to the dtype (candle's and torch's result): the
@@ -206,20 +266,25 @@ impl Pointwise {
         match self {
             // `exp(-x)` of a chunk at a time through the vectorised exponential (libm's, one call per
             // element, was ~5 % of a bf16 prefill), then the rest of `x / (1 + exp(-x))` element-wise.
-            Pointwise::SiluMul => zip_map(a, b, |y, g, u| {
-                let mut e: Vec<f32> = g.iter().map(|&g| -f(g)).collect();
-                crate::cpu_exp::exp_in_place(&mut e);
-                for (((y, &g), &u), &e) in y.iter_mut().zip(g).zip(u).zip(&e) {
-                    let s: T = round(f(g) / (1.0 + e));
-                    *y = round(f(s) * f(u));
-                }
-            }),
+            Pointwise::SiluMul => zip_map(a, b, silu_mul_chunk),
             Pointwise::Add => zip_map(a, b, |y, a, b| {
                 for ((y, &a), &b) in y.iter_mut().zip(a).zip(b) {
                     *y = round(f(a) + f(b));
                 }
             }),
         }
+    }
+}
+
+/// `y = silu(g) * u` element-wise, rounding where candle's `silu` and `mul` round. `exp(-x)` of the chunk at
+/// once through the vectorised exponential (libm's, one call per element, was ~5 % of a bf16 prefill), then
+/// the rest of `x / (1 + exp(-x))` element-wise.
+fn silu_mul_chunk<T: WithDType>(y: &mut [T], g: &[T], u: &[T]) {
+    let mut e: Vec<f32> = g.iter().map(|&g| -f(g)).collect();
+    crate::cpu_exp::exp_in_place(&mut e);
+    for (((y, &g), &u), &e) in y.iter_mut().zip(g).zip(u).zip(&e) {
+        let s: T = round(f(g) / (1.0 + e));
+        *y = round(f(s) * f(u));
     }
 }
 

@@ -44,6 +44,16 @@ enum Kernel {
     },
 }
 
+/// One layer of [`ParallelLinear::load_column_stacked`]: `{prefix}.weight` `[out_dim, in]` (and
+/// `{prefix}.bias` when `bias`), of which this rank takes output features `rows`.
+#[derive(Debug, Clone)]
+pub struct StackedPart<'a> {
+    pub prefix: &'a str,
+    pub out_dim: usize,
+    pub bias: bool,
+    pub rows: Range<usize>,
+}
+
 /// A row-parallel layer's group and the bias it adds after the sum (f32).
 type Reduce = (Arc<dyn Collective>, Option<Arc<Vec<f32>>>);
 
@@ -82,20 +92,45 @@ impl ParallelLinear {
         in_dim: usize,
         out_dim: usize,
     ) -> Result<Self> {
+        let parts: Vec<StackedPart<'_>> = parts
+            .iter()
+            .map(|&(prefix, bias)| StackedPart {
+                prefix,
+                out_dim,
+                bias,
+                rows: 0..out_dim,
+            })
+            .collect();
+        Self::load_column_stacked(w, &parts, in_dim)
+    }
+
+    /// Column-parallel layers over the same input, stacked into one: each part's output features `rows`
+    /// side by side in order, `[.., sum of the rows' lengths]` (the decoder's q, k and v, and its gate and
+    /// up). One product instead of several: a decode step pays each product's hand-off to the thread pool
+    /// and its uneven end once, and a prefill packs the input once. Every output element is the same sum in
+    /// the same order as in the part's own product (see [`crate::cpu_gemm`]), so stacking changes no value.
+    /// Parts without a bias get zeros when another part has one (adding 0 changes no value).
+    pub fn load_column_stacked(
+        w: &Weights,
+        parts: &[StackedPart<'_>],
+        in_dim: usize,
+    ) -> Result<Self> {
         let mut weights = Vec::with_capacity(parts.len());
         let mut biases = Vec::with_capacity(parts.len());
-        for &(prefix, bias) in parts {
-            let weight = w.get(&format!("{prefix}.weight"), &[out_dim, in_dim])?;
-            biases.push(if bias {
-                w.get(&format!("{prefix}.bias"), &[out_dim])?
+        for p in parts {
+            let part = Part::Rows(p.rows.clone());
+            let weight =
+                w.get_part(&format!("{}.weight", p.prefix), &[p.out_dim, in_dim], &part)?;
+            biases.push(if p.bias {
+                w.get_part(&format!("{}.bias", p.prefix), &[p.out_dim], &part)?
             } else {
-                Tensor::zeros(out_dim, weight.dtype(), weight.device())?
+                Tensor::zeros(p.rows.len(), weight.dtype(), weight.device())?
             });
             weights.push(weight);
         }
         let bias = parts
             .iter()
-            .any(|p| p.1)
+            .any(|p| p.bias)
             .then(|| Tensor::cat(&biases, 0))
             .transpose()?;
         Self::from_weight(Tensor::cat(&weights, 0)?, bias)
@@ -333,4 +368,82 @@ fn pack(weight: &Tensor) -> Result<Option<PackedWeight>> {
         )),
         _ => None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stacked layer gives every part's columns the bits of the part's own layer, whatever the number of
+    /// rows (decode's stream and prefill's blocked order), with and without biases, over tensor-parallel
+    /// row ranges.
+    #[test]
+    fn stacked_columns_equal_each_parts_own_layer() {
+        for dtype in [DType::F32, DType::BF16] {
+            let w = Weights::random(7, false, dtype, &Device::Cpu);
+            let k = 72;
+            let parts = [
+                StackedPart {
+                    prefix: "a",
+                    out_dim: 96,
+                    bias: true,
+                    rows: 32..96,
+                },
+                StackedPart {
+                    prefix: "b",
+                    out_dim: 40,
+                    bias: false,
+                    rows: 0..40,
+                },
+                StackedPart {
+                    prefix: "c",
+                    out_dim: 50,
+                    bias: true,
+                    rows: 10..27,
+                },
+            ];
+            let stacked = ParallelLinear::load_column_stacked(&w, &parts, k).unwrap();
+            let own: Vec<ParallelLinear> = parts
+                .iter()
+                .map(|p| {
+                    ParallelLinear::load_column(
+                        &w,
+                        p.prefix,
+                        (k, p.out_dim),
+                        p.bias,
+                        p.rows.clone(),
+                    )
+                    .unwrap()
+                })
+                .collect();
+            for m in [1, 2, 5, 60] {
+                let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                let got = stacked.forward(&x).unwrap();
+                let want: Vec<Tensor> = own.iter().map(|l| l.forward(&x).unwrap()).collect();
+                let want = Tensor::cat(&want, 1).unwrap();
+                assert_eq!(got.dims(), want.dims());
+                let (g, w): (Vec<f32>, Vec<f32>) = (
+                    got.to_dtype(DType::F32)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap(),
+                    want.to_dtype(DType::F32)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap(),
+                );
+                assert!(
+                    g.iter().zip(&w).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{dtype:?}, {m} rows"
+                );
+            }
+        }
+    }
 }
