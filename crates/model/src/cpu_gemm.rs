@@ -29,6 +29,7 @@
 use half::bf16;
 use rayon::prelude::*;
 
+mod pack;
 mod tile;
 #[cfg(target_arch = "x86_64")]
 use tile::avx512;
@@ -336,23 +337,41 @@ impl PackedRows {
     /// Packs row-major `x` (`[m, k]`), the tiles in parallel when asked (products of up to [`FEW_ROWS`]
     /// rows transpose them instead, see [`PackedWeight::product`]).
     fn pack<A: Elem>(x: &[A], m: usize, k: usize, parallel: bool) -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx512() {
+            return Self::fill_tiles(m, k, parallel, |t, tile| {
+                // SAFETY: AVX-512 F/BW were detected; tile t holds rows t*MR.. of x ([m, k]).
+                unsafe { pack::avx512::pack_tile(x, k, (t * MR, MR.min(m - t * MR)), tile) }
+            });
+        }
         Self::build(m, k, parallel, |r, kk| x[r * k + kk].widen())
     }
 
     fn build(m: usize, k: usize, parallel: bool, x: impl Fn(usize, usize) -> f32 + Sync) -> Self {
-        let len = m.div_ceil(MR) * k * MR;
-        let mut data: Vec<f32> = Vec::with_capacity(len);
         // Written in order, every element (rows past `m` as zeros), the tile's rows read side by side (each
         // a sequential stream): zeroing the buffer first and then writing it column by column, 56 bytes
         // apart, was ~7 % of an f32 prefill (memset and the scattered stores).
-        let fill = |(t, tile): (usize, &mut [std::mem::MaybeUninit<f32>])| {
+        Self::fill_tiles(m, k, parallel, |t, tile| {
             let rows = MR.min(m - t * MR);
             for (kk, dst) in tile.chunks_exact_mut(MR).enumerate() {
                 for (r, d) in dst.iter_mut().enumerate() {
                     d.write(if r < rows { x(t * MR + r, kk) } else { 0.0 });
                 }
             }
-        };
+        })
+    }
+
+    /// The tiles of `m` rows of width `k`, tile `t` (`k * MR` values) written whole by `fill(t, tile)`, in
+    /// parallel when asked.
+    fn fill_tiles(
+        m: usize,
+        k: usize,
+        parallel: bool,
+        fill: impl Fn(usize, &mut [std::mem::MaybeUninit<f32>]) + Sync,
+    ) -> Self {
+        let len = m.div_ceil(MR) * k * MR;
+        let mut data: Vec<f32> = Vec::with_capacity(len);
+        let fill = |(t, tile): (usize, &mut [std::mem::MaybeUninit<f32>])| fill(t, tile);
         if len > 0 {
             let spare = &mut data.spare_capacity_mut()[..len];
             if parallel {
