@@ -7,6 +7,7 @@ sees it), and the wall time.
 """
 import json
 import sys
+from pathlib import Path
 import time
 
 import torch
@@ -17,10 +18,7 @@ def main():
     threads, dtype, batch, n_prompt, n_new = sys.argv[1], sys.argv[2], *(int(x) for x in sys.argv[3:6])
     torch.set_num_threads(int(threads))
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=151672, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                      num_attention_heads=14, num_key_value_heads=2, rms_norm_eps=1e-6,
-                      rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
-                      tie_word_embeddings=True, max_position_embeddings=32768)
+    cfg = Qwen2Config(**json.loads((Path(__file__).parent / "configs/qwen2.5-0.5b-text.json").read_text()))
     cfg._attn_implementation = "sdpa"
     model = Qwen2ForCausalLM(cfg).eval().to({"f32": torch.float32, "bf16": torch.bfloat16}[dtype])
     ids = torch.randint(0, 151000, (batch, n_prompt))

@@ -6,6 +6,7 @@ batch 1 (f32 and bf16) for a Qwen2.5-0.5B-shaped decoder, and the machine's f32 
 """
 import json
 import sys
+from pathlib import Path
 import time
 
 import torch
@@ -46,10 +47,7 @@ def main():
             res["encoder_f32_s_per_window"] = best(lambda: enc(x, input_features_mask=mask), enc_iters)
         del enc
 
-    dec_cfg = Qwen2Config(vocab_size=151672, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                          num_attention_heads=14, num_key_value_heads=2, rms_norm_eps=1e-6,
-                          rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
-                          tie_word_embeddings=True, max_position_embeddings=32768)
+    dec_cfg = Qwen2Config(**json.loads((Path(__file__).parent / "configs/qwen2.5-0.5b-text.json").read_text()))
     dec_cfg._attn_implementation = "sdpa"
     model = Qwen2ForCausalLM(dec_cfg).eval()
     for name, dtype in (("f32", torch.float32), ("bf16", torch.bfloat16)):

@@ -28,13 +28,15 @@ fn best<T>(iters: usize, mut f: impl FnMut() -> T) -> f64 {
 }
 
 fn config() -> AfNextConfig {
+    // The Qwen2.5-0.5B-shaped decoder of every CPU benchmark (and of tools/bench/model_ref.py).
+    let text: serde_json::Value = serde_json::from_str(include_str!(
+        "../../../tools/bench/configs/qwen2.5-0.5b-text.json"
+    ))
+    .expect("bench text config");
     let v = serde_json::json!({
         "audio_config": {"hidden_size": 1280, "num_hidden_layers": 32, "num_attention_heads": 20,
                          "intermediate_size": 5120, "num_mel_bins": 128, "max_source_positions": 1500},
-        "text_config": {"vocab_size": 151672, "hidden_size": 896, "intermediate_size": 4864,
-                        "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
-                        "rms_norm_eps": 1e-6, "rope_parameters": {"rope_theta": 1000000.0},
-                        "tie_word_embeddings": true, "max_position_embeddings": 32768},
+        "text_config": text,
     });
     AfNextConfig::from_json(&v).expect("bench config")
 }

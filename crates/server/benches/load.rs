@@ -35,12 +35,14 @@ fn config() -> AfNextConfig {
     let dir = fixtures().join("ckpt/tiny-a");
     let mut v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
-    v["text_config"] = serde_json::json!({
-        "vocab_size": 151672, "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
-        "num_attention_heads": 14, "num_key_value_heads": 2, "rms_norm_eps": 1e-6,
-        "rope_parameters": {"rope_theta": 1000000.0}, "tie_word_embeddings": true,
-        "max_position_embeddings": 32768, "eos_token_id": 386, "pad_token_id": 384,
-    });
+    // The Qwen2.5-0.5B-shaped decoder of every CPU benchmark, with tiny-a's tokenizer's special ids.
+    let mut text: serde_json::Value = serde_json::from_str(include_str!(
+        "../../../tools/bench/configs/qwen2.5-0.5b-text.json"
+    ))
+    .expect("text config");
+    text["eos_token_id"] = 386.into();
+    text["pad_token_id"] = 384.into();
+    v["text_config"] = text;
     AfNextConfig::from_json(&v).expect("bench config")
 }
 
