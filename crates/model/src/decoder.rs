@@ -218,11 +218,8 @@ impl KvCache {
 struct DecoderLayer {
     input_norm: RmsNorm,
     /// This rank's q, k and v projections stacked (see [`ParallelLinear::load_column_stacked`]):
-    /// `[.., q_width + 2 kv_width]`.
+    /// `[.., (heads + 2 kv heads) x head size]` of this rank.
     qkv: ParallelLinear,
-    /// This rank's query and key/value widths (heads times head size).
-    q_width: usize,
-    kv_width: usize,
     o: ParallelLinear,
     post_norm: RmsNorm,
     /// This rank's gate and up projections stacked: `[.., 2 inter]`.
@@ -272,8 +269,6 @@ impl DecoderLayer {
         Ok(DecoderLayer {
             input_norm: norm("input_layernorm")?,
             qkv: ParallelLinear::load_column_stacked(w, &qkv, h)?,
-            q_width: heads.len(),
-            kv_width: kv.len(),
             o: ParallelLinear::load_row(
                 w,
                 &format!("{p}.self_attn.o_proj"),
@@ -295,10 +290,14 @@ impl DecoderLayer {
         })
     }
 
-    /// q, k and v of `y` (`[.., hidden]`): views of one stacked product's columns.
-    fn qkv(&self, y: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    /// q, k and v of `y` (`[.., hidden]`): views of one stacked product's columns; `c` is this rank's
+    /// configuration (its head counts).
+    fn qkv(&self, y: &Tensor, c: &TextConfig) -> Result<(Tensor, Tensor, Tensor)> {
         let x = self.qkv.forward(y)?;
-        let (q, kv) = (self.q_width, self.kv_width);
+        let (q, kv) = (
+            c.num_attention_heads * c.head_dim,
+            c.num_key_value_heads * c.head_dim,
+        );
         Ok((
             x.narrow(D::Minus1, 0, q)?,
             x.narrow(D::Minus1, q, kv)?,
@@ -333,7 +332,7 @@ impl DecoderLayer {
                 .transpose(1, 2)?
                 .contiguous()?)
         };
-        let (q, k, v) = self.qkv(&y)?;
+        let (q, k, v) = self.qkv(&y, c)?;
         let q = Rope::apply(&split(q, nh)?, cos, sin)?;
         let k = Rope::apply(&split(k, nkv)?, cos, sin)?;
         let v = split(v, nkv)?;
@@ -394,7 +393,7 @@ impl DecoderLayer {
         let t = h.dim(0)?;
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let y = self.input_norm.forward(h)?;
-        let (q, k, v) = self.qkv(&y)?;
+        let (q, k, v) = self.qkv(&y, c)?;
         let q = Rope::apply(&q.reshape((t, nh, hd))?, cos, sin)?;
         let k = Rope::apply(&k.reshape((t, nkv, hd))?, cos, sin)?;
         index
