@@ -31,19 +31,11 @@ fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
 }
 
+#[path = "../../../tools/bench/tiny_a_qwen.rs"]
+mod tiny_a_qwen;
+
 fn config() -> AfNextConfig {
-    let dir = fixtures().join("ckpt/tiny-a");
-    let mut v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
-    // The Qwen2.5-0.5B-shaped decoder of every CPU benchmark, with tiny-a's tokenizer's special ids.
-    let mut text: serde_json::Value = serde_json::from_str(include_str!(
-        "../../../tools/bench/configs/qwen2.5-0.5b-text.json"
-    ))
-    .expect("text config");
-    text["eos_token_id"] = 386.into();
-    text["pad_token_id"] = 384.into();
-    v["text_config"] = text;
-    AfNextConfig::from_json(&v).expect("bench config")
+    tiny_a_qwen::config(&fixtures().join("ckpt/tiny-a"))
 }
 
 fn percentile(v: &mut [f64], p: f64) -> f64 {
