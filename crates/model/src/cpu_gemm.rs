@@ -26,6 +26,7 @@
 //!
 //! Without AVX-512 a portable kernel with the same loop structure (and the same summation order) runs.
 
+use crate::page_buf::PageBuf;
 use half::bf16;
 use rayon::prelude::*;
 
@@ -50,9 +51,9 @@ const GROUP: usize = 24;
 
 #[derive(Debug, Clone)]
 enum Panels {
-    F32(Vec<f32>),
+    F32(PageBuf<f32>),
     /// bf16 bit patterns.
-    Bf16(Vec<u16>),
+    Bf16(PageBuf<u16>),
 }
 
 /// `W` `[n, k]` packed into k-major panels of 32 columns.
@@ -71,7 +72,7 @@ impl PackedWeight {
     /// Packs a row-major `[n, k]` f32 matrix.
     pub fn from_f32(w: &[f32], n: usize, k: usize) -> Self {
         assert_eq!(w.len(), n * k, "weight buffer size");
-        let mut p = vec![0f32; Self::panel_count(n) * k * NR];
+        let mut p = PageBuf::zeroed(Self::panel_count(n) * k * NR);
         pack_into(w, n, k, &mut p);
         PackedWeight {
             panels: Panels::F32(p),
@@ -83,7 +84,7 @@ impl PackedWeight {
     /// Packs an f32 `[n, k]` matrix given element by element, `w(row, kk)`, in the order of the packed
     /// layout (for a fixed `kk`, 32 consecutive rows): a matrix stored transposed is read sequentially.
     pub(crate) fn from_fn(n: usize, k: usize, w: impl Fn(usize, usize) -> f32) -> Self {
-        let mut p = vec![0f32; Self::panel_count(n) * k * NR];
+        let mut p = PageBuf::zeroed(Self::panel_count(n) * k * NR);
         for (pi, panel) in p.chunks_mut(k * NR).enumerate() {
             let cols = NR.min(n - pi * NR);
             for kk in 0..k {
@@ -103,7 +104,7 @@ impl PackedWeight {
     pub fn from_bf16(w: &[bf16], n: usize, k: usize) -> Self {
         assert_eq!(w.len(), n * k, "weight buffer size");
         let bits: Vec<u16> = w.iter().map(|v| v.to_bits()).collect();
-        let mut p = vec![0u16; Self::panel_count(n) * k * NR];
+        let mut p = PageBuf::zeroed(Self::panel_count(n) * k * NR);
         pack_into(&bits, n, k, &mut p);
         PackedWeight {
             panels: Panels::Bf16(p),

@@ -21,6 +21,7 @@ pub mod hub;
 pub mod inv_freq;
 pub mod linear;
 pub mod model;
+mod page_buf;
 pub mod paged;
 mod paged_cpu;
 mod pool;
