@@ -6,7 +6,8 @@
 //! * packs `W` `[N, K]` into panels of [`NR`] = 32 output columns stored k-major (`[K][32]`, the last panel
 //!   zero-padded), in f32 or bf16 (bf16 is widened to f32 exactly: in registers with a shift and a mask
 //!   for few rows, its panel rows being stored interleaved for that (`Elem::slot`), a group of panels at a
-//!   time into an f32 buffer for many);
+//!   time into an f32 buffer for many), held in memory of their own on huge pages where the system allows
+//!   (`crate::page_buf`: a decode step streams them all from memory);
 //! * computes an `MR x 32` tile of `y` (MR <= 14 rows) with 2 x MR AVX-512 accumulators, broadcasting one `x`
 //!   element per row and FMA-ing it with two vectors of the panel;
 //! * for many rows, blocks K by [`KC`] and runs in BLIS's order: a row tile's KC slice stays in L1 while the
