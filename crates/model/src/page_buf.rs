@@ -7,7 +7,9 @@
 //! gives an anonymous mapping huge pages only when asked (`transparent_hugepage` = `madvise`, the common
 //! default), and only before its memory is first touched: hence a mapping of our own, advised before the
 //! packing writes it. Where the kernel declines (THP off, other systems) the buffer is plain memory and
-//! everything else is the same.
+//! everything else is the same; where it has no free 2 MiB page at hand it compacts memory or falls back to
+//! 4 KiB pages at load (its `defrag` setting), which can slow loading but not the results. The mapping's
+//! alignment slack and the tail of its last huge page are never touched, so they take no memory.
 
 use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
