@@ -8,8 +8,9 @@
 //! default), and only before its memory is first touched: hence a mapping of our own, advised before the
 //! packing writes it. Where the kernel declines (THP off, other systems) the buffer is plain memory and
 //! everything else is the same; where it has no free 2 MiB page at hand it compacts memory or falls back to
-//! 4 KiB pages at load (its `defrag` setting), which can slow loading but not the results. The mapping's
-//! alignment slack and the tail of its last huge page are never touched, so they take no memory.
+//! 4 KiB pages at load (its `defrag` setting), which can slow loading but not the results. Only the whole
+//! huge pages a buffer fills are advised: the alignment slack and the rest of the mapping past the buffer
+//! are never touched, so they take no memory.
 
 use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
@@ -53,8 +54,9 @@ impl<T: Zeroed> PageBuf<T> {
         }
     }
 
-    /// A mapping of `bytes` rounded up to whole huge pages plus one (for the alignment), with the aligned
-    /// range advised as huge pages; `None` when the system refuses the mapping.
+    /// A mapping of `bytes` rounded up to whole huge pages plus one (for the alignment), with the whole huge
+    /// pages the buffer fills advised as huge (its last partial one stays on 4 KiB pages, so that no memory
+    /// past the buffer is ever faulted in); `None` when the system refuses the mapping.
     #[cfg(target_os = "linux")]
     fn mapped(len: usize, bytes: usize) -> Option<Self> {
         let total = bytes.div_ceil(HUGE_PAGE) * HUGE_PAGE + HUGE_PAGE;
@@ -73,12 +75,12 @@ impl<T: Zeroed> PageBuf<T> {
             return None;
         }
         let start = (base as usize).next_multiple_of(HUGE_PAGE);
-        // SAFETY: [start, start + whole pages) lies inside the mapping (one spare huge page was added).
+        // SAFETY: [start, start + whole pages within `bytes`) lies inside the mapping.
         // A refusal (THP disabled, an old kernel) leaves ordinary pages, which is not an error.
         unsafe {
             libc::madvise(
                 start as *mut libc::c_void,
-                bytes.div_ceil(HUGE_PAGE) * HUGE_PAGE,
+                bytes / HUGE_PAGE * HUGE_PAGE,
                 libc::MADV_HUGEPAGE,
             );
         }
