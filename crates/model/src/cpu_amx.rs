@@ -20,6 +20,7 @@
 use std::sync::OnceLock;
 
 use crate::cpu_gemm::{finish, par_panels, uninit_result, Epilogue, SyncPtr, NR};
+use crate::page_buf::PageBuf;
 use half::bf16;
 
 const KB: usize = 32;
@@ -41,7 +42,8 @@ pub fn available() -> bool {
 /// `W` `[n, k]` bf16 in AMX pair layout.
 #[derive(Debug, Clone)]
 pub struct AmxWeight {
-    panels: Vec<u16>,
+    /// On huge pages where the system allows, as [`crate::cpu_gemm`]'s panels (see [`crate::page_buf`]).
+    panels: PageBuf<u16>,
     n: usize,
     k: usize,
     kp: usize,
@@ -52,7 +54,7 @@ impl AmxWeight {
         assert_eq!(w.len(), n * k, "weight buffer size");
         let kp = k.div_ceil(KB) * KB;
         let np = n.div_ceil(NR);
-        let mut panels = vec![0u16; np * kp * NR];
+        let mut panels = PageBuf::zeroed(np * kp * NR);
         for (p, panel) in panels.chunks_mut(kp * NR).enumerate() {
             for c in 0..NR.min(n - p * NR) {
                 let row = &w[(p * NR + c) * k..(p * NR + c + 1) * k];
