@@ -3,7 +3,7 @@
 //! A decode step at batch 1 streams every weight once from memory, so its speed is the memory bandwidth a
 //! core reaches. On 4 KiB pages that stream takes a TLB miss every 4 KiB (a bf16 Qwen2.5-0.5B step: ~240 000),
 //! and in a virtual machine each miss walks two page tables. On this project's 2-core VM, a C loop summing a
-//! 1 GiB buffer read 25-29 GB/s on 4 KiB pages and 29-30 GB/s on 2 MiB pages (docs/PERFORMANCE.md). Linux
+//! 1 GiB buffer read 25-29 GB/s on 4 KiB pages and 28-30 GB/s on 2 MiB pages (docs/PERFORMANCE.md). Linux
 //! gives an anonymous mapping huge pages only when asked (`transparent_hugepage` = `madvise`, the common
 //! default), and only before its memory is first touched: hence a mapping of our own, advised before the
 //! packing writes it. Where the kernel declines (THP off, other systems) the buffer is plain memory and
