@@ -371,19 +371,18 @@ impl PackedRows {
         parallel: bool,
         fill: impl Fn(usize, &mut [std::mem::MaybeUninit<f32>]) + Sync,
     ) -> Self {
-        let len = m.div_ceil(MR) * k * MR;
-        let mut data: Vec<f32> = Vec::with_capacity(len);
         let fill = |(t, tile): (usize, &mut [std::mem::MaybeUninit<f32>])| fill(t, tile);
-        if len > 0 {
-            let spare = &mut data.spare_capacity_mut()[..len];
+        // The tiles cover the buffer, each written whole by `fill`.
+        let data = crate::elementwise::written(m.div_ceil(MR) * k * MR, |spare| {
+            if spare.is_empty() {
+                return;
+            }
             if parallel {
                 spare.par_chunks_mut(k * MR).enumerate().for_each(fill);
             } else {
                 spare.chunks_mut(k * MR).enumerate().for_each(fill);
             }
-        }
-        // SAFETY: the fill wrote all `len` elements (the tiles cover the buffer, MR values per K step).
-        unsafe { data.set_len(len) };
+        });
         PackedRows { data, m, k }
     }
 }

@@ -291,8 +291,9 @@ fn silu_mul_chunk<T: WithDType>(y: &mut [MaybeUninit<T>], g: &[T], u: &[T]) {
 }
 
 /// A vector of `len` elements, every one written by `fill` (not zeroed first: zeroing a prefill's 19 MB
-/// MLP activations was ~1 % of its time, for values overwritten at once).
-fn written<T>(len: usize, fill: impl FnOnce(&mut [MaybeUninit<T>])) -> Vec<T> {
+/// MLP activations was ~1 % of its time, for values overwritten at once). `fill` must write all of them:
+/// the element-wise outputs here, and [`crate::cpu_gemm`]'s packed row tiles.
+pub(crate) fn written<T>(len: usize, fill: impl FnOnce(&mut [MaybeUninit<T>])) -> Vec<T> {
     let mut y: Vec<T> = Vec::with_capacity(len);
     let spare = &mut y.spare_capacity_mut()[..len];
     fill(spare);
