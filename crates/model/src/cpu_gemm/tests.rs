@@ -245,26 +245,26 @@ fn packing_by_transposition_equals_element_wise() {
     for &(m, k) in &[(1, 1), (13, 15), (14, 16), (15, 17), (29, 33), (40, 100)] {
         let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut s)).collect();
         let bits: Vec<u16> = x.iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
-        for parallel in [false, true] {
-            let got = PackedRows::pack(&x, m, k, parallel);
-            let want = PackedRows::build(m, k, parallel, |r, kk| x[r * k + kk]);
+        let same = |got: PackedRows, want: PackedRows, what: &str| {
             assert!(
                 got.data
                     .iter()
                     .zip(&want.data)
                     .all(|(a, b)| a.to_bits() == b.to_bits())
                     && got.data.len() == want.data.len(),
-                "f32 {m}x{k}"
+                "{what} {m}x{k}"
             );
-            let got = PackedRows::pack(&bits, m, k, parallel);
-            let want = PackedRows::build(m, k, parallel, |r, kk| bits[r * k + kk].widen());
-            assert!(
-                got.data
-                    .iter()
-                    .zip(&want.data)
-                    .all(|(a, b)| a.to_bits() == b.to_bits())
-                    && got.data.len() == want.data.len(),
-                "bf16 {m}x{k}"
+        };
+        for parallel in [false, true] {
+            same(
+                PackedRows::pack(&x, m, k, parallel),
+                PackedRows::build(m, k, parallel, |r, kk| x[r * k + kk]),
+                "f32",
+            );
+            same(
+                PackedRows::pack(&bits, m, k, parallel),
+                PackedRows::build(m, k, parallel, |r, kk| bits[r * k + kk].widen()),
+                "bf16",
             );
         }
     }
