@@ -7,12 +7,21 @@
 //! step: ~10 % of a bf16 prefill's CPU time went to the kernel's page faults (docs/PERFORMANCE.md).
 //! [`retain_freed_memory`] raises both limits so freed blocks stay in the process for the next step. The
 //! price is that the resident size stays near its peak (it would return there on the next long step anyway).
+//!
+//! It also keeps every thread on the main arena. glibc gives a thread that allocates while another holds the
+//! main arena an arena of its own, made of heaps of at most 64 MiB; the forward passes run on rayon's
+//! threads, and a prefill's large buffers (a 1 000-token f32 step's stacked MLP product alone is 39 MB) did
+//! not fit those heaps together, so they were mapped and unmapped on every layer whatever the thresholds:
+//! ~215 000 page faults (840 MB) per 1 000-token f32 prefill and 5.3 % of its CPU samples in the kernel;
+//! on the main arena no page faults at all after the first prefill and 1.2 % in the kernel
+//! (docs/PERFORMANCE.md, eleventh session). Small blocks still come from each thread's own cache (tcache)
+//! without taking the arena's lock.
 
 /// Blocks below this are served from the heap, and free memory at its top is kept up to this much.
 pub const RETAIN_BYTES: i32 = 1 << 30;
 
 /// Keeps freed memory in the process (glibc's `M_MMAP_THRESHOLD` and `M_TRIM_THRESHOLD` set to
-/// [`RETAIN_BYTES`]); call once at start, before the model's threads run. Returns whether the allocator took
+/// [`RETAIN_BYTES`], `M_ARENA_MAX` to 1); call once at start, before the model's threads run. Returns whether the allocator took
 /// the settings (false on other C libraries, where nothing is changed).
 pub fn retain_freed_memory() -> bool {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -21,6 +30,7 @@ pub fn retain_freed_memory() -> bool {
         unsafe {
             libc::mallopt(libc::M_MMAP_THRESHOLD, RETAIN_BYTES) == 1
                 && libc::mallopt(libc::M_TRIM_THRESHOLD, RETAIN_BYTES) == 1
+                && libc::mallopt(libc::M_ARENA_MAX, 1) == 1
         }
     }
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
