@@ -268,8 +268,8 @@ fn main() {
     println!("{}", Value::Object(out));
 }
 
-/// One prompt prefilled in chunks of `chunk` rows over the paged cache (as the engine does), then the last
-/// row's logits.
+/// One prompt prefilled in chunks of `chunk` rows over the paged cache (as the engine does: the last layer
+/// computes only the prompt's last row), then that row's logits.
 fn prefill(model: &AfNext, kv: &PagedKv, prompt: &[u32], chunk: usize, block: usize) {
     let l = prompt.len();
     let table = tables(&[l], block).remove(0);
@@ -282,11 +282,15 @@ fn prefill(model: &AfNext, kv: &PagedKv, prompt: &[u32], chunk: usize, block: us
             len: n,
             block_table: table.clone(),
         };
-        h = Some(model.decoder.forward_paged(&x, &[step], kv).unwrap());
+        let rows: &[usize] = if from + n == l { &[n - 1] } else { &[] };
+        h = Some(
+            model
+                .decoder
+                .forward_paged_rows(&x, &[step], kv, rows)
+                .unwrap(),
+        );
     }
-    let h = h.unwrap();
-    let last = h.narrow(0, h.dim(0).unwrap() - 1, 1).unwrap();
-    model.decoder.logits(&last).unwrap();
+    model.decoder.logits(&h.unwrap()).unwrap();
 }
 
 /// Where the audio path's time goes for `w` windows: encoder, RoTE tables (host), RoTE rotation, projector.

@@ -60,14 +60,14 @@ fn prefill_tok_s(dec: &Qwen2, n: usize, dtype: DType) -> f64 {
         let mut last = None;
         for start in (0..n).step_by(512) {
             let len = 512.min(n - start);
+            // As `afnext generate` and the engine prefill: the last layer computes the last row only.
+            let rows: &[usize] = if start + len == n { &[len - 1] } else { &[] };
             last = Some(
-                dec.forward(&e.narrow(1, start, len).unwrap(), &mut cache)
+                dec.forward_rows(&e.narrow(1, start, len).unwrap(), &mut cache, rows)
                     .unwrap(),
             );
         }
-        let h = last.unwrap();
-        dec.logits(&h.narrow(1, h.dim(1).unwrap() - 1, 1).unwrap())
-            .unwrap()
+        dec.logits(&last.unwrap()).unwrap()
     });
     n as f64 / secs
 }

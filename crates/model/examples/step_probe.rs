@@ -167,11 +167,17 @@ fn contiguous_steps(model: &AfNext, dtype: DType, prompt: usize, steps: usize) {
     );
 }
 
-/// The prefill of one `n`-token prompt in one step per length (layers only: the lm_head reads one row).
+/// The prefill of one `n`-token prompt in one step per length (layers only: the lm_head reads one row). The
+/// last layer computes the last row only, as the engine's steps do; `AFNEXT_PROBE_ALL_ROWS=1` computes every
+/// row through it instead (what that saves).
 fn prefill_rows(model: &AfNext, dtype: DType, lengths: &[usize], runs: usize) {
     let d = &model.decoder;
     let v = d.config().vocab_size as u32;
-    println!("prefill in one step, {dtype:?}, median of {runs} runs");
+    let all_rows = env_usize("AFNEXT_PROBE_ALL_ROWS", 0) == 1;
+    let what = if all_rows { "all rows" } else { "the last row" };
+    println!(
+        "prefill in one step, {dtype:?}, {what} through the last layer, median of {runs} runs"
+    );
     println!("| tokens | step (ms) | tok/s |");
     println!("|---:|---:|---:|");
     for &n in lengths {
@@ -186,7 +192,12 @@ fn prefill_rows(model: &AfNext, dtype: DType, lengths: &[usize], runs: usize) {
         let times: Vec<f64> = (0..runs)
             .map(|_| {
                 let t0 = Instant::now();
-                let h = d.forward_paged(&d.embed_rows(&ids).unwrap(), &seq, &kv);
+                let x = d.embed_rows(&ids).unwrap();
+                let h = if all_rows {
+                    d.forward_paged(&x, &seq, &kv)
+                } else {
+                    d.forward_paged_rows(&x, &seq, &kv, &[n - 1])
+                };
                 std::hint::black_box(h.unwrap());
                 t0.elapsed().as_secs_f64()
             })

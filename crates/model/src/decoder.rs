@@ -11,12 +11,13 @@ use candle_core::{DType, Device, Tensor, D};
 
 use crate::config::TextConfig;
 use crate::error::Result;
-use crate::linear::{ParallelLinear, StackedPart};
-use crate::paged::{self, PagedKv, SeqStep, StepIndex};
-use crate::paged_cpu;
-use crate::softmax::softmax_rows_scaled;
+use crate::linear::ParallelLinear;
+use crate::paged::{PagedKv, SeqStep, StepIndex};
 use crate::tp::{StepPlan, TextShard, AUDIO_ROW};
 use crate::weights::Weights;
+
+mod layer;
+use layer::{DecoderLayer, Keep};
 
 /// `x * rsqrt(mean(x^2) + eps)` in f32, cast back to the activation dtype, then times the weight.
 #[derive(Debug, Clone)]
@@ -215,235 +216,6 @@ impl KvCache {
 }
 
 #[derive(Debug, Clone)]
-struct DecoderLayer {
-    input_norm: RmsNorm,
-    /// This rank's q, k and v projections stacked (see [`ParallelLinear::load_column_stacked`]):
-    /// `[.., (heads + 2 kv heads) x head size]` of this rank.
-    qkv: ParallelLinear,
-    o: ParallelLinear,
-    post_norm: RmsNorm,
-    /// This rank's gate and up projections stacked: `[.., 2 inter]`.
-    gate_up: ParallelLinear,
-    down: ParallelLinear,
-}
-
-impl DecoderLayer {
-    /// This rank's part of layer `p` (see [`crate::tp`]); the whole layer for a group of one.
-    fn load(
-        w: &Weights,
-        p: &str,
-        c: &TextConfig,
-        s: &TextShard,
-        group: &Arc<dyn Collective>,
-    ) -> Result<Self> {
-        let (h, hd) = (c.hidden_size, c.head_dim);
-        let (qd, kvd) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
-        let heads = s.heads.start * hd..s.heads.end * hd;
-        let kv = s.kv_heads.start * hd..s.kv_heads.end * hd;
-        let inter = c.intermediate_size;
-        let norm = |n: &str| RmsNorm::load(w, &format!("{p}.{n}.weight"), h, c.rms_norm_eps);
-        let names = [
-            "self_attn.q_proj",
-            "self_attn.k_proj",
-            "self_attn.v_proj",
-            "mlp.gate_proj",
-            "mlp.up_proj",
-        ]
-        .map(|n| format!("{p}.{n}"));
-        let part =
-            |i: usize, out_dim: usize, bias: bool, rows: &std::ops::Range<usize>| StackedPart {
-                prefix: &names[i],
-                out_dim,
-                bias,
-                rows: rows.clone(),
-            };
-        let qkv = [
-            part(0, qd, true, &heads),
-            part(1, kvd, true, &kv),
-            part(2, kvd, true, &kv),
-        ];
-        let gate_up = [
-            part(3, inter, false, &s.intermediate),
-            part(4, inter, false, &s.intermediate),
-        ];
-        Ok(DecoderLayer {
-            input_norm: norm("input_layernorm")?,
-            qkv: ParallelLinear::load_column_stacked(w, &qkv, h)?,
-            o: ParallelLinear::load_row(
-                w,
-                &format!("{p}.self_attn.o_proj"),
-                (qd, h),
-                false,
-                heads.clone(),
-                group,
-            )?,
-            post_norm: norm("post_attention_layernorm")?,
-            gate_up: ParallelLinear::load_column_stacked(w, &gate_up, h)?,
-            down: ParallelLinear::load_row(
-                w,
-                &format!("{p}.mlp.down_proj"),
-                (inter, h),
-                false,
-                s.intermediate.clone(),
-                group,
-            )?,
-        })
-    }
-
-    /// q, k and v of `y` (`[.., hidden]`): views of one stacked product's columns; `c` is this rank's
-    /// configuration (its head counts).
-    fn qkv(&self, y: &Tensor, c: &TextConfig) -> Result<(Tensor, Tensor, Tensor)> {
-        let x = self.qkv.forward(y)?;
-        let (q, kv) = (
-            c.num_attention_heads * c.head_dim,
-            c.num_key_value_heads * c.head_dim,
-        );
-        Ok((
-            x.narrow(D::Minus1, 0, q)?,
-            x.narrow(D::Minus1, q, kv)?,
-            x.narrow(D::Minus1, q + kv, kv)?,
-        ))
-    }
-
-    /// The rest of the layer after attention (shared by both cache layouts): output projection and residual,
-    /// post-attention norm, SwiGLU MLP and residual. `o` is the attention output in `h`'s row layout.
-    fn output(&self, h: &Tensor, o: &Tensor) -> Result<Tensor> {
-        let h = crate::elementwise::add(h, &self.o.forward(o)?)?;
-        let y = self.post_norm.forward(&h)?;
-        let m = self.down.forward(&crate::elementwise::silu_mul_halves(
-            &self.gate_up.forward(&y)?,
-        )?)?;
-        crate::elementwise::add(&h, &m)
-    }
-
-    fn forward(
-        &self,
-        h: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        (cache, reserve): (&mut Option<LayerKv>, usize),
-        c: &TextConfig,
-    ) -> Result<Tensor> {
-        let (b, l, _) = h.dims3()?;
-        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-        let y = self.input_norm.forward(h)?;
-        let split = |x: Tensor, heads: usize| -> Result<Tensor> {
-            Ok(x.reshape((b, l, heads, hd))?
-                .transpose(1, 2)?
-                .contiguous()?)
-        };
-        let (q, k, v) = self.qkv(&y, c)?;
-        let q = Rope::apply(&split(q, nh)?, cos, sin)?;
-        let k = Rope::apply(&split(k, nkv)?, cos, sin)?;
-        let v = split(v, nkv)?;
-        LayerKv::append(cache, &k, &v, reserve)?;
-        let stored = cache.as_ref().expect("appended above");
-        let total = stored.len;
-        let start = total - l;
-        if h.device().is_cpu() && b == 1 {
-            // The CPU kernels read the cache in place (no casts, GQA copies or score tensors), as the
-            // engine's paged steps do: decode steps and short chunks fused, longer chunks blocked.
-            let g = paged_cpu::Heads { nh, nkv, hd };
-            let q = q.squeeze(0)?.transpose(0, 1)?.contiguous()?;
-            let o = paged_cpu::attend_contiguous(&q, start, (&stored.k, &stored.v), g)?;
-            let o = Tensor::from_vec(o, (1, l, nh * hd), h.device())?.to_dtype(h.dtype())?;
-            return self.output(h, &o);
-        }
-        let k = stored.k.narrow(2, 0, total)?.contiguous()?;
-        let v = stored.v.narrow(2, 0, total)?.contiguous()?;
-        // GQA: query head i uses kv head i / (nh / nkv) (consecutive query heads share a kv head).
-        let group = nh / nkv;
-        let expand = |x: &Tensor| -> Result<Tensor> {
-            if group == 1 {
-                return Ok(x.clone());
-            }
-            Ok(x.unsqueeze(2)?
-                .expand((b, nkv, group, total, hd))?
-                .reshape((b, nh, total, hd))?)
-        };
-        let (k, v) = (expand(&k)?, expand(&v)?);
-        // Attention in the working dtype (f32 for bf16 on the CPU), rounded back to the activation dtype.
-        let act = q.dtype();
-        let work = paged::work_dtype(&q);
-        let (q, k, v) = (q.to_dtype(work)?, k.to_dtype(work)?, v.to_dtype(work)?);
-        let scores = q.matmul(&k.t()?)?;
-        // Query i (position start + i) sees keys 0..=start + i: the softmax applies the causal limit itself,
-        // in f32 as the reference does, rounding once to the working dtype.
-        let probs = softmax_rows_scaled(&scores, Some((l, start)), (hd as f32).powf(-0.5))?;
-        let o = probs
-            .matmul(&v.contiguous()?)?
-            .transpose(1, 2)?
-            .reshape((b, l, nh * hd))?
-            .to_dtype(act)?;
-        self.output(h, &o)
-    }
-}
-
-impl DecoderLayer {
-    /// One layer over the rows `h` `[T, hidden]` of a batched step (see [`crate::paged`]).
-    fn forward_paged(
-        &self,
-        h: &Tensor,
-        (cos, sin): (&Tensor, &Tensor),
-        seqs: &[SeqStep],
-        index: &StepIndex,
-        kv: (&Tensor, &Tensor),
-        c: &TextConfig,
-    ) -> Result<Tensor> {
-        let t = h.dim(0)?;
-        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-        let y = self.input_norm.forward(h)?;
-        let (q, k, v) = self.qkv(&y, c)?;
-        let q = Rope::apply(&q.reshape((t, nh, hd))?, cos, sin)?;
-        let k = Rope::apply(&k.reshape((t, nkv, hd))?, cos, sin)?;
-        index
-            .write
-            .apply(kv.0, &k.reshape((t, nkv * hd))?.contiguous()?)?;
-        index.write.apply(kv.1, &v.contiguous()?)?;
-        if let Some(d) = &index.decode {
-            let o = paged::attend_decode(&q, d, kv, c)?;
-            return self.output(h, &o);
-        }
-        if h.device().is_cpu() {
-            // Few-query sequences: one fused pass over the pool for all of them; longer chunks: the blocked
-            // causal kernel, one sequence at a time (parallel inside). Both in f32 from the pool in place.
-            let g = paged_cpu::Heads { nh, nkv, hd };
-            let width = nh * hd;
-            let short: Vec<bool> = seqs
-                .iter()
-                .map(|s| s.len <= paged_cpu::MAX_QUERY_ROWS)
-                .collect();
-            let geometry = (g, index.block_size);
-            // The queries in f32 once for both kernels.
-            let qf = paged_cpu::f32_queries(&q)?;
-            let mut out = vec![0f32; t * width];
-            if short.iter().any(|&b| b) {
-                paged_cpu::attend_rows(&qf, seqs, &short, kv, geometry, &mut out)?;
-            }
-            let mut row = 0;
-            for (s, &is_short) in seqs.iter().zip(&short) {
-                if !is_short {
-                    let rows = row * width..(row + s.len) * width;
-                    paged_cpu::attend_chunk(&qf[rows.clone()], s, kv, geometry, &mut out[rows])?;
-                }
-                row += s.len;
-            }
-            let o = Tensor::from_vec(out, (t, width), h.device())?.to_dtype(h.dtype())?;
-            return self.output(h, &o);
-        }
-        // Other devices: blocked matmuls per sequence.
-        let mut outs = Vec::with_capacity(seqs.len());
-        let mut row = 0;
-        for (s, slots) in seqs.iter().zip(&index.read) {
-            let qs = q.narrow(0, row, s.len)?.transpose(0, 1)?.contiguous()?;
-            outs.push(paged::attend(&qs, s.start, slots, kv, c, index.attn_block)?);
-            row += s.len;
-        }
-        self.output(h, &Tensor::cat(&outs, 0)?)
-    }
-}
-
-#[derive(Debug, Clone)]
 pub struct Qwen2 {
     /// This rank's vocabulary rows of the token table (all of it in a group of one).
     embed: Tensor,
@@ -540,7 +312,28 @@ impl Qwen2 {
     /// Runs `embeds` (1, l, h) at positions `cache.len()..` and returns the hidden states after the final
     /// norm (1, l, h).
     pub fn forward(&self, embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        crate::pool::on_pool(self.on_cpu_alone(), || self.forward_here(embeds, cache))
+        self.forward_keep(embeds, cache, Keep::All)
+    }
+
+    /// [`Qwen2::forward`] returning only the rows `rows` (ascending; `[]` for none) of its result
+    /// `(1, rows.len(), h)`, with the bits they have in [`Qwen2::forward`]'s. The cache gets every row; the
+    /// last layer computes its attention, output projection and MLP for `rows` only (a prompt needs the
+    /// logits of its last position, and none for the chunks before it).
+    pub fn forward_rows(
+        &self,
+        embeds: &Tensor,
+        cache: &mut KvCache,
+        rows: &[usize],
+    ) -> Result<Tensor> {
+        let l = embeds.dim(1)?;
+        check_rows(rows, l)?;
+        self.forward_keep(embeds, cache, Keep::Rows(rows))
+    }
+
+    fn forward_keep(&self, embeds: &Tensor, cache: &mut KvCache, keep: Keep<'_>) -> Result<Tensor> {
+        crate::pool::on_pool(self.on_cpu_alone(), || {
+            self.forward_here(embeds, cache, keep)
+        })
     }
 
     /// A CPU model of a group of one: its forward passes run on rayon's pool ([`crate::pool`]).
@@ -548,7 +341,7 @@ impl Qwen2 {
         self.shard.world == 1 && self.embed.device().is_cpu()
     }
 
-    fn forward_here(&self, embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+    fn forward_here(&self, embeds: &Tensor, cache: &mut KvCache, keep: Keep<'_>) -> Result<Tensor> {
         let (_, l, _) = embeds.dims3()?;
         let start = cache.len();
         let (cos, sin) = self
@@ -556,8 +349,10 @@ impl Qwen2 {
             .tables(start, l, embeds.dtype(), embeds.device())?;
         let mut h = embeds.clone();
         let reserve = cache.reserve;
-        for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            h = layer.forward(&h, &cos, &sin, (slot, reserve), &self.local)?;
+        let last = self.layers.len().saturating_sub(1);
+        for (i, (layer, slot)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
+            let keep = if i == last { keep } else { Keep::All };
+            h = layer.forward(&h, (&cos, &sin), (slot, reserve), &self.local, keep)?;
         }
         self.norm.forward(&h)
     }
@@ -567,7 +362,22 @@ impl Qwen2 {
     /// norm, `[T, hidden]`.
     pub fn forward_paged(&self, embeds: &Tensor, seqs: &[SeqStep], kv: &PagedKv) -> Result<Tensor> {
         crate::pool::on_pool(self.on_cpu_alone(), || {
-            self.forward_paged_here(embeds, seqs, kv)
+            self.forward_paged_here(embeds, seqs, kv, Keep::All)
+        })
+    }
+
+    /// [`Qwen2::forward_paged`] returning only the rows `rows` (ascending) of its result `[rows.len(), hidden]`,
+    /// with the same bits; every row's keys and values still go into `kv` (see [`Qwen2::forward_rows`]).
+    pub fn forward_paged_rows(
+        &self,
+        embeds: &Tensor,
+        seqs: &[SeqStep],
+        kv: &PagedKv,
+        rows: &[usize],
+    ) -> Result<Tensor> {
+        check_rows(rows, embeds.dim(0)?)?;
+        crate::pool::on_pool(self.on_cpu_alone(), || {
+            self.forward_paged_here(embeds, seqs, kv, Keep::Rows(rows))
         })
     }
 
@@ -576,6 +386,7 @@ impl Qwen2 {
         embeds: &Tensor,
         seqs: &[SeqStep],
         kv: &PagedKv,
+        keep: Keep<'_>,
     ) -> Result<Tensor> {
         let t = embeds.dim(0)?;
         let rows: usize = seqs.iter().map(|s| s.len).sum();
@@ -597,8 +408,10 @@ impl Qwen2 {
             embeds.device(),
         )?;
         let mut h = embeds.clone();
+        let last = self.layers.len().saturating_sub(1);
         for (i, layer) in self.layers.iter().enumerate() {
-            h = layer.forward_paged(&h, (&cos, &sin), seqs, &index, kv.layer(i), c)?;
+            let keep = if i == last { keep } else { Keep::All };
+            h = layer.forward_paged(&h, (&cos, &sin), seqs, &index, kv.layer(i), c, keep)?;
         }
         self.norm.forward(&h)
     }
@@ -701,17 +514,27 @@ impl Qwen2 {
             embeds = embeds.index_add(&idx, &a.to_dtype(embeds.dtype())?, 0)?;
         }
         // The lm_head in the same pass on the pool as the layers (one hand-off per step, the workers kept
-        // awake through it).
+        // awake through it). The last layer computes only the rows that are sampled.
+        let sample: Vec<usize> = plan.sample_rows.iter().map(|&r| r as usize).collect();
+        check_rows(&sample, plan.ids.len())?;
         crate::pool::on_pool(self.on_cpu_alone(), || {
-            let hidden = self.forward_paged(&embeds, &plan.seqs, kv)?;
-            if plan.sample_rows.is_empty() {
+            let hidden = self.forward_paged_here(&embeds, &plan.seqs, kv, Keep::Rows(&sample))?;
+            if sample.is_empty() {
                 return Ok(None);
             }
-            let n = plan.sample_rows.len();
-            let idx = Tensor::from_slice(&plan.sample_rows, n, hidden.device())?;
-            Ok(Some(self.logits(&hidden.index_select(&idx, 0)?)?))
+            Ok(Some(self.logits(&hidden)?))
         })
     }
+}
+
+/// `rows` must be ascending row indices below `n` (the pass's rows).
+fn check_rows(rows: &[usize], n: usize) -> Result<()> {
+    if rows.windows(2).any(|w| w[0] >= w[1]) || rows.last().is_some_and(|&r| r >= n) {
+        return Err(crate::ModelError::Input(format!(
+            "rows to keep must be ascending and below the pass's {n} rows, got {rows:?}"
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

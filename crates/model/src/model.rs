@@ -227,8 +227,9 @@ impl AfNext {
     }
 
     /// Prefills `embeds` (1, l, h) in chunks of at most `chunk` positions (bounded attention memory), returning
-    /// the hidden states after the final norm of the positions selected by `keep` (all when `None`, else the
-    /// last one only).
+    /// the hidden states after the final norm of all positions (`all`) or of the last one only. For the last
+    /// position alone the decoder's last layer computes only what that position needs
+    /// ([`crate::decoder::Qwen2::forward_rows`]).
     pub fn prefill(
         &self,
         embeds: &Tensor,
@@ -237,24 +238,26 @@ impl AfNext {
         all: bool,
     ) -> Result<Tensor> {
         let l = embeds.dim(1)?;
+        if l == 0 {
+            return Err(ModelError::Input("empty prompt".into()));
+        }
         let chunk = chunk.max(1);
         let mut outs = Vec::new();
-        let mut last = None;
         for start in (0..l).step_by(chunk) {
             let len = chunk.min(l - start);
-            let h = self
-                .decoder
-                .forward(&embeds.narrow(1, start, len)?, cache)?;
+            let part = embeds.narrow(1, start, len)?;
             if all {
-                outs.push(h);
+                outs.push(self.decoder.forward(&part, cache)?);
             } else {
-                last = Some(h.narrow(1, len - 1, 1)?);
+                // Only the prompt's last position is wanted: none of this chunk's unless it is the last.
+                let rows: &[usize] = if start + len == l { &[len - 1] } else { &[] };
+                outs.push(self.decoder.forward_rows(&part, cache, rows)?);
             }
         }
         if all {
             Ok(Tensor::cat(&outs, 1)?)
         } else {
-            last.ok_or_else(|| ModelError::Input("empty prompt".into()))
+            Ok(outs.pop().expect("at least one chunk"))
         }
     }
 

@@ -55,9 +55,9 @@ pub(crate) struct Heads {
     pub hd: usize,
 }
 
-/// Computes `out[t]` (`[nh * hd]` f32) for every row `t` of the step whose sequence has `selected[s]`;
-/// `q` is the step's `[T, nh, hd]` queries (after RoPE) in f32, the pools `[slots, nkv * hd]` in blocks of
-/// `bs` slots.
+/// Computes `out[t]` (`[nh * hd]` f32) for every row `t` of the step with `selected[t]`; `q` is the step's
+/// `[T, nh, hd]` queries (after RoPE) in f32, the pools `[slots, nkv * hd]` in blocks of `bs` slots. Each row
+/// is computed alone: the rows selected do not change any row's result.
 pub(crate) fn attend_rows(
     q: &[f32],
     seqs: &[SeqStep],
@@ -67,10 +67,10 @@ pub(crate) fn attend_rows(
     out: &mut [f32],
 ) -> Result<()> {
     // Row -> (sequence, position).
-    let mut rows: Vec<Option<(usize, usize)>> = Vec::with_capacity(q.len() / (g.nh * g.hd));
+    let mut rows: Vec<Option<(usize, usize)>> = Vec::with_capacity(selected.len());
     for (s, seq) in seqs.iter().enumerate() {
         for i in 0..seq.len {
-            rows.push(selected[s].then_some((s, seq.start + i)));
+            rows.push(selected[rows.len()].then_some((s, seq.start + i)));
         }
     }
     let slot = |s: usize, j: usize, kvh: usize| pool_offset(&seqs[s].block_table, bs, g, j, kvh);
@@ -111,33 +111,56 @@ pub(crate) fn f32_queries(q: &Tensor) -> Result<Vec<f32>> {
 /// `[l, nh, hd]` (after RoPE) at positions `start..start + l`, keys and values `[1, nkv, capacity, hd]` with
 /// positions `0..start + l` filled (nothing past them is read);
 /// up to [`MAX_QUERY_ROWS`] queries through this module's kernel, more through the blocked kernel of
-/// [`crate::attn_cpu`] (as the paged path splits them). Returns `[l, nh * hd]` f32.
+/// [`crate::attn_cpu`] (as the paged path splits them). Returns `[l, nh * hd]` f32, or with `only = Some(rows)`
+/// (ascending) the rows `rows` alone, each computed by the kernel that computes it among all `l`: the same
+/// bits.
 pub(crate) fn attend_contiguous(
     q: &Tensor,
     start: usize,
     (k, v): (&Tensor, &Tensor),
     g: Heads,
+    only: Option<&[usize]>,
 ) -> Result<Vec<f32>> {
     let l = q.dim(0)?;
     let total = k.dim(2)?;
-    let rows: Vec<Option<(usize, usize)>>;
-    let job = if l <= MAX_QUERY_ROWS {
-        rows = (0..l).map(|i| Some((0, start + i))).collect();
-        Job::Rows(&rows)
-    } else {
-        Job::Chunk { start, len: l }
-    };
-    let mut out = vec![0f32; l * g.nh * g.hd];
+    let width = g.nh * g.hd;
     let (k, v) = (k.contiguous()?, v.contiguous()?);
-    attend(
-        &f32_queries(q)?,
-        job,
-        (&k, &v),
-        g,
-        |_, j, kvh| (kvh * total + j) * g.hd,
-        &mut out,
-    )?;
-    Ok(out)
+    let qf = f32_queries(q)?;
+    let slot = |_: usize, j: usize, kvh: usize| (kvh * total + j) * g.hd;
+    let wanted = |i: usize| only.is_none_or(|r| r.binary_search(&i).is_ok());
+    let mut out = vec![0f32; l * width];
+    if l <= MAX_QUERY_ROWS {
+        let rows: Vec<_> = (0..l)
+            .map(|i| wanted(i).then_some((0, start + i)))
+            .collect();
+        attend(&qf, Job::Rows(&rows), (&k, &v), g, slot, &mut out)?;
+    } else if only.is_none() {
+        attend(
+            &qf,
+            Job::Chunk { start, len: l },
+            (&k, &v),
+            g,
+            slot,
+            &mut out,
+        )?;
+    } else {
+        // A query's result in the blocked kernel does not depend on the block it is in.
+        for i in (0..l).filter(|&i| wanted(i)) {
+            let span = i * width..(i + 1) * width;
+            let job = Job::Chunk {
+                start: start + i,
+                len: 1,
+            };
+            attend(&qf[span.clone()], job, (&k, &v), g, slot, &mut out[span])?;
+        }
+    }
+    Ok(match only {
+        None => out,
+        Some(r) => r
+            .iter()
+            .flat_map(|&i| out[i * width..(i + 1) * width].iter().copied())
+            .collect(),
+    })
 }
 
 /// What [`attend`] computes.

@@ -117,7 +117,7 @@ pub struct StepPlan {
     pub seqs: Vec<SeqStep>,
     /// Token id of each row of the step, or [`AUDIO_ROW`] for the next row of the step's audio rows.
     pub ids: Vec<u32>,
-    /// Rows whose logits are wanted.
+    /// Rows whose logits are wanted, ascending.
     pub sample_rows: Vec<u32>,
 }
 
