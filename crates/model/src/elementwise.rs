@@ -282,6 +282,31 @@ impl Pointwise {
 /// once through the vectorised exponential (libm's, one call per element, was ~5 % of a bf16 prefill), then
 /// the rest of `x / (1 + exp(-x))` element-wise.
 fn silu_mul_chunk<T: WithDType>(y: &mut [MaybeUninit<T>], g: &[T], u: &[T]) {
+    let n = y.len();
+    assert!(g.len() == n && u.len() == n, "silu_mul of unequal lengths");
+    // f32 and bf16 16 lanes at a time where the CPU has AVX-512: the same bits as the loop below, which
+    // does not vectorise (a decode row's 4 864 in bf16: 7.7 -> 4.4 us; the division bounds the vector loop).
+    if matches!(T::DTYPE, DType::F32 | DType::BF16) {
+        let bf16 = T::DTYPE == DType::BF16;
+        // SAFETY: the three slices hold `n` elements of T, which is f32 or bf16 (`T::DTYPE` names T).
+        let done = unsafe {
+            crate::cpu_exp::silu_mul(
+                y.as_mut_ptr() as *mut u8,
+                g.as_ptr() as *const u8,
+                u.as_ptr() as *const u8,
+                n,
+                bf16,
+            )
+        };
+        if done {
+            return;
+        }
+    }
+    silu_mul_scalar(y, g, u);
+}
+
+/// [`silu_mul_chunk`] element by element (with the vectorised `exp` where there is one).
+fn silu_mul_scalar<T: WithDType>(y: &mut [MaybeUninit<T>], g: &[T], u: &[T]) {
     let mut e: Vec<f32> = g.iter().map(|&g| -f(g)).collect();
     crate::cpu_exp::exp_in_place(&mut e);
     for (((y, &g), &u), &e) in y.iter_mut().zip(g).zip(u).zip(&e) {
@@ -546,6 +571,66 @@ pub(crate) fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
 mod tests {
     use super::*;
     use candle_core::{DType, Device};
+
+    /// The 16-lane SiLU product gives the scalar loop's bits, in f32 and bf16, on full vectors and tails,
+    /// for ordinary values and the edges (zeros, infinities, NaN, subnormals, overflow of `exp(-x)`).
+    #[test]
+    fn vector_silu_mul_has_the_bits_of_the_scalar_loop() {
+        let special = [
+            0.0,
+            -0.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            -f32::NAN,
+            1e-40,
+            -1e-40,
+            100.0,
+            -100.0,
+            88.7,
+            -88.7,
+            3.0e38,
+        ];
+        for n in [1usize, 15, 16, 17, 100, 4864] {
+            let g: Vec<f32> = (0..n)
+                .map(|i| {
+                    special
+                        .get(i % 29)
+                        .copied()
+                        .unwrap_or(20.0 * (((i * 7919) % 1009) as f32 / 1009.0 - 0.5))
+                })
+                .collect();
+            let u: Vec<f32> = (0..n)
+                .map(|i| 3.0 * (((i * 104729) % 997) as f32 / 997.0 - 0.5))
+                .collect();
+            fn run<T: WithDType>(
+                g: &[T],
+                u: &[T],
+                f: fn(&mut [MaybeUninit<T>], &[T], &[T]),
+            ) -> Vec<f64> {
+                let y = written(g.len(), |y| f(y, g, u));
+                y.iter().map(|v| v.to_f64()).collect()
+            }
+            let same = |a: &[f64], b: &[f64]| {
+                a.iter()
+                    .zip(b)
+                    .all(|(x, y)| x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan()))
+            };
+            let a = run(&g, &u, silu_mul_chunk::<f32>);
+            let b = run(&g, &u, silu_mul_scalar::<f32>);
+            assert!(same(&a, &b), "f32, {n} elements");
+            let gb: Vec<half::bf16> = g.iter().map(|&x| to_bf16(x)).collect();
+            let ub: Vec<half::bf16> = u.iter().map(|&x| to_bf16(x)).collect();
+            let bits = |g: &[half::bf16], u: &[half::bf16], f: fn(&mut [MaybeUninit<half::bf16>], &[half::bf16], &[half::bf16])| {
+                written(g.len(), |y| f(y, g, u)).iter().map(|v| v.to_bits()).collect::<Vec<u16>>()
+            };
+            assert_eq!(
+                bits(&gb, &ub, silu_mul_chunk::<half::bf16>),
+                bits(&gb, &ub, silu_mul_scalar::<half::bf16>),
+                "bf16, {n} elements"
+            );
+        }
+    }
 
     fn t(n: usize, seed: usize, shape: &[usize], dtype: DType) -> Tensor {
         let v: Vec<f32> = (0..n)
