@@ -5,7 +5,8 @@
 //! Run: `RAYON_NUM_THREADS=2 cargo run --release -p afnext-model --example step_probe [bf16|f32] [B,...]`.
 //! Prints per batch size the median step time split into layers (`forward_paged`) and lm_head.
 //! `... step_probe [bf16|f32] prefill [N,...]` times instead the prefill of one N-token prompt in one step
-//! (the engine's chunk for prompts within its token budget), the median of `AFNEXT_PROBE_STEPS` runs.
+//! (the engine's chunk for prompts within its token budget), the median of `AFNEXT_PROBE_STEPS` runs; its last
+//! layer computes the last row only, as the engine's does (`AFNEXT_PROBE_ALL_ROWS=1`: every row).
 //! `... step_probe [bf16|f32] contiguous` times batch-1 greedy steps over the contiguous cache instead (`KvCache`:
 //! what `afnext generate` and the model bench's decode row run; `AFNEXT_PROBE_PROMPT=100` is the bench's
 //! prompt).
