@@ -420,7 +420,7 @@ mod tests {
         let mut fused = vec![0f32; len * nh * hd];
         let g = crate::paged_cpu::Heads { nh, nkv, hd };
         let qf = crate::paged_cpu::f32_queries(&q).unwrap();
-        crate::paged_cpu::attend_chunk(&qf, &seq, (&k, &v), (g, bs), &mut fused).unwrap();
+        crate::paged_cpu::attend_chunk(&qf, &seq, None, (&k, &v), (g, bs), &mut fused).unwrap();
         let worst = crate::attn_cpu::tests::worst_diff(&blocked, &fused);
         assert!(worst < 1e-5, "worst difference {worst}");
     }

@@ -79,20 +79,62 @@ pub(crate) fn attend_rows(
 
 /// Causal attention of one sequence's long chunk over the pool ([`crate::attn_cpu::causal_chunk`]): `q` its
 /// `[len, nh, hd]` queries (after RoPE) in f32, at positions `seq.start..seq.start + len`. Writes `out`
-/// `[len, nh * hd]`.
+/// `[len, nh * hd]`: every row, or with `only` the rows `only` (ascending, within the chunk), with the bits
+/// they get among all rows (see [`causal_rows`]); the other rows of `out` are left as they are.
 pub(crate) fn attend_chunk(
     q: &[f32],
     seq: &SeqStep,
+    only: Option<&[usize]>,
     pools: (&Tensor, &Tensor),
     (g, bs): (Heads, usize),
     out: &mut [f32],
 ) -> Result<()> {
     let slot = |_: usize, j: usize, kvh: usize| pool_offset(&seq.block_table, bs, g, j, kvh);
-    let job = Job::Chunk {
-        start: seq.start,
-        len: seq.len,
+    causal_rows(q, (seq.start, seq.len), only, pools, g, slot, out)
+}
+
+/// Whether row `i` is computed: every row without `only`, else the rows `only` (ascending).
+pub(crate) fn wanted(only: Option<&[usize]>, i: usize) -> bool {
+    only.is_none_or(|r| r.binary_search(&i).is_ok())
+}
+
+/// The rows `only` of `out` (`[rows, width]`), in order; all of `out` without `only`.
+pub(crate) fn take_rows(out: Vec<f32>, width: usize, only: Option<&[usize]>) -> Vec<f32> {
+    match only {
+        None => out,
+        Some(r) => r
+            .iter()
+            .flat_map(|&i| out[i * width..(i + 1) * width].iter().copied())
+            .collect(),
+    }
+}
+
+/// The blocked causal kernel over a chunk of `len` queries at positions `start..`: one pass for every row, or
+/// with `only` each of the rows `only` (ascending) alone, which gives it the bits it gets among all rows (a
+/// query's result in the blocked kernel does not depend on the block it is in). Each such row packs the keys
+/// and values it sees once; in practice a chunk has one (a prompt's last position).
+fn causal_rows(
+    q: &[f32],
+    (start, len): (usize, usize),
+    only: Option<&[usize]>,
+    pools: (&Tensor, &Tensor),
+    g: Heads,
+    slot: impl Fn(usize, usize, usize) -> usize + Sync,
+    out: &mut [f32],
+) -> Result<()> {
+    let Some(rows) = only else {
+        return attend(q, Job::Chunk { start, len }, pools, g, slot, out);
     };
-    attend(q, job, pools, g, slot, out)
+    let width = g.nh * g.hd;
+    for &i in rows {
+        let span = i * width..(i + 1) * width;
+        let job = Job::Chunk {
+            start: start + i,
+            len: 1,
+        };
+        attend(&q[span.clone()], job, pools, g, &slot, &mut out[span])?;
+    }
+    Ok(())
 }
 
 /// Element offset in a pool of blocks of `bs` slots of the key (or value) vector of position `j`, kv head
@@ -127,40 +169,16 @@ pub(crate) fn attend_contiguous(
     let (k, v) = (k.contiguous()?, v.contiguous()?);
     let qf = f32_queries(q)?;
     let slot = |_: usize, j: usize, kvh: usize| (kvh * total + j) * g.hd;
-    let wanted = |i: usize| only.is_none_or(|r| r.binary_search(&i).is_ok());
     let mut out = vec![0f32; l * width];
     if l <= MAX_QUERY_ROWS {
         let rows: Vec<_> = (0..l)
-            .map(|i| wanted(i).then_some((0, start + i)))
+            .map(|i| wanted(only, i).then_some((0, start + i)))
             .collect();
         attend(&qf, Job::Rows(&rows), (&k, &v), g, slot, &mut out)?;
-    } else if only.is_none() {
-        attend(
-            &qf,
-            Job::Chunk { start, len: l },
-            (&k, &v),
-            g,
-            slot,
-            &mut out,
-        )?;
     } else {
-        // A query's result in the blocked kernel does not depend on the block it is in.
-        for i in (0..l).filter(|&i| wanted(i)) {
-            let span = i * width..(i + 1) * width;
-            let job = Job::Chunk {
-                start: start + i,
-                len: 1,
-            };
-            attend(&qf[span.clone()], job, (&k, &v), g, slot, &mut out[span])?;
-        }
+        causal_rows(&qf, (start, l), only, (&k, &v), g, slot, &mut out)?;
     }
-    Ok(match only {
-        None => out,
-        Some(r) => r
-            .iter()
-            .flat_map(|&i| out[i * width..(i + 1) * width].iter().copied())
-            .collect(),
-    })
+    Ok(take_rows(out, width, only))
 }
 
 /// What [`attend`] computes.

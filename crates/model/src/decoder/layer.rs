@@ -270,14 +270,13 @@ impl DecoderLayer {
             let geometry = (g, index.block_size);
             // The queries in f32 once for both kernels.
             let qf = paged_cpu::f32_queries(&q)?;
-            let wanted = |row: usize| rows.is_none_or(|r| r.binary_search(&row).is_ok());
             // Rows of short sequences that are wanted, for the few-query kernel.
             let mut few = vec![false; t];
             let mut row = 0;
             for s in seqs {
                 if s.len <= paged_cpu::MAX_QUERY_ROWS {
                     for (i, f) in few[row..row + s.len].iter_mut().enumerate() {
-                        *f = wanted(row + i);
+                        *f = paged_cpu::wanted(rows, row + i);
                     }
                 }
                 row += s.len;
@@ -289,45 +288,27 @@ impl DecoderLayer {
             let mut row = 0;
             for s in seqs {
                 if s.len > paged_cpu::MAX_QUERY_ROWS {
+                    // The wanted rows of this chunk, counted from its first.
+                    let local: Option<Vec<usize>> = rows.map(|r| {
+                        let (a, b) = (
+                            r.partition_point(|&x| x < row),
+                            r.partition_point(|&x| x < row + s.len),
+                        );
+                        r[a..b].iter().map(|&x| x - row).collect()
+                    });
                     let span = row * width..(row + s.len) * width;
-                    match rows {
-                        None => paged_cpu::attend_chunk(
-                            &qf[span.clone()],
-                            s,
-                            kv,
-                            geometry,
-                            &mut out[span],
-                        )?,
-                        // A wanted row of a long chunk alone, through the same blocked kernel: its result
-                        // does not depend on the block it is in. Each such row packs the keys and values
-                        // it sees once; in practice a long chunk has one (a prompt's last position).
-                        Some(_) => {
-                            for i in (0..s.len).filter(|&i| wanted(row + i)) {
-                                let one = SeqStep {
-                                    start: s.start + i,
-                                    len: 1,
-                                    block_table: s.block_table.clone(),
-                                };
-                                let span = (row + i) * width..(row + i + 1) * width;
-                                paged_cpu::attend_chunk(
-                                    &qf[span.clone()],
-                                    &one,
-                                    kv,
-                                    geometry,
-                                    &mut out[span],
-                                )?;
-                            }
-                        }
-                    }
+                    paged_cpu::attend_chunk(
+                        &qf[span.clone()],
+                        s,
+                        local.as_deref(),
+                        kv,
+                        geometry,
+                        &mut out[span],
+                    )?;
                 }
                 row += s.len;
             }
-            if let Some(r) = rows {
-                out = r
-                    .iter()
-                    .flat_map(|&i| out[i * width..(i + 1) * width].iter().copied())
-                    .collect();
-            }
+            let out = paged_cpu::take_rows(out, width, rows);
             let n = out.len() / width;
             let o = Tensor::from_vec(out, (n, width), h.device())?.to_dtype(h.dtype())?;
             return finish(&o);
