@@ -16,12 +16,12 @@ pub use frontend::{
     check_finite, conv_len, plan_windows, tokens_for_frames, AudioFeatures, Frontend,
     FrontendConfig, Overflow, WindowPlan, WindowSpec,
 };
-pub use resample::resample;
+pub use resample::{resample, resample_prefix, resampled_len};
 pub use wav::{encode_wav, WavFormat};
 
-/// Decodes a file or in-memory bytes and returns mono samples at `cfg.sampling_rate`, checked for NaN/inf.
-/// A file already at the model rate with one channel passes through bit-exact.
-pub fn load_mono(audio: DecodedAudio, target_hz: u32) -> Result<Vec<f32>> {
+/// Decoded audio as mono samples at `target_hz`, checked for NaN/inf, at most the first `keep` of them (the
+/// rest is not resampled). A file already at the model rate with one channel passes through bit-exact.
+pub fn load_mono(audio: DecodedAudio, target_hz: u32, keep: usize) -> Result<Vec<f32>> {
     check_finite(&audio.samples)?;
-    resample(&audio.samples, audio.sample_rate, target_hz)
+    resample_prefix(&audio.samples, audio.sample_rate, target_hz, keep)
 }

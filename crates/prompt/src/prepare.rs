@@ -51,8 +51,12 @@ pub fn prepare_audio(
     }
     .map_err(wrap)?;
     let (rate, channels) = (decoded.sample_rate, decoded.channels);
-    let samples = afnext_audio::load_mono(decoded, cfg.sampling_rate).map_err(wrap)?;
-    let plan = plan_windows(samples.len(), cfg, overflow).map_err(wrap)?;
+    // Planned on the resampled length before resampling: audio over the limit is refused at once, and
+    // truncated audio is resampled only as far as its windows reach.
+    let n = afnext_audio::resampled_len(decoded.samples.len(), rate, cfg.sampling_rate);
+    let plan = plan_windows(n, cfg, overflow).map_err(wrap)?;
+    let samples =
+        afnext_audio::load_mono(decoded, cfg.sampling_rate, plan.used_samples).map_err(wrap)?;
     Ok(PreparedAudio {
         samples,
         plan,
