@@ -161,48 +161,53 @@ fn sixteen_concurrent_requests_match_each_request_run_alone() {
 }
 
 /// bf16 (AMX tiles where the CPU has them, the f32 kernel otherwise): batching still changes nothing, because
-/// every row is computed by the same instruction sequence whatever the batch.
+/// every row is computed by the same instruction sequence whatever the batch. tiny-c has a GQA group of 8 and a
+/// head_dim of 8 (the paged decode kernels' widest group).
 #[test]
 fn bf16_batched_requests_equal_their_lone_runs() {
-    let e = engine_in("tiny-b", EngineConfig::default(), DType::BF16);
-    let reqs: Vec<GenerateRequest> = sixteen().into_iter().step_by(2).collect();
-    let alone: Vec<Vec<u32>> = reqs
-        .iter()
-        .map(|r| collect(e.submit(r.clone()).unwrap()).unwrap().ids)
-        .collect();
-    let handles: Vec<_> = reqs.iter().map(|r| e.submit(r.clone()).unwrap()).collect();
-    for (h, want) in handles.into_iter().zip(&alone) {
-        assert_eq!(&collect(h).unwrap().ids, want);
+    for ck in ["tiny-b", "tiny-c"] {
+        let e = engine_in(ck, EngineConfig::default(), DType::BF16);
+        let reqs: Vec<GenerateRequest> = sixteen().into_iter().step_by(2).collect();
+        let alone: Vec<Vec<u32>> = reqs
+            .iter()
+            .map(|r| collect(e.submit(r.clone()).unwrap()).unwrap().ids)
+            .collect();
+        let handles: Vec<_> = reqs.iter().map(|r| e.submit(r.clone()).unwrap()).collect();
+        for (h, want) in handles.into_iter().zip(&alone) {
+            assert_eq!(&collect(h).unwrap().ids, want, "{ck}");
+        }
+        wait_idle(&e);
+        assert_eq!(e.stats().kv.used, 0, "{ck}");
     }
-    wait_idle(&e);
-    assert_eq!(e.stats().kv.used, 0);
 }
 
 #[test]
 fn batched_engine_matches_the_single_sequence_generator() {
-    let e = engine("tiny-b", EngineConfig::default());
-    let dir = ckpt("tiny-b");
-    let model = AfNext::load(&dir, DType::F32, &test_device()).unwrap();
-    let proc = PromptProcessor::load(&dir).unwrap();
-    let gen = GenerationDefaults::load(&dir, &model.cfg.text).unwrap();
-    let conv = Conversation::single_turn(
-        None,
-        Some(audio("speech_40s.flac")),
-        "Transcribe the audio.",
-    );
-    let out = collect(e.submit(request(conv.clone(), 20, 1.0)).unwrap()).unwrap();
-    // Re-derive each token with the lone path: greedy means argmax of its logits (or a near-tie).
-    for k in 0..out.ids.len() {
-        let l = lone_logits(&model, &proc, &conv, &out.ids[..k]);
-        let best = afnext_model::sampling::argmax(&l);
-        if best != out.ids[k] {
-            assert!(
-                top2_gap(&l) <= 1e-4,
-                "token {k}: engine {} lone {best}",
-                out.ids[k]
-            );
+    for ck in ["tiny-b", "tiny-c"] {
+        let e = engine(ck, EngineConfig::default());
+        let dir = ckpt(ck);
+        let model = AfNext::load(&dir, DType::F32, &test_device()).unwrap();
+        let proc = PromptProcessor::load(&dir).unwrap();
+        let gen = GenerationDefaults::load(&dir, &model.cfg.text).unwrap();
+        let conv = Conversation::single_turn(
+            None,
+            Some(audio("speech_40s.flac")),
+            "Transcribe the audio.",
+        );
+        let out = collect(e.submit(request(conv.clone(), 20, 1.0)).unwrap()).unwrap();
+        // Re-derive each token with the lone path: greedy means argmax of its logits (or a near-tie).
+        for k in 0..out.ids.len() {
+            let l = lone_logits(&model, &proc, &conv, &out.ids[..k]);
+            let best = afnext_model::sampling::argmax(&l);
+            if best != out.ids[k] {
+                assert!(
+                    top2_gap(&l) <= 1e-4,
+                    "{ck} token {k}: engine {} lone {best}",
+                    out.ids[k]
+                );
+            }
+            assert!(!gen.eos_token_ids.contains(&out.ids[k]));
         }
-        assert!(!gen.eos_token_ids.contains(&out.ids[k]));
     }
 }
 

@@ -1,5 +1,6 @@
-//! The model against transformers 5.23, stage by stage, on two tiny configurations (tiny-a: GQA 2, encoder
-//! 4 heads / decoder 4 heads; tiny-b: GQA 3, encoder 3 heads / decoder 6 heads, odd RoTE dim).
+//! The model against transformers 5.23, stage by stage, on three tiny configurations (tiny-a: GQA 2, encoder
+//! 4 heads / decoder 4 heads; tiny-b: GQA 3, encoder 3 heads / decoder 6 heads, odd RoTE dim; tiny-c: GQA 8,
+//! decoder head_dim 8, one encoder layer, bf16 sharded weights, an untied lm_head under a "tie" flag).
 //! Tolerances are spec section 12's; each test prints the measured worst difference.
 
 use std::sync::atomic::AtomicBool;
@@ -333,6 +334,21 @@ fn tiny_b_mix_75s() {
 fn tiny_b_multiturn() {
     check_audio_path("tiny-b", "multiturn");
     check_decoder("tiny-b", "multiturn");
+}
+
+/// tiny-c (tools/fixtures/gen_tiny_c.py): GQA 8 with one kv head, decoder head_dim 8, one encoder layer of 5
+/// heads, bf16 weights in shards, and `tie_word_embeddings: true` with a separate `lm_head.weight` that
+/// transformers uses (MusicFlamingo never ties): tying it would change every logit.
+#[test]
+fn tiny_c_speech_40s() {
+    check_audio_path("tiny-c", "speech_40s");
+    check_decoder("tiny-c", "speech_40s");
+}
+
+#[test]
+fn tiny_c_multiturn() {
+    check_audio_path("tiny-c", "multiturn");
+    check_decoder("tiny-c", "multiturn");
 }
 
 /// 30.01 s: transformers' forward raises IndexError (spec quirk 7). We number windows per audio and the
