@@ -67,8 +67,45 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_chain(&e));
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// The error and its causes, `outer: inner`, leaving out a cause whose message the text so far already ends
+/// with: our typed errors (`PromptError::Audio`, ...) put their source in their own message, so anyhow's
+/// `{:#}` printed it twice.
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let msg = cause.to_string();
+        if out.is_empty() {
+            out = msg;
+        } else if !out.ends_with(&msg) {
+            out.push_str(": ");
+            out.push_str(&msg);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_chain;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("audio 0: {0}")]
+    struct Outer(#[source] Inner);
+    #[derive(Debug, thiserror::Error)]
+    #[error("audio is 31.70 s long")]
+    struct Inner;
+
+    #[test]
+    fn a_cause_already_in_the_message_is_printed_once() {
+        let e = anyhow::Error::new(Outer(Inner));
+        assert_eq!(error_chain(&e), "audio 0: audio is 31.70 s long");
+        let e = anyhow::Error::new(Inner).context("reading /x.flac");
+        assert_eq!(error_chain(&e), "reading /x.flac: audio is 31.70 s long");
     }
 }
