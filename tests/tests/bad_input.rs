@@ -160,6 +160,20 @@ fn audio_over_the_limit_is_refused_unless_truncation_is_asked() {
     assert_eq!(p.prompt.audio_spans[0].len(), 45_000);
 }
 
+/// A header's absurd sample rate is refused with the range, not resampled with a filter of millions of taps.
+#[test]
+fn absurd_sample_rates_are_refused() {
+    for rate in [500u32, 4_000_000] {
+        let (e, msg) = audio_error(wav(&[0.3; 4000], rate, false), Some("wav"));
+        assert!(matches!(e, AudioError::Resample { .. }), "{rate} Hz: {e:?}");
+        assert!(
+            msg.contains("audio 0") && msg.contains("between 1000 and 768000 Hz"),
+            "{msg}"
+        );
+        assert!(e.is_client_error());
+    }
+}
+
 #[test]
 fn audio_too_short_for_one_token() {
     let (e, msg) = audio_error(wav(&[0.3; 320], 16_000, false), Some("wav"));

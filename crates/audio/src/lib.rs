@@ -16,7 +16,7 @@ pub use frontend::{
     check_finite, conv_len, plan_windows, tokens_for_frames, AudioFeatures, Frontend,
     FrontendConfig, Overflow, WindowPlan, WindowSpec,
 };
-pub use resample::{resample, resample_prefix, resampled_len};
+pub use resample::{check_rates, resample, resample_prefix, resampled_len};
 pub use wav::{encode_wav, WavFormat};
 
 /// Decoded audio as mono samples at `target_hz`, checked for NaN/inf, at most the first `keep` of them (the

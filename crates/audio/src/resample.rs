@@ -27,10 +27,35 @@ use crate::error::{AudioError, Result};
 pub const CUTOFF: f64 = 0.957;
 /// Stopband attenuation the Kaiser window is designed for, in dB.
 pub const STOPBAND_DB: f64 = 131.0;
+/// The lowest sample rate resampled (below telephone audio's 8 kHz, with margin).
+pub const MIN_RATE_HZ: u32 = 1_000;
+/// The highest sample rate resampled (DXD and 768 kHz studio formats are the highest in use).
+pub const MAX_RATE_HZ: u32 = 768_000;
 /// Rational ratios with more output phases than this share a table of this many phases and interpolate
 /// linearly between neighbours (error ~1e-7 of full scale); every common rate (8, 11.025, 22.05, 24, 32,
 /// 44.1, 48, 88.2, 96 kHz to 16 kHz) has at most 640 phases and uses exact taps.
 const MAX_PHASES: usize = 2048;
+
+/// Refuses sample rates outside [`MIN_RATE_HZ`]..=[`MAX_RATE_HZ`] (equal rates are always fine: nothing to
+/// do). The filter's length grows with the rate (a 4 GHz header would ask for ~50 million taps per output),
+/// and rates outside this range are corrupt headers, not audio.
+pub fn check_rates(from_hz: u32, to_hz: u32) -> Result<()> {
+    if from_hz == to_hz {
+        return Ok(());
+    }
+    for rate in [from_hz, to_hz] {
+        if !(MIN_RATE_HZ..=MAX_RATE_HZ).contains(&rate) {
+            return Err(AudioError::Resample {
+                from_hz,
+                to_hz,
+                detail: format!(
+                    "sample rates must be between {MIN_RATE_HZ} and {MAX_RATE_HZ} Hz, got {rate} Hz"
+                ),
+            });
+        }
+    }
+    Ok(())
+}
 
 /// The number of samples [`resample`] returns for `n` input samples: `ceil(n * to / from)`, as the
 /// reference pads or trims to (equal rates: `n`).
@@ -53,13 +78,7 @@ pub fn resample_prefix(samples: &[f32], from_hz: u32, to_hz: u32, keep: usize) -
     if from_hz == to_hz {
         return Ok(samples[..samples.len().min(keep)].to_vec());
     }
-    if from_hz == 0 || to_hz == 0 {
-        return Err(AudioError::Resample {
-            from_hz,
-            to_hz,
-            detail: "sample rates must be positive".into(),
-        });
-    }
+    check_rates(from_hz, to_hz)?;
     let n = samples.len() as u128;
     let (from, to) = (u128::from(from_hz), u128::from(to_hz));
     // The reference's length: ceil(n * to / from). soxr itself returns round(n * to / from), halves up;
@@ -460,7 +479,13 @@ mod tests {
     }
 
     #[test]
-    fn zero_rate_is_an_error() {
-        assert!(resample(&[0.0; 4], 0, 16000).is_err());
+    fn rates_out_of_range_are_errors_naming_the_range() {
+        for rate in [0, 999, 768_001, 4_000_000_000] {
+            let e = resample(&[0.0; 4], rate, 16000).unwrap_err();
+            assert!(e.to_string().contains("between 1000 and 768000 Hz"), "{e}");
+            assert!(e.is_client_error());
+        }
+        assert_eq!(resample(&[0.5; 300], 768_000, 16000).unwrap().len(), 7);
+        assert_eq!(resample(&[0.5; 3], 1000, 16000).unwrap().len(), 48);
     }
 }

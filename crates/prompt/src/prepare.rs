@@ -52,7 +52,8 @@ pub fn prepare_audio(
     .map_err(wrap)?;
     let (rate, channels) = (decoded.sample_rate, decoded.channels);
     // Planned on the resampled length before resampling: audio over the limit is refused at once, and
-    // truncated audio is resampled only as far as its windows reach.
+    // truncated audio is resampled only as far as its windows reach. A corrupt rate is named first.
+    afnext_audio::check_rates(rate, cfg.sampling_rate).map_err(wrap)?;
     let n = afnext_audio::resampled_len(decoded.samples.len(), rate, cfg.sampling_rate);
     let plan = plan_windows(n, cfg, overflow).map_err(wrap)?;
     let samples =
