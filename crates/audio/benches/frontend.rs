@@ -4,28 +4,15 @@
 //! The reference runs in the fixture venv (`tools/fixtures/run.sh` makes it; override with
 //! `AFNEXT_REF_PYTHON`). Without it only the afnext rows are printed. `AFNEXT_BENCH_ITERS` sets iterations.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod support;
+
+use std::ffi::OsStr;
+use std::path::Path;
 use std::time::Instant;
 
+use support::{median, run_reference};
+
 use afnext_audio::{decode_file, plan_windows, Frontend, FrontendConfig, Overflow};
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-fn ref_python() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("AFNEXT_REF_PYTHON") {
-        return Some(PathBuf::from(p));
-    }
-    let home = std::env::var_os("HOME")?;
-    let venv = std::env::var_os("AFNEXT_REF_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(&home).join(".cache/afnext/ref-venv"));
-    let p = venv.join("bin/python");
-    p.exists().then_some(p)
-}
 
 fn main() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
@@ -73,19 +60,11 @@ fn main() {
             ours_clip / 3.0,
         ),
     ];
-    let mut check = String::from("reference not run (no Python with transformers found)");
-    if let Some(py) = ref_python() {
-        let npy =
-            std::env::temp_dir().join(format!("afnext-frontend-ref-{}.npy", std::process::id()));
-        let o = Command::new(&py)
-            .arg(root.join("tools/bench/frontend_ref.py"))
-            .arg(&clip)
-            .arg(iters.to_string())
-            .arg(&npy)
-            .output()
-            .expect("run the reference");
-        if o.status.success() {
-            let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("reference JSON");
+    let npy = std::env::temp_dir().join(format!("afnext-frontend-ref-{}.npy", std::process::id()));
+    let iters_arg = iters.to_string();
+    let args = [clip.as_os_str(), OsStr::new(&iters_arg), npy.as_os_str()];
+    let check = match run_reference("frontend_ref.py", &args) {
+        Ok(v) => {
             for (key, label) in [
                 (
                     "call_1t",
@@ -101,16 +80,16 @@ fn main() {
             ] {
                 rows.push((label.to_string(), v[key].as_f64().unwrap()));
             }
-            check = format!(
+            let check = format!(
                 "versions: transformers {}, torch {}, numpy {}; features max abs diff vs reference: {:e}",
                 v["transformers"], v["torch"], v["numpy"],
                 max_diff_npy(&npy, &out)
             );
             let _ = std::fs::remove_file(&npy);
-        } else {
-            check = format!("reference failed: {}", String::from_utf8_lossy(&o.stderr));
+            check
         }
-    }
+        Err(why) => why,
+    };
     println!("\nlog-mel front end, one 30 s window (128 x 3000), median of {iters} runs\n");
     println!("| implementation | ms / window | afnext 1-thread speed-up |");
     println!("|---|---:|---:|");

@@ -5,34 +5,20 @@
 //! `AFNEXT_REF_PYTHON`). Without it only the afnext rows are printed. `AFNEXT_BENCH_SECONDS` sets the signal
 //! length (default 600 s), `AFNEXT_BENCH_ITERS` the iterations (default 5).
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod support;
+
+use std::ffi::OsStr;
 use std::time::Instant;
 
-const RATES: [u32; 4] = [8000, 22050, 44100, 48000];
+use support::{median, run_reference};
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
+const RATES: [u32; 4] = [8000, 22050, 44100, 48000];
 
 fn env_or(key: &str, default: usize) -> usize {
     std::env::var(key)
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(default)
-}
-
-fn ref_python() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("AFNEXT_REF_PYTHON") {
-        return Some(PathBuf::from(p));
-    }
-    let home = std::env::var_os("HOME")?;
-    let venv = std::env::var_os("AFNEXT_REF_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(&home).join(".cache/afnext/ref-venv"));
-    let p = venv.join("bin/python");
-    p.exists().then_some(p)
 }
 
 /// Speech-band tones, a tone near Nyquist and seeded noise (a linear congruential generator).
@@ -74,26 +60,17 @@ fn main() {
         );
         ours.push((rate, ms, y));
     }
-    let reference = ref_python().and_then(|py| {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-        let o = Command::new(py)
-            .arg(root.join("tools/bench/resample_ref.py"))
-            .arg(iters.to_string())
-            .arg(&dir)
-            .output()
-            .ok()?;
-        if !o.status.success() {
-            eprintln!("reference failed: {}", String::from_utf8_lossy(&o.stderr));
-            return None;
-        }
-        serde_json::from_slice::<serde_json::Value>(&o.stdout).ok()
-    });
+    let iters_arg = iters.to_string();
+    let reference = run_reference(
+        "resample_ref.py",
+        &[OsStr::new(&iters_arg), dir.as_os_str()],
+    );
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!("\nresampling {seconds} s to 16 kHz, median of {iters} runs (afnext: up to {threads} threads; soxr: one)\n");
     println!("| rate (Hz) | afnext (ms) | soxr HQ (ms) | afnext / soxr | rms diff from soxr | max abs diff |");
     println!("|---:|---:|---:|---:|---:|---:|");
     for (rate, ms, y) in &ours {
-        let Some(v) = &reference else {
+        let Ok(v) = &reference else {
             println!("| {rate} | {ms:.1} | - | - | - | - |");
             continue;
         };
@@ -116,8 +93,9 @@ fn main() {
             ms / soxr_ms
         );
     }
-    if let Some(v) = &reference {
-        println!("\nsoxr {}", v["soxr"]);
+    match &reference {
+        Ok(v) => println!("\nsoxr {}", v["soxr"]),
+        Err(why) => println!("\n{why}"),
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
