@@ -24,3 +24,15 @@ pub(crate) fn avx512bw() -> bool {
         false
     }
 }
+
+/// AVX2 with FMA: 8-lane f32 vectors and fused multiply-adds (the GEMM's tile on CPUs without AVX-512).
+pub(crate) fn avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}

@@ -25,7 +25,9 @@
 //! share the product: a request gives the same logits alone or batched with 15 others. Accumulation is in
 //! f32 for both weight types, as torch does for bf16.
 //!
-//! Without AVX-512 a portable kernel with the same loop structure (and the same summation order) runs.
+//! Without AVX-512, an AVX2 + FMA tile computes the same tile in passes of up to 6 rows and 16 columns
+//! (`tile::avx2`), and without those a portable kernel with the same loop structure; all three sum in the
+//! same order, so the result's bits do not depend on the CPU's vector width.
 
 use crate::page_buf::PageBuf;
 use half::bf16;
@@ -34,7 +36,7 @@ use rayon::prelude::*;
 mod pack;
 mod tile;
 #[cfg(target_arch = "x86_64")]
-use tile::avx512;
+use tile::{avx2, avx512};
 use tile::{portable_tile, Tile, FEW_PANEL_ROWS, MAX_PANELS};
 
 /// Output columns per panel (two 16-lane vectors).
@@ -214,10 +216,10 @@ impl PackedWeight {
             finish(&SyncPtr(y.as_mut_ptr()), m, n, 0..n, epilogue);
             return y;
         }
-        let avx512 = has_avx512();
+        let isa = Isa::detect();
         let task = |range, out: &SyncPtr| match &self.panels {
-            Panels::F32(w) => run_panels(w, x, m, (k, self.k), n, range, out, avx512),
-            Panels::Bf16(w) => run_panels(w, x, m, (k, self.k), n, range, out, avx512),
+            Panels::F32(w) => run_panels(w, x, m, (k, self.k), n, range, out, isa),
+            Panels::Bf16(w) => run_panels(w, x, m, (k, self.k), n, range, out, isa),
         };
         // SAFETY: with k > 0 the first K block of every tile overwrites its elements, and the tiles cover
         // all m rows and n columns (all panels, in one task or spread over the pool).
@@ -413,6 +415,28 @@ fn has_avx512() -> bool {
     crate::cpu_features::avx512f() && crate::cpu_features::avx512bw()
 }
 
+/// The tile kernel a product runs: all three sum every element in the same order (see `tile`), so the
+/// choice changes speed, never a bit of the result.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Isa {
+    Avx512,
+    /// AVX2 with FMA (x86-64 CPUs without AVX-512, such as AMD's Zen 1-3).
+    Avx2,
+    Portable,
+}
+
+impl Isa {
+    fn detect() -> Self {
+        if has_avx512() {
+            Isa::Avx512
+        } else if crate::cpu_features::avx2_fma() {
+            Isa::Avx2
+        } else {
+            Isa::Portable
+        }
+    }
+}
+
 /// A packed weight element.
 trait Elem: Copy + Default + Sync {
     fn widen(self) -> f32;
@@ -466,7 +490,7 @@ fn run_panels<T: Elem>(
     n: usize,
     panels: std::ops::Range<usize>,
     out: &SyncPtr,
-    avx512: bool,
+    isa: Isa,
 ) {
     // `k` inputs are summed; `stride` is the packed K of the panels (and of packed rows).
     let ctx = Blocks {
@@ -475,7 +499,7 @@ fn run_panels<T: Elem>(
         n,
         out,
         stream: m <= FEW_ROWS,
-        avx512,
+        isa,
     };
     // Panel `p`'s K block at `kc`: `kl x 32` values.
     let slice = |p: usize, kc: usize| {
@@ -550,7 +574,7 @@ struct Blocks<'a> {
     out: &'a SyncPtr,
     /// Few rows: the panels are read once, as a stream from memory.
     stream: bool,
-    avx512: bool,
+    isa: Isa,
 }
 
 impl Blocks<'_> {
@@ -593,14 +617,14 @@ impl Blocks<'_> {
                 accumulate: kc > 0,
                 prefetch: self.stream && r == r0,
             };
-            #[cfg(target_arch = "x86_64")]
-            if self.avx512 {
-                // SAFETY: AVX-512 F/BW were detected; the tile's bounds hold by construction.
-                unsafe { avx512::tile::<E>(&tile, rows) };
-                continue;
+            match self.isa {
+                // SAFETY: the ISA was detected (`Isa::detect`); the tile's bounds hold by construction.
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx512 => unsafe { avx512::tile::<E>(&tile, rows) },
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2 => unsafe { avx2::tile::<E>(&tile, rows) },
+                _ => portable_tile(&tile, rows),
             }
-            let _ = self.avx512;
-            portable_tile(&tile, rows);
         }
     }
 }

@@ -144,33 +144,71 @@ fn a_row_gives_the_same_bits_alone_or_in_a_batch() {
 }
 
 #[test]
-fn the_avx512_kernel_sums_in_the_portable_order() {
-    if !has_avx512() {
-        return;
+fn the_vector_kernels_sum_in_the_portable_order() {
+    // Every kernel this CPU can run against the portable one (on a CPU with AVX-512 both vector kernels
+    // run; on one without, AVX2's).
+    let mut isas = vec![];
+    if has_avx512() {
+        isas.push(Isa::Avx512);
+    }
+    if crate::cpu_features::avx2_fma() {
+        isas.push(Isa::Avx2);
     }
     let mut s = 11u64;
-    // Both loop orders: few rows (panel stream; 16 and 32 rows, a decode step's batch, as 14 + 2 and
-    // 14 + 14 + 4, with a last panel of 8 and of 22 columns) and many rows (K/M blocking).
-    // bf16 weights too: the AVX-512 tile widens their interleaved panel rows (`Elem::slot`) with a
-    // shift and a mask, the portable one element by element.
-    for (m, n, k) in [(10, 40, 500), (16, 40, 500), (32, 86, 900), (60, 40, 500)] {
-        let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut s)).collect();
-        let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut s)).collect();
-        let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
-        let xp = PackedRows::pack(&x, m, k, false).data;
-        for pw in [
-            PackedWeight::from_f32(&w, n, k),
-            PackedWeight::from_bf16(&wb, n, k),
-        ] {
-            let fast = pw.matmul(&x, m, None);
-            let mut slow = vec![0f32; m * n];
-            let out = SyncPtr(slow.as_mut_ptr());
-            let (panels, rows) = (0..n.div_ceil(NR), Rows::Packed(&xp));
-            match &pw.panels {
-                Panels::F32(w) => run_panels(w, rows, m, (k, k), n, panels, &out, false),
-                Panels::Bf16(w) => run_panels(w, rows, m, (k, k), n, panels, &out, false),
+    // Both loop orders: few rows (panel stream; 1 and 2 rows over several panels side by side, 3 rows,
+    // 16 and 32 rows, a decode step's batch, as 14 + 2 and 14 + 14 + 4, with a last panel of 8 and of
+    // 22 columns) and many rows (K/M blocking). bf16 weights too: the vector tiles widen their
+    // interleaved panel rows (`Elem::slot`) with a shift and a mask, the portable one element by element.
+    let shapes = [
+        (1, 200, 500),
+        (1, 75, 70),
+        (2, 150, 500),
+        (3, 40, 500),
+        (10, 40, 500),
+        (16, 40, 500),
+        (32, 86, 900),
+        (60, 40, 500),
+    ];
+    for isa in isas {
+        for (m, n, k) in shapes {
+            let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut s)).collect();
+            let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut s)).collect();
+            let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+            let xp = PackedRows::pack(&x, m, k, false).data;
+            // As `PackedWeight::product` hands them over: k-major up to FEW_ROWS rows, else packed.
+            let xt: Vec<f32> = (0..m * k).map(|i| x[(i % m) * k + i / m]).collect();
+            let rows = if m <= FEW_ROWS {
+                Rows::KMajor { x: &xt, stride: m }
+            } else {
+                Rows::Packed(&xp)
+            };
+            for pw in [
+                PackedWeight::from_f32(&w, n, k),
+                PackedWeight::from_bf16(&wb, n, k),
+            ] {
+                let run = |isa| {
+                    let mut y = vec![0f32; m * n];
+                    let out = SyncPtr(y.as_mut_ptr());
+                    let panels = 0..n.div_ceil(NR);
+                    match &pw.panels {
+                        Panels::F32(w) => run_panels(w, rows, m, (k, k), n, panels, &out, isa),
+                        Panels::Bf16(w) => run_panels(w, rows, m, (k, k), n, panels, &out, isa),
+                    }
+                    y
+                };
+                let fast = run(isa);
+                let slow = run(Isa::Portable);
+                assert!(
+                    fast.iter()
+                        .zip(&slow)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{isa:?} m = {m}, n = {n}, k = {k}, bf16 {}",
+                    pw.is_bf16()
+                );
+                if isa == Isa::detect() {
+                    assert_eq!(pw.matmul(&x, m, None), slow, "matmul, m = {m}");
+                }
             }
-            assert_eq!(fast, slow, "m = {m}, bf16 {}", pw.is_bf16());
         }
     }
 }

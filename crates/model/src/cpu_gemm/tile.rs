@@ -185,3 +185,171 @@ pub(super) mod avx512 {
         }
     }
 }
+
+/// The tile with AVX2 and FMA (x86-64 CPUs without AVX-512, e.g. AMD's Zen 1-3): 16 registers of 8 lanes,
+/// so a tile is computed in passes over parts of it, each element still summed k in order in one f32
+/// accumulator (the portable order: FMA is what `mul_add` computes).
+///
+/// A pass covers up to 6 rows of one half of a panel (16 of its columns, see `avx2::half_cols`): 12
+/// accumulators, 2 weight vectors and a broadcast, the shape of BLIS's Haswell kernel. One or two rows
+/// take whole panels per pass (one row two panels at a time, for the loads in flight of a decode step's
+/// weight stream).
+#[cfg(target_arch = "x86_64")]
+pub(super) mod avx2 {
+    use super::{Elem, Tile, MAX_PANELS, MR, NR};
+    use std::arch::x86_64::*;
+
+    /// Rows per pass over a panel half: 6 x 2 accumulators fill the 16 registers with the two weight
+    /// vectors and the broadcast.
+    const PASS_ROWS: usize = 6;
+
+    /// The first columns of the two 8-column vectors that half `h` of a panel row holds: for bf16 the
+    /// two one 32-byte load widens into (`Elem::slot`: columns `8h..` and `16 + 8h..`), for f32 16
+    /// consecutive columns, one 64-byte line (taking `8h..` and `16 + 8h..` instead touched both lines of
+    /// the row in every pass, twice the traffic from L2).
+    #[inline(always)]
+    fn half_cols<T: Elem>(h: usize) -> (usize, usize) {
+        if T::IS_BF16 {
+            (8 * h, 16 + 8 * h)
+        } else {
+            (16 * h, 16 * h + 8)
+        }
+    }
+
+    /// Half `h` of panel row `kk` at `panel`, widened to f32: the columns of [`half_cols`].
+    #[inline(always)]
+    unsafe fn load_half<T: Elem>(panel: *const T, kk: usize, h: usize) -> (__m256, __m256) {
+        let p = panel.add(kk * NR);
+        if T::IS_BF16 {
+            // u32 lane c of the row: column c in the low half, c + 16 in the high half.
+            let v = _mm256_loadu_si256(p.add(16 * h) as *const __m256i);
+            (
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(v)),
+                _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(-65536))),
+            )
+        } else {
+            let f = (p as *const f32).add(16 * h);
+            (_mm256_loadu_ps(f), _mm256_loadu_ps(f.add(8)))
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(in crate::cpu_gemm) unsafe fn tile<T: Elem>(t: &Tile<'_, T>, rows: usize) {
+        debug_assert!((1..=MAX_PANELS).contains(&t.panels) && (1..=MR).contains(&rows));
+        if rows <= 2 {
+            let mut j = 0;
+            while j < t.panels {
+                if rows == 1 && j + 1 < t.panels {
+                    pass::<T, 1, 4>(t, 0, [(j, 0), (j, 1), (j + 1, 0), (j + 1, 1)]);
+                    j += 2;
+                } else {
+                    let halves = [(j, 0), (j, 1)];
+                    if rows == 1 {
+                        pass::<T, 1, 2>(t, 0, halves);
+                    } else {
+                        pass::<T, 2, 2>(t, 0, halves);
+                    }
+                    j += 1;
+                }
+            }
+            return;
+        }
+        debug_assert_eq!(t.panels, 1);
+        // Row groups of sizes differing by at most one (14 rows: 4 + 5 + 5, not 6 + 6 + 2, whose 4
+        // accumulators would wait on the FMA latency).
+        let groups = rows.div_ceil(PASS_ROWS);
+        let mut r0 = 0;
+        for g in 0..groups {
+            let size = (rows - r0) / (groups - g);
+            for h in 0..2 {
+                let s = [(0, h)];
+                match size {
+                    6 => pass::<T, 6, 1>(t, r0, s),
+                    5 => pass::<T, 5, 1>(t, r0, s),
+                    4 => pass::<T, 4, 1>(t, r0, s),
+                    3 => pass::<T, 3, 1>(t, r0, s),
+                    2 => pass::<T, 2, 1>(t, r0, s),
+                    _ => pass::<T, 1, 1>(t, r0, s),
+                }
+            }
+            r0 += size;
+        }
+    }
+
+    /// Rows `r0..r0 + R` of the tile over `S` panel halves (`(panel, half)`), k in order.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn pass<T: Elem, const R: usize, const S: usize>(
+        t: &Tile<'_, T>,
+        r0: usize,
+        slots: [(usize, usize); S],
+    ) {
+        let mut a0 = [[_mm256_setzero_ps(); R]; S];
+        let mut a1 = [[_mm256_setzero_ps(); R]; S];
+        let x = t.x.as_ptr().add(r0);
+        let panel = t.panel.as_ptr();
+        // As in the AVX-512 tile: 64 panel rows ahead, into L2, once per panel (by its first half).
+        const AHEAD: usize = 64 * NR;
+        let lines = if T::IS_BF16 { 1 } else { 2 };
+        for kk in 0..t.kl {
+            if t.prefetch {
+                for &(j, h) in &slots {
+                    if h == 0 {
+                        let p = panel.wrapping_add(j * t.next + kk * NR + AHEAD) as *const i8;
+                        for l in 0..lines {
+                            _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(64 * l));
+                        }
+                    }
+                }
+            }
+            let mut w0 = [_mm256_setzero_ps(); S];
+            let mut w1 = [_mm256_setzero_ps(); S];
+            for (s, &(j, h)) in slots.iter().enumerate() {
+                (w0[s], w1[s]) = load_half(panel.add(j * t.next), kk, h);
+            }
+            for r in 0..R {
+                let xb = _mm256_set1_ps(*x.add(kk * t.xs + r));
+                for s in 0..S {
+                    a0[s][r] = _mm256_fmadd_ps(xb, w0[s], a0[s][r]);
+                    a1[s][r] = _mm256_fmadd_ps(xb, w1[s], a1[s][r]);
+                }
+            }
+        }
+        // The accumulators by value (as in the AVX-512 tile): borrowing the arrays kept them in memory,
+        // and the loop above stored every accumulator on every k, as many stores as FMAs.
+        for (s, &(j, h)) in slots.iter().enumerate() {
+            let (c0, c1) = half_cols::<T>(h);
+            let (col0, col1) = (j * NR + c0, j * NR + c1);
+            let valid0 = t.cols.saturating_sub(col0).min(8);
+            let valid1 = t.cols.saturating_sub(col1).min(8);
+            for r in 0..R {
+                let c = t.c.add((r0 + r) * t.ldc);
+                if valid0 > 0 {
+                    store(c.add(col0), a0[s][r], valid0, t.accumulate);
+                }
+                if valid1 > 0 {
+                    store(c.add(col1), a1[s][r], valid1, t.accumulate);
+                }
+            }
+        }
+    }
+
+    /// `valid` (1 to 8) columns of `v` to `c`, added to what is there when `accumulate`.
+    #[inline(always)]
+    unsafe fn store(c: *mut f32, v: __m256, valid: usize, accumulate: bool) {
+        if valid == 8 {
+            let v = if accumulate {
+                _mm256_add_ps(_mm256_loadu_ps(c), v)
+            } else {
+                v
+            };
+            _mm256_storeu_ps(c, v);
+            return;
+        }
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), v);
+        for (i, &a) in lanes.iter().enumerate().take(valid) {
+            let p = c.add(i);
+            *p = if accumulate { *p + a } else { a };
+        }
+    }
+}
