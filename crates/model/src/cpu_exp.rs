@@ -4,8 +4,9 @@
 //! libm's `expf` is one call per element and does not vectorise: it was ~10 % of a bf16 prefill and, in the
 //! encoder, runs once per score of every 1500 x 1500 head (1.4 G calls per 30 s window). With AVX-512 the
 //! row is done 16 lanes at a time: Cephes' `expf` (`x = n ln2 + r`, ln2 in two parts, a degree-7 polynomial
-//! in `r`, `scalef` for the `2^n`), within ~1 ulp of the correctly rounded value. Without AVX-512: libm.
-//! Either way a row's result depends only on the row.
+//! in `r`, `scalef` for the `2^n`), within ~1 ulp of the correctly rounded value. With AVX2 and FMA but no
+//! AVX-512 (AMD's Zen 1-3), the same algorithm 8 lanes at a time ([`avx2`]; what this module says of
+//! AVX-512 holds for it too). Without either: libm. Either way a row's result depends only on the row.
 
 /// Replaces every `e[i]` with `exp(e[i] - m)` and returns their sum. `-inf` inputs give exact zeros; a NaN
 /// stays NaN. With AVX-512, results below f32's normal range (libm's subnormals) are 0: a softmax row's
@@ -16,6 +17,10 @@ pub(crate) fn exp_shifted_sum(e: &mut [f32], m: f32) -> f32 {
         if crate::cpu_features::avx512f() {
             // SAFETY: the CPU has AVX-512F (checked above).
             return unsafe { avx512::exp_shifted_sum(e, m) };
+        }
+        if crate::cpu_features::avx2_fma() {
+            // SAFETY: the CPU has AVX2 and FMA (checked above).
+            return unsafe { avx2::exp_shifted_sum(e, m) };
         }
     }
     let mut s = 0f32;
@@ -34,6 +39,10 @@ pub(crate) fn exp_in_place(e: &mut [f32]) {
         if crate::cpu_features::avx512f() {
             // SAFETY: the CPU has AVX-512F (checked above).
             return unsafe { avx512::exp_in_place(e) };
+        }
+        if crate::cpu_features::avx2_fma() {
+            // SAFETY: the CPU has AVX2 and FMA (checked above).
+            return unsafe { avx2::exp_in_place(e) };
         }
     }
     for v in e.iter_mut() {
@@ -68,6 +77,17 @@ pub(crate) unsafe fn silu_mul(
             }
             return true;
         }
+        if crate::cpu_features::avx2_fma() {
+            // SAFETY: the CPU has AVX2 and FMA; the caller vouches for the buffers.
+            unsafe {
+                if bf16 {
+                    avx2::silu_mul_bf16(y as *mut u16, g as *const u16, u as *const u16, n);
+                } else {
+                    avx2::silu_mul_f32(y as *mut f32, g as *const f32, u as *const f32, n);
+                }
+            }
+            return true;
+        }
     }
     let _ = (y, g, u, n, bf16);
     false
@@ -85,6 +105,10 @@ pub(crate) fn gelu_erf_in_place(v: &mut [f32]) {
         if crate::cpu_features::avx512f() {
             // SAFETY: the CPU has AVX-512F (checked above).
             return unsafe { avx512::gelu_erf_in_place(v) };
+        }
+        if crate::cpu_features::avx2_fma() {
+            // SAFETY: the CPU has AVX2 and FMA (checked above).
+            return unsafe { avx2::gelu_erf_in_place(v) };
         }
     }
     for x in v.iter_mut() {
@@ -109,6 +133,10 @@ pub(crate) fn exp_columns(s: &mut [f32], rows: usize, cols: usize, scale: f32) -
             // SAFETY: the CPU has AVX-512F (checked above); the buffer holds rows x cols values.
             return unsafe { avx512::exp_columns(s, rows, cols, scale) };
         }
+        if crate::cpu_features::avx2_fma() {
+            // SAFETY: the CPU has AVX2 and FMA (checked above); the buffer holds rows x cols values.
+            return unsafe { avx2::exp_columns(s, rows, cols, scale) };
+        }
     }
     let mut m = vec![f32::NEG_INFINITY; cols];
     for row in s.chunks(cols) {
@@ -125,6 +153,9 @@ pub(crate) fn exp_columns(s: &mut [f32], rows: usize, cols: usize, scale: f32) -
     }
     sum.iter().map(|&v| 1.0 / v).collect()
 }
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
