@@ -441,6 +441,69 @@ mod tests {
         assert_eq!(a, b);
     }
 
+    /// The vector kernels' `exp`, one lane at a time in scalar f32 (the same fused multiply-adds, rounding
+    /// to nearest even, and `scalef` as the correctly rounded `y * 2^n`, here through f64 where it is exact).
+    fn exp_model(x: f32) -> f32 {
+        const LO: f32 = -87.336_55;
+        const HI: f32 = 88.722_83;
+        if x.is_nan() {
+            return x;
+        }
+        if x < LO {
+            return 0.0;
+        }
+        if x > HI {
+            return f32::INFINITY;
+        }
+        let n = (x * std::f32::consts::LOG2_E).round_ties_even();
+        let r = (-n).mul_add(0.693_359_4, x);
+        let r = (-n).mul_add(-2.121_944_4e-4, r);
+        let mut q = 1.987_569_2e-4f32;
+        for k in [
+            1.398_199_9e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            1.666_666_5e-1,
+            0.5,
+        ] {
+            q = q.mul_add(r, k);
+        }
+        let y = q.mul_add(r * r, r + 1.0);
+        (f64::from(y) * 2f64.powi(n as i32)) as f32
+    }
+
+    #[test]
+    fn the_vector_exp_is_its_algorithm_bit_for_bit() {
+        // On AVX-512 (`scalef`) and on AVX2 (two power-of-two factors) alike; libm is another function.
+        if !crate::cpu_features::avx512f() && !crate::cpu_features::avx2_fma() {
+            return;
+        }
+        let lo = -87.336_55f32;
+        let hi = 88.722_83f32;
+        let mut x: Vec<f32> = (-9000..=9000).map(|i| i as f32 / 100.0).collect();
+        // Results that are subnormal (n = -126) or need 2^128 (n = 128), and the bounds themselves.
+        for edge in [lo, hi] {
+            let mut v = edge;
+            for _ in 0..2000 {
+                x.push(v);
+                v = f32::from_bits(v.to_bits() - 1);
+            }
+            x.push(f32::from_bits(edge.to_bits() + 1));
+        }
+        x.extend((0..1000).map(|i| -87.0 - i as f32 * 4e-4));
+        x.extend((0..1000).map(|i| 88.0 + i as f32 * 8e-4));
+        x.extend([f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 0.0, -0.0, 1e-30]);
+        let mut got = x.clone();
+        exp_in_place(&mut got);
+        for (&x, &g) in x.iter().zip(&got) {
+            let want = exp_model(x);
+            assert!(
+                g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()),
+                "exp({x:e}) = {g:e}, the algorithm gives {want:e}"
+            );
+        }
+    }
+
     #[test]
     fn gelu_is_close_to_the_exact_one() {
         // Every 1/97 from -12 to 12, and lengths off the 16-lane blocks.
