@@ -108,7 +108,7 @@ pub fn resample_prefix(samples: &[f32], from_hz: u32, to_hz: u32, keep: usize) -
         std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_THREADS))
     };
     let run = produced.div_ceil(threads).max(1);
-    let (filter, padded, wide) = (&filter, &padded[..], Dot::detect());
+    let (filter, padded, isa) = (&filter, &padded[..], Dot::detect());
     let fill = move |first: usize, dst: &mut [f32]| {
         let mut scratch = vec![0.0f32; filter.width];
         // Output i sits at input time i * down / up = j0 + phase / up; stepped from the run's first output
@@ -119,7 +119,7 @@ pub fn resample_prefix(samples: &[f32], from_hz: u32, to_hz: u32, keep: usize) -
         for y in dst.iter_mut() {
             let row = filter.taps(phase, &mut scratch);
             // Taps cover input samples j0 - k + 1 ..= j0 + k (and zero taps after), i.e. padded[j0 + 1..].
-            *y = dot_with(wide, row, &padded[j0 + 1..j0 + 1 + filter.width]);
+            *y = dot_with(isa, row, &padded[j0 + 1..j0 + 1 + filter.width]);
             j0 += jump;
             phase += turn;
             if phase >= up {

@@ -8,6 +8,34 @@
 //! AVX-512 (AMD's Zen 1-3), the same algorithm 8 lanes at a time ([`avx2`]; what this module says of
 //! AVX-512 holds for it too). Without either: libm. Either way a row's result depends only on the row.
 
+/// The vector `exp`'s constants, shared by its AVX-512 and AVX2 kernels (and the test's scalar model of
+/// them). Below `EXP_LO` it underflows to 0 (as libm's does, give or take the last subnormals); above
+/// `EXP_HI` it overflows.
+const EXP_LO: f32 = -87.336_55;
+const EXP_HI: f32 = 88.722_83;
+/// ln 2 in two parts: `r = x - n ln2` as `x - n LN2_HI - n LN2_LO`, the first product exact.
+const LN2_HI: f32 = 0.693_359_4;
+const LN2_LO: f32 = -2.121_944_4e-4;
+/// Cephes' polynomial for `(exp(r) - 1 - r) / r^2`, highest degree first (Horner's order).
+const EXP_POLY: [f32; 6] = [
+    1.987_569_2e-4,
+    1.398_199_9e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    1.666_666_5e-1,
+    0.5,
+];
+/// Abramowitz and Stegun 7.1.26: `erf(z) = 1 - t P(t) exp(-z^2)`, `t = 1 / (1 + ERF_P |z|)`, `P`'s
+/// coefficients highest degree first.
+const ERF_P: f32 = 0.327_591_1;
+const ERF_POLY: [f32; 5] = [
+    1.061_405_4,
+    -1.453_152_1,
+    1.421_413_8,
+    -0.284_496_74,
+    0.254_829_6,
+];
+
 /// Replaces every `e[i]` with `exp(e[i] - m)` and returns their sum. `-inf` inputs give exact zeros; a NaN
 /// stays NaN. With AVX-512, results below f32's normal range (libm's subnormals) are 0: a softmax row's
 /// maximum contributes 1, so they never change its result.
@@ -237,10 +265,10 @@ mod avx512 {
         let c = _mm512_set1_ps;
         let z = _mm512_mul_ps(x, c(std::f32::consts::FRAC_1_SQRT_2));
         let a = _mm512_abs_ps(z);
-        let t = _mm512_div_ps(c(1.0), _mm512_fmadd_ps(c(0.327_591_1), a, c(1.0)));
-        let mut r = c(1.061_405_4);
-        for k in [-1.453_152_1, 1.421_413_8, -0.284_496_74, 0.254_829_6] {
-            r = _mm512_fmadd_ps(r, t, c(k));
+        let t = _mm512_div_ps(c(1.0), _mm512_fmadd_ps(c(ERF_P), a, c(1.0)));
+        let mut r = c(ERF_POLY[0]);
+        for k in &ERF_POLY[1..] {
+            r = _mm512_fmadd_ps(r, t, c(*k));
         }
         // exp(-z^2) (0 where it underflows, as the erf is then 1 to f32 precision).
         let e = exp16(_mm512_sub_ps(c(0.0), _mm512_mul_ps(z, z)));
@@ -251,10 +279,7 @@ mod avx512 {
         _mm512_mul_ps(_mm512_mul_ps(x, c(0.5)), _mm512_add_ps(erf, c(1.0)))
     }
 
-    /// Below this `exp` underflows to 0 (as libm's does, give or take the last subnormals).
-    const LO: f32 = -87.336_55;
-    /// Above this `exp` overflows.
-    const HI: f32 = 88.722_83;
+    use super::{ERF_P, ERF_POLY, EXP_HI as HI, EXP_LO as LO, EXP_POLY, LN2_HI, LN2_LO};
 
     #[target_feature(enable = "avx512f")]
     pub unsafe fn exp_shifted_sum(e: &mut [f32], m: f32) -> f32 {
@@ -367,17 +392,11 @@ mod avx512 {
         let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
             _mm512_mul_ps(xc, c(std::f32::consts::LOG2_E)),
         );
-        let r = _mm512_fnmadd_ps(n, c(0.693_359_4), xc);
-        let r = _mm512_fnmadd_ps(n, c(-2.121_944_4e-4), r);
-        let mut q = c(1.987_569_2e-4);
-        for k in [
-            1.398_199_9e-3,
-            8.333_452e-3,
-            4.166_579_6e-2,
-            1.666_666_5e-1,
-            0.5,
-        ] {
-            q = _mm512_fmadd_ps(q, r, c(k));
+        let r = _mm512_fnmadd_ps(n, c(LN2_HI), xc);
+        let r = _mm512_fnmadd_ps(n, c(LN2_LO), r);
+        let mut q = c(EXP_POLY[0]);
+        for k in &EXP_POLY[1..] {
+            q = _mm512_fmadd_ps(q, r, c(*k));
         }
         let y = _mm512_fmadd_ps(q, _mm512_mul_ps(r, r), _mm512_add_ps(r, c(1.0)));
         let y = _mm512_scalef_ps(y, n);
@@ -444,28 +463,20 @@ mod tests {
     /// The vector kernels' `exp`, one lane at a time in scalar f32 (the same fused multiply-adds, rounding
     /// to nearest even, and `scalef` as the correctly rounded `y * 2^n`, here through f64 where it is exact).
     fn exp_model(x: f32) -> f32 {
-        const LO: f32 = -87.336_55;
-        const HI: f32 = 88.722_83;
         if x.is_nan() {
             return x;
         }
-        if x < LO {
+        if x < EXP_LO {
             return 0.0;
         }
-        if x > HI {
+        if x > EXP_HI {
             return f32::INFINITY;
         }
         let n = (x * std::f32::consts::LOG2_E).round_ties_even();
-        let r = (-n).mul_add(0.693_359_4, x);
-        let r = (-n).mul_add(-2.121_944_4e-4, r);
-        let mut q = 1.987_569_2e-4f32;
-        for k in [
-            1.398_199_9e-3,
-            8.333_452e-3,
-            4.166_579_6e-2,
-            1.666_666_5e-1,
-            0.5,
-        ] {
+        let r = (-n).mul_add(LN2_HI, x);
+        let r = (-n).mul_add(LN2_LO, r);
+        let mut q = EXP_POLY[0];
+        for &k in &EXP_POLY[1..] {
             q = q.mul_add(r, k);
         }
         let y = q.mul_add(r * r, r + 1.0);
@@ -478,8 +489,7 @@ mod tests {
         if !crate::cpu_features::avx512f() && !crate::cpu_features::avx2_fma() {
             return;
         }
-        let lo = -87.336_55f32;
-        let hi = 88.722_83f32;
+        let (lo, hi) = (EXP_LO, EXP_HI);
         let mut x: Vec<f32> = (-9000..=9000).map(|i| i as f32 / 100.0).collect();
         // Results that are subnormal (n = -126) or need 2^128 (n = 128), and the bounds themselves.
         for edge in [lo, hi] {

@@ -8,9 +8,7 @@
 
 use std::arch::x86_64::*;
 
-/// Below this `exp` underflows to 0; above `HI` it overflows (the AVX-512 kernel's bounds).
-const LO: f32 = -87.336_55;
-const HI: f32 = 88.722_83;
+use super::{ERF_P, ERF_POLY, EXP_HI as HI, EXP_LO as LO, EXP_POLY, LN2_HI, LN2_LO};
 
 /// `f` over `n` values at `src` into `dst` (which may be `src`), 8 at a time, the tail through a copy padded
 /// with `pad`.
@@ -40,22 +38,16 @@ unsafe fn select(a: __m256, b: __m256, mask: __m256) -> __m256 {
 unsafe fn exp8(x: __m256) -> __m256 {
     let c = _mm256_set1_ps;
     let xc = _mm256_min_ps(_mm256_max_ps(x, c(LO)), c(HI));
-    // n = round(x / ln2), r = x - n ln2 with ln2 = 0.693359375 - 2.12194440e-4 (exact first part).
+    // n = round(x / ln2), r = x - n ln2 (`LN2_HI` + `LN2_LO`).
     let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
         xc,
         c(std::f32::consts::LOG2_E),
     ));
-    let r = _mm256_fnmadd_ps(n, c(0.693_359_4), xc);
-    let r = _mm256_fnmadd_ps(n, c(-2.121_944_4e-4), r);
-    let mut q = c(1.987_569_2e-4);
-    for k in [
-        1.398_199_9e-3,
-        8.333_452e-3,
-        4.166_579_6e-2,
-        1.666_666_5e-1,
-        0.5,
-    ] {
-        q = _mm256_fmadd_ps(q, r, c(k));
+    let r = _mm256_fnmadd_ps(n, c(LN2_HI), xc);
+    let r = _mm256_fnmadd_ps(n, c(LN2_LO), r);
+    let mut q = c(EXP_POLY[0]);
+    for k in &EXP_POLY[1..] {
+        q = _mm256_fmadd_ps(q, r, c(*k));
     }
     let y = _mm256_fmadd_ps(q, _mm256_mul_ps(r, r), _mm256_add_ps(r, c(1.0)));
     // y * 2^n for n in -126..=128: 2^(n >> 1) then 2^(n - (n >> 1)), both normal; the first product is
@@ -117,10 +109,10 @@ unsafe fn gelu8(x: __m256) -> __m256 {
     let z = _mm256_mul_ps(x, c(std::f32::consts::FRAC_1_SQRT_2));
     let sign_bit = c(-0.0);
     let a = _mm256_andnot_ps(sign_bit, z);
-    let t = _mm256_div_ps(c(1.0), _mm256_fmadd_ps(c(0.327_591_1), a, c(1.0)));
-    let mut r = c(1.061_405_4);
-    for k in [-1.453_152_1, 1.421_413_8, -0.284_496_74, 0.254_829_6] {
-        r = _mm256_fmadd_ps(r, t, c(k));
+    let t = _mm256_div_ps(c(1.0), _mm256_fmadd_ps(c(ERF_P), a, c(1.0)));
+    let mut r = c(ERF_POLY[0]);
+    for k in &ERF_POLY[1..] {
+        r = _mm256_fmadd_ps(r, t, c(*k));
     }
     // exp(-z^2) (0 where it underflows, as the erf is then 1 to f32 precision).
     let e = exp8(_mm256_sub_ps(c(0.0), _mm256_mul_ps(z, z)));
