@@ -156,9 +156,10 @@ fn the_vector_kernels_sum_in_the_portable_order() {
     }
     let mut s = 11u64;
     // Both loop orders: few rows (panel stream; 1 and 2 rows over several panels side by side, 3 rows,
-    // 16 and 32 rows, a decode step's batch, as 14 + 2 and 14 + 14 + 4, with a last panel of 8 and of
-    // 22 columns) and many rows (K/M blocking). bf16 weights too: the vector tiles widen their
-    // interleaved panel rows (`Elem::slot`) with a shift and a mask, the portable one element by element.
+    // 16, 27 and 32 rows, a decode step's batch, as 14 + 2, 14 + 13 and 14 + 14 + 4, with a last panel of
+    // 8 and of 22 columns) and many rows (K/M blocking; 55 rows end with a 13-row tile). bf16 weights
+    // too: the vector tiles widen their interleaved panel rows (`Elem::slot`) with a shift and a mask, the
+    // portable one element by element. The AVX2 tile splits 13 and 14 rows differently from fewer.
     let shapes = [
         (1, 200, 500),
         (1, 75, 70),
@@ -166,7 +167,9 @@ fn the_vector_kernels_sum_in_the_portable_order() {
         (3, 40, 500),
         (10, 40, 500),
         (16, 40, 500),
+        (27, 40, 500),
         (32, 86, 900),
+        (55, 40, 500),
         (60, 40, 500),
     ];
     for isa in isas {
