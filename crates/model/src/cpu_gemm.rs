@@ -44,6 +44,8 @@ pub const NR: usize = 32;
 /// Rows per micro-tile: 14 x 2 accumulators, two panel vectors and the broadcast fill the 32 AVX-512
 /// registers (the same shape as oneDNN's and BLIS's f32 kernels), so each panel load feeds 14 FMAs.
 pub const MR: usize = 14;
+/// Rows per tile of the AVX2 kernel in a many-rows product ([`Isa::tile_rows`]).
+const AVX2_MR: usize = 12;
 /// K block: a row tile's KC slice (21 KiB in f32) stays in L1 while the panels of a group stream past it.
 pub const KC: usize = 384;
 /// Up to this many rows, every panel is streamed once from memory, front to back (decode steps).
@@ -152,8 +154,15 @@ impl PackedWeight {
     pub(crate) fn matmul_packed_serial(&self, x: &PackedRows, m: usize) -> Vec<f32> {
         assert_eq!(x.k, self.k, "packed rows' width");
         assert!(m <= x.m, "{m} of {} packed rows", x.m);
-        let x = &x.data[..m.div_ceil(MR) * self.k * MR];
-        self.run(Rows::Packed(x), m, self.k, Epilogue::default(), false)
+        let mr = x.mr;
+        let x = &x.data[..m.div_ceil(mr) * self.k * mr];
+        self.run(
+            Rows::Packed { x, mr },
+            m,
+            self.k,
+            Epilogue::default(),
+            false,
+        )
     }
 
     /// On the calling thread only, `x` given k-major: row `r`'s element `kk` at `x[kk * stride + r]`
@@ -198,7 +207,11 @@ impl PackedWeight {
             return self.run(Rows::KMajor { x: &xt, stride: m }, m, k, epilogue, parallel);
         }
         let xp = PackedRows::pack(x, m, self.k, parallel);
-        self.run(Rows::Packed(&xp.data), m, self.k, epilogue, parallel)
+        let x = Rows::Packed {
+            x: &xp.data,
+            mr: xp.mr,
+        };
+        self.run(x, m, self.k, epilogue, parallel)
     }
 
     /// `y = x W^T` over the first `k` inputs of `W` (all of them but in the attention kernels).
@@ -323,19 +336,21 @@ pub(crate) unsafe fn uninit_result(m: usize, n: usize, fill: impl FnOnce(&SyncPt
     y
 }
 
-/// `[m, k]` activations in the kernel's layout: tiles of [`MR`] rows, each stored k-major (`[K][MR]`,
-/// missing rows zero), so the kernel's broadcasts walk one sequential stream. Packed per product, or once by a
-/// caller that uses them for several (the encoder's attention: a head's keys, for every block of queries).
+/// `[m, k]` activations in the kernel's layout: tiles of `mr` rows, each stored k-major (`[K][mr]`, missing
+/// rows zero), so the kernel's broadcasts walk one sequential stream. Packed per product, or once by a caller
+/// that uses them for several (the encoder's attention: a head's keys, for every block of queries). `mr` is
+/// the tile height of the kernel the CPU runs ([`Isa::tile_rows`]); the sums do not depend on it.
 pub(crate) struct PackedRows {
     data: Vec<f32>,
     m: usize,
     k: usize,
+    mr: usize,
 }
 
 impl PackedRows {
     /// Packs `[m, k]` rows given element by element: `x(r, kk)`.
     pub(crate) fn from_fn(m: usize, k: usize, x: impl Fn(usize, usize) -> f32 + Sync) -> Self {
-        Self::build(m, k, false, x)
+        Self::build(m, k, false, Isa::detect().tile_rows(), x)
     }
 
     /// Packs row-major `x` (`[m, k]`), the tiles in parallel when asked (products of up to [`FEW_ROWS`]
@@ -343,49 +358,57 @@ impl PackedRows {
     fn pack<A: Elem>(x: &[A], m: usize, k: usize, parallel: bool) -> Self {
         #[cfg(target_arch = "x86_64")]
         if has_avx512() {
-            return Self::fill_tiles(m, k, parallel, |t, tile| {
+            return Self::fill_tiles(m, k, MR, parallel, |t, tile| {
                 // SAFETY: AVX-512 F/BW were detected; tile t holds rows t*MR.. of x ([m, k]).
                 unsafe { pack::avx512::pack_tile(x, k, (t * MR, MR.min(m - t * MR)), tile) }
             });
         }
-        Self::build(m, k, parallel, |r, kk| x[r * k + kk].widen())
+        let mr = Isa::detect().tile_rows();
+        Self::build(m, k, parallel, mr, |r, kk| x[r * k + kk].widen())
     }
 
-    fn build(m: usize, k: usize, parallel: bool, x: impl Fn(usize, usize) -> f32 + Sync) -> Self {
+    fn build(
+        m: usize,
+        k: usize,
+        parallel: bool,
+        mr: usize,
+        x: impl Fn(usize, usize) -> f32 + Sync,
+    ) -> Self {
         // Written in order, every element (rows past `m` as zeros), the tile's rows read side by side (each
         // a sequential stream): zeroing the buffer first and then writing it column by column, 56 bytes
         // apart, was ~7 % of an f32 prefill (memset and the scattered stores).
-        Self::fill_tiles(m, k, parallel, |t, tile| {
-            let rows = MR.min(m - t * MR);
-            for (kk, dst) in tile.chunks_exact_mut(MR).enumerate() {
+        Self::fill_tiles(m, k, mr, parallel, |t, tile| {
+            let rows = mr.min(m - t * mr);
+            for (kk, dst) in tile.chunks_exact_mut(mr).enumerate() {
                 for (r, d) in dst.iter_mut().enumerate() {
-                    d.write(if r < rows { x(t * MR + r, kk) } else { 0.0 });
+                    d.write(if r < rows { x(t * mr + r, kk) } else { 0.0 });
                 }
             }
         })
     }
 
-    /// The tiles of `m` rows of width `k`, tile `t` (`k * MR` values) written whole by `fill(t, tile)`, in
-    /// parallel when asked.
+    /// The tiles of `mr` of `m` rows of width `k`, tile `t` (`k * mr` values) written whole by
+    /// `fill(t, tile)`, in parallel when asked.
     fn fill_tiles(
         m: usize,
         k: usize,
+        mr: usize,
         parallel: bool,
         fill: impl Fn(usize, &mut [std::mem::MaybeUninit<f32>]) + Sync,
     ) -> Self {
         let fill = |(t, tile): (usize, &mut [std::mem::MaybeUninit<f32>])| fill(t, tile);
         // The tiles cover the buffer, each written whole by `fill`.
-        let data = crate::elementwise::written(m.div_ceil(MR) * k * MR, |spare| {
+        let data = crate::elementwise::written(m.div_ceil(mr) * k * mr, |spare| {
             if spare.is_empty() {
                 return;
             }
             if parallel {
-                spare.par_chunks_mut(k * MR).enumerate().for_each(fill);
+                spare.par_chunks_mut(k * mr).enumerate().for_each(fill);
             } else {
-                spare.chunks_mut(k * MR).enumerate().for_each(fill);
+                spare.chunks_mut(k * mr).enumerate().for_each(fill);
             }
         });
-        PackedRows { data, m, k }
+        PackedRows { data, m, k, mr }
     }
 }
 
@@ -426,6 +449,18 @@ enum Isa {
 }
 
 impl Isa {
+    /// Rows per tile of a many-rows product (and per packed row tile): [`MR`], but 12 for AVX2, two
+    /// passes of 6 rows per panel half (12 accumulators each, see `tile::avx2`). 14-row tiles took a pass of
+    /// 2 rows over the whole panel besides, which ran at ~55 GFLOP/s: a stand-alone loop of the tile at the
+    /// encoder's fc1 shape (1500 x 5120 x 1280, one core of an EPYC Zen 3) ran at ~81 GFLOP/s with 14-row
+    /// tiles and ~88 with 12-row ones, in the same runs.
+    fn tile_rows(self) -> usize {
+        match self {
+            Isa::Avx2 => AVX2_MR,
+            _ => MR,
+        }
+    }
+
     fn detect() -> Self {
         if has_avx512() {
             Isa::Avx512
@@ -474,8 +509,8 @@ impl Elem for u16 {
 /// Where the kernel finds row `r`'s element `kk` of `x`.
 #[derive(Clone, Copy)]
 enum Rows<'a> {
-    /// Packed ([`PackedRows`]): tiles of [`MR`] rows, each `[K][MR]`.
-    Packed(&'a [f32]),
+    /// Packed ([`PackedRows`]): tiles of `mr` rows, each `[K][mr]`.
+    Packed { x: &'a [f32], mr: usize },
     /// Given k-major: element `(r, kk)` at `kk * stride + r` (`x^T` row-major, e.g. attention scores
     /// computed as `k q^T`), read in place with no packing.
     KMajor { x: &'a [f32], stride: usize },
@@ -550,8 +585,9 @@ fn run_panels<T: Elem>(
                     }
                 }
             }
-            for r in (0..m).step_by(MR) {
-                let r1 = (r + MR).min(m);
+            let mr = ctx.tile_rows();
+            for r in (0..m).step_by(mr) {
+                let r1 = (r + mr).min(m);
                 for p in group.clone() {
                     let panel = slice(p, kc);
                     if T::IS_BF16 {
@@ -578,7 +614,18 @@ struct Blocks<'a> {
 }
 
 impl Blocks<'_> {
-    /// Rows `r0..r1` of `count` panels from panel `p` on, over their K blocks at `kc`, in tiles of MR rows:
+    /// Rows per tile: the packing's, else [`MR`] for few rows (the AVX2 tile splits 14 rows itself, and a
+    /// decode step's bf16 weights are widened once per pass) and the kernel's for many.
+    fn tile_rows(&self) -> usize {
+        match self.x {
+            Rows::Packed { mr, .. } => mr,
+            Rows::KMajor { .. } if self.stream => MR,
+            Rows::KMajor { .. } => self.isa.tile_rows(),
+        }
+    }
+
+    /// Rows `r0..r1` of `count` panels from panel `p` on, over their K blocks at `kc`, in tiles of
+    /// [`Self::tile_rows`] rows:
     /// `blocks` runs from the first panel's block start to the last one's end, each block `kl x 32` values,
     /// `step` elements from one panel's block to the next (unused for one panel). More than one panel only
     /// for up to [`FEW_PANEL_ROWS`] rows, read side by side in one tile.
@@ -594,14 +641,15 @@ impl Blocks<'_> {
         let (n, stride) = (self.n, self.stride);
         let kl = (blocks.len() - (count - 1) * step) / NR;
         let cols = (count * NR).min(n - p * NR);
-        for r in (r0..r1).step_by(MR) {
-            let rows = MR.min(r1 - r);
+        let mr = self.tile_rows();
+        for r in (r0..r1).step_by(mr) {
+            let rows = mr.min(r1 - r);
             // SAFETY: rows r..r+rows and columns p*NR..p*NR+cols are inside y (m x n) and belong to this
             // task's panels only.
             let c = unsafe { self.out.0.add(r * n + p * NR) };
             let (x, xs) = match self.x {
-                // `r` is a multiple of MR: the start of a packed row tile.
-                Rows::Packed(x) => (&x[r * stride + kc * MR..], MR),
+                // `r` is a multiple of `mr`: the start of a packed row tile.
+                Rows::Packed { x, mr } => (&x[r * stride + kc * mr..], mr),
                 Rows::KMajor { x, stride } => (&x[kc * stride + r..], stride),
             };
             let tile = Tile {

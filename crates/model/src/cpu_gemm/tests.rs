@@ -177,18 +177,31 @@ fn the_vector_kernels_sum_in_the_portable_order() {
             let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut s)).collect();
             let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut s)).collect();
             let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
-            let xp = PackedRows::pack(&x, m, k, false).data;
-            // As `PackedWeight::product` hands them over: k-major up to FEW_ROWS rows, else packed.
+            // As `PackedWeight::product` hands them over: k-major up to FEW_ROWS rows, else packed in tiles
+            // of either kernel's height (each ISA runs both); and many rows k-major, as the attention's
+            // second product.
             let xt: Vec<f32> = (0..m * k).map(|i| x[(i % m) * k + i / m]).collect();
-            let rows = if m <= FEW_ROWS {
-                Rows::KMajor { x: &xt, stride: m }
-            } else {
-                Rows::Packed(&xp)
-            };
-            for pw in [
-                PackedWeight::from_f32(&w, n, k),
-                PackedWeight::from_bf16(&wb, n, k),
-            ] {
+            let packed =
+                [MR, AVX2_MR].map(|mr| PackedRows::build(m, k, false, mr, |r, kk| x[r * k + kk]));
+            let mut layouts = vec![(0, Rows::KMajor { x: &xt, stride: m })];
+            if m > FEW_ROWS {
+                layouts.extend(packed.iter().map(|p| {
+                    (
+                        p.mr,
+                        Rows::Packed {
+                            x: &p.data,
+                            mr: p.mr,
+                        },
+                    )
+                }));
+            }
+            for ((mr, rows), pw) in layouts.into_iter().flat_map(|layout| {
+                [
+                    PackedWeight::from_f32(&w, n, k),
+                    PackedWeight::from_bf16(&wb, n, k),
+                ]
+                .map(|pw| (layout, pw))
+            }) {
                 let run = |isa| {
                     let mut y = vec![0f32; m * n];
                     let out = SyncPtr(y.as_mut_ptr());
@@ -205,7 +218,7 @@ fn the_vector_kernels_sum_in_the_portable_order() {
                     fast.iter()
                         .zip(&slow)
                         .all(|(a, b)| a.to_bits() == b.to_bits()),
-                    "{isa:?} m = {m}, n = {n}, k = {k}, bf16 {}",
+                    "{isa:?} m = {m}, n = {n}, k = {k}, bf16 {}, packed in tiles of {mr} rows (0: k-major)",
                     pw.is_bf16()
                 );
                 if isa == Isa::detect() {
@@ -297,14 +310,17 @@ fn packing_by_transposition_equals_element_wise() {
             );
         };
         for parallel in [false, true] {
+            let got = PackedRows::pack(&x, m, k, parallel);
+            assert_eq!(got.mr, Isa::detect().tile_rows());
+            let mr = got.mr;
             same(
-                PackedRows::pack(&x, m, k, parallel),
-                PackedRows::build(m, k, parallel, |r, kk| x[r * k + kk]),
+                got,
+                PackedRows::build(m, k, parallel, mr, |r, kk| x[r * k + kk]),
                 "f32",
             );
             same(
                 PackedRows::pack(&bits, m, k, parallel),
-                PackedRows::build(m, k, parallel, |r, kk| bits[r * k + kk].widen()),
+                PackedRows::build(m, k, parallel, mr, |r, kk| bits[r * k + kk].widen()),
                 "bf16",
             );
         }
