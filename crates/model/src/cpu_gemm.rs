@@ -26,8 +26,9 @@
 //! f32 for both weight types, as torch does for bf16.
 //!
 //! Without AVX-512, an AVX2 + FMA tile computes the same tile in passes of up to 6 rows and 16 columns
-//! (`tile::avx2`), and without those a portable kernel with the same loop structure; all three sum in the
-//! same order, so the result's bits do not depend on the CPU's vector width.
+//! (`tile::avx2`; many-rows products then run tiles of 12 rows, two passes of 6 per panel half), and without
+//! those a portable kernel with the same loop structure; all three sum in the same order, so the result's
+//! bits do not depend on the CPU's vector width (nor on the tile height).
 
 use crate::page_buf::PageBuf;
 use half::bf16;
