@@ -257,8 +257,9 @@ pub(super) mod avx2 {
         debug_assert_eq!(t.panels, 1);
         let mut r0 = 0;
         if rows > 2 * PASS_ROWS {
-            // 13 or 14 rows (the full tiles of prefill and the encoder): two groups of 6 rows, 12
-            // accumulators each, then the last one or two rows over the whole panel (4 or 8). Even groups
+            // 13 or 14 rows (rows packed in tiles of MR; products on AVX2 run tiles of 12, see
+            // `Isa::tile_rows`): two groups of 6 rows, 12 accumulators each, then the last one or two rows
+            // over the whole panel (4 or 8). Even groups
             // (4 + 5 + 5) have 8 or 10 accumulators, too few to cover the FMA latency (4 cycles, 2 FMAs
             // a cycle) whenever a load is late: a stand-alone loop of the tile at the encoder's fc1 shape
             // (1500 x 5120 x 1280, one core of an EPYC Zen 3) ran at 69-74 GFLOP/s with 4 + 5 + 5 and
