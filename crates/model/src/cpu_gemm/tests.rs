@@ -156,10 +156,11 @@ fn the_vector_kernels_sum_in_the_portable_order() {
     }
     let mut s = 11u64;
     // Both loop orders: few rows (panel stream; 1 and 2 rows over several panels side by side, 3 rows,
-    // 16, 27 and 32 rows, a decode step's batch, as 14 + 2, 14 + 13 and 14 + 14 + 4, with a last panel of
-    // 8 and of 22 columns) and many rows (K/M blocking; 55 rows end with a 13-row tile). bf16 weights
-    // too: the vector tiles widen their interleaved panel rows (`Elem::slot`) with a shift and a mask, the
-    // portable one element by element. The AVX2 tile splits 13 and 14 rows differently from fewer.
+    // 16, 27 and 32 rows, a decode step's batch, in tiles of the kernel's height: 14 + 2, 14 + 13 and
+    // 14 + 14 + 4, or 12 + 4, 12 + 12 + 3 and 12 + 12 + 8 on AVX2; with a last panel of 8 and of 22
+    // columns) and many rows (K/M blocking; 55 rows packed 14 high end with a 13-row tile, which the AVX2
+    // tile splits differently from fewer rows). bf16 weights too: the vector tiles widen their interleaved
+    // panel rows (`Elem::slot`) with a shift and a mask, the portable one element by element.
     let shapes = [
         (1, 200, 500),
         (1, 75, 70),
