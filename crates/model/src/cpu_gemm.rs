@@ -451,10 +451,11 @@ enum Isa {
 
 impl Isa {
     /// Rows per tile (and per packed row tile): [`MR`], but 12 for AVX2, two passes of 6 rows per panel
-    /// half (12 accumulators each, see `tile::avx2`). 14-row tiles took a pass of 2 rows over the whole
-    /// panel besides, which ran at ~55 GFLOP/s: a stand-alone loop of the tile at the encoder's fc1 shape
-    /// (1500 x 5120 x 1280, one core of an EPYC Zen 3) ran at ~81 GFLOP/s with 14-row tiles and ~88 with
-    /// 12-row ones, in the same runs; the whole product gained less, 2-7 % (docs/PERFORMANCE.md).
+    /// half (12 accumulators each, see `tile::avx2`). 14 rows take passes of 4 + 5 + 5 rows, whose 8 or 10
+    /// accumulators do not cover the FMA latency (4 cycles, 2 FMAs a cycle) whenever a load is late, or
+    /// 6 + 6 and a 2-row pass over the whole panel, which ran at ~55 GFLOP/s. A stand-alone loop of the
+    /// tile at the encoder's fc1 shape (1500 x 5120 x 1280, one core of an EPYC Zen 3) ran at ~73, ~81 and
+    /// ~88 GFLOP/s with the three, in the same runs; the whole product gained less (docs/PERFORMANCE.md).
     fn tile_rows(self) -> usize {
         match self {
             Isa::Avx2 => AVX2_MR,

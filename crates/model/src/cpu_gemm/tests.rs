@@ -158,9 +158,9 @@ fn the_vector_kernels_sum_in_the_portable_order() {
     // Both loop orders: few rows (panel stream; 1 and 2 rows over several panels side by side, 3 rows,
     // 16, 27 and 32 rows, a decode step's batch, in tiles of the kernel's height: 14 + 2, 14 + 13 and
     // 14 + 14 + 4, or 12 + 4, 12 + 12 + 3 and 12 + 12 + 8 on AVX2; with a last panel of 8 and of 22
-    // columns) and many rows (K/M blocking; 55 rows packed 14 high end with a 13-row tile, which the AVX2
-    // tile splits differently from fewer rows). bf16 weights too: the vector tiles widen their interleaved
-    // panel rows (`Elem::slot`) with a shift and a mask, the portable one element by element.
+    // columns) and many rows (K/M blocking; 55 rows packed 14 high end with a 13-row tile). bf16 weights
+    // too: the vector tiles widen their interleaved panel rows (`Elem::slot`) with a shift and a mask, the
+    // portable one element by element.
     let shapes = [
         (1, 200, 500),
         (1, 75, 70),
@@ -182,20 +182,23 @@ fn the_vector_kernels_sum_in_the_portable_order() {
             // of either kernel's height (each ISA runs both); and many rows k-major, as the attention's
             // second product.
             let xt: Vec<f32> = (0..m * k).map(|i| x[(i % m) * k + i / m]).collect();
-            let packed =
-                [MR, AVX2_MR].map(|mr| PackedRows::build(m, k, false, mr, |r, kk| x[r * k + kk]));
+            let packed: Vec<PackedRows> = if m > FEW_ROWS {
+                [MR, AVX2_MR]
+                    .map(|mr| PackedRows::build(m, k, false, mr, |r, kk| x[r * k + kk]))
+                    .into()
+            } else {
+                vec![]
+            };
             let mut layouts = vec![(0, Rows::KMajor { x: &xt, stride: m })];
-            if m > FEW_ROWS {
-                layouts.extend(packed.iter().map(|p| {
-                    (
-                        p.mr,
-                        Rows::Packed {
-                            x: &p.data,
-                            mr: p.mr,
-                        },
-                    )
-                }));
-            }
+            layouts.extend(packed.iter().map(|p| {
+                (
+                    p.mr,
+                    Rows::Packed {
+                        x: &p.data,
+                        mr: p.mr,
+                    },
+                )
+            }));
             for ((mr, rows), pw) in layouts.into_iter().flat_map(|layout| {
                 [
                     PackedWeight::from_f32(&w, n, k),

@@ -255,29 +255,10 @@ pub(super) mod avx2 {
             return;
         }
         debug_assert_eq!(t.panels, 1);
+        // Groups of sizes differing by at most one. Products on AVX2 run tiles of 12 rows, 6 + 6 (see
+        // `Isa::tile_rows`: every pass then has 12 accumulators); more rows, up to MR, only come from rows
+        // packed for another kernel's height (the tests), and run as 4 + 5 + 5.
         let mut r0 = 0;
-        if rows > 2 * PASS_ROWS {
-            // 13 or 14 rows (rows packed in tiles of MR; products on AVX2 run tiles of 12, see
-            // `Isa::tile_rows`): two groups of 6 rows, 12 accumulators each, then the last one or two rows
-            // over the whole panel (4 or 8). Even groups (4 + 5 + 5) have 8 or 10 accumulators, too few
-            // to cover the FMA latency (4 cycles, 2 FMAs a cycle) whenever a load is late: a stand-alone
-            // loop of the tile at the encoder's fc1 shape (1500 x 5120 x 1280, one core of an EPYC Zen 3)
-            // ran at 69-74 GFLOP/s with 4 + 5 + 5 and 80-82 with 6 + 6 + 2, in the same runs.
-            for _ in 0..2 {
-                for h in 0..2 {
-                    pass::<T, 6, 1>(t, r0, [(0, h)]);
-                }
-                r0 += PASS_ROWS;
-            }
-            let rest = [(0, 0), (0, 1)];
-            if rows - r0 == 2 {
-                pass::<T, 2, 2>(t, r0, rest);
-            } else {
-                pass::<T, 1, 2>(t, r0, rest);
-            }
-            return;
-        }
-        // Up to 12 rows: groups of sizes differing by at most one (12: 6 + 6).
         let groups = rows.div_ceil(PASS_ROWS);
         for g in 0..groups {
             let size = (rows - r0) / (groups - g);
