@@ -34,9 +34,24 @@ pub(super) struct Tile<'a, T> {
     pub(super) cols: usize,
     /// Add to `c` (later K blocks) instead of overwriting it.
     pub(super) accumulate: bool,
-    /// The panels are read as one sequential stream (few rows): prefetch it far ahead, since the hardware
-    /// prefetcher alone leaves the loads waiting on memory between bursts of FMAs.
-    pub(super) prefetch: bool,
+    /// How this tile prefetches the panels when they are read as one sequential stream (few rows).
+    pub(super) prefetch: Prefetch,
+}
+
+/// Software prefetch of a decode step's weight stream (into L2), since the hardware prefetcher alone leaves
+/// the loads waiting on memory between bursts of FMAs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Prefetch {
+    /// Not streamed, or another tile of the block prefetches.
+    None,
+    /// 64 panel rows ahead of the loads, in the tile's first pass (by the first half of each panel).
+    Ahead,
+    /// [`super::KC`] panel rows ahead (the next block of the stream: blocks, then panels, are contiguous),
+    /// spread evenly over the `passes` passes that all the tiles of a block make: the block's pass number
+    /// `first + i` (its tile's `i`th) prefetches for the rows `kk` with `kk % passes == first + i`. Each
+    /// stream row is then prefetched once, and the memory is busy for the whole block, not only during one
+    /// pass (AVX2 only: see `Blocks::spread`).
+    Spread { first: usize, passes: usize },
 }
 
 /// The reference summation order, also the fallback: per (row, column), k in order, one f32 accumulator per K
@@ -133,7 +148,7 @@ pub(super) mod avx512 {
         const AHEAD: usize = 64 * NR;
         let line = 64 / std::mem::size_of::<T>();
         for kk in 0..t.kl {
-            if t.prefetch {
+            if t.prefetch == super::Prefetch::Ahead {
                 for j in 0..P {
                     let p = panel.wrapping_add(j * t.next + kk * NR + AHEAD) as *const i8;
                     _mm_prefetch::<_MM_HINT_T1>(p);
@@ -196,8 +211,20 @@ pub(super) mod avx512 {
 /// weight stream).
 #[cfg(target_arch = "x86_64")]
 pub(super) mod avx2 {
-    use super::{Elem, Tile, MAX_PANELS, MR, NR};
+    use super::{Elem, Prefetch, Tile, MAX_PANELS, MR, NR};
     use std::arch::x86_64::*;
+
+    /// How far a spread prefetch reaches: one K block (two were no faster).
+    const SPREAD_AHEAD: usize = super::super::KC * NR;
+
+    /// Passes of [`tile`] over one panel for `rows` rows (what [`tile`] counts, checked there).
+    pub(in crate::cpu_gemm) fn passes(rows: usize) -> usize {
+        if rows <= 2 {
+            1
+        } else {
+            2 * rows.div_ceil(PASS_ROWS)
+        }
+    }
 
     /// Rows per pass over a panel half: 6 x 2 accumulators fill the 16 registers with the two weight
     /// vectors and the broadcast.
@@ -236,22 +263,25 @@ pub(super) mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     pub(in crate::cpu_gemm) unsafe fn tile<T: Elem>(t: &Tile<'_, T>, rows: usize) {
         debug_assert!((1..=MAX_PANELS).contains(&t.panels) && (1..=MR).contains(&rows));
+        let mut n = 0;
         if rows <= 2 {
             let mut j = 0;
             while j < t.panels {
                 if rows == 1 && j + 1 < t.panels {
-                    pass::<T, 1, 4>(t, 0, [(j, 0), (j, 1), (j + 1, 0), (j + 1, 1)]);
+                    pass::<T, 1, 4>(t, 0, [(j, 0), (j, 1), (j + 1, 0), (j + 1, 1)], n);
                     j += 2;
                 } else {
                     let halves = [(j, 0), (j, 1)];
                     if rows == 1 {
-                        pass::<T, 1, 2>(t, 0, halves);
+                        pass::<T, 1, 2>(t, 0, halves, n);
                     } else {
-                        pass::<T, 2, 2>(t, 0, halves);
+                        pass::<T, 2, 2>(t, 0, halves, n);
                     }
                     j += 1;
                 }
+                n += 1;
             }
+            debug_assert!(t.panels > 1 || n == passes(rows));
             return;
         }
         debug_assert_eq!(t.panels, 1);
@@ -265,42 +295,75 @@ pub(super) mod avx2 {
             for h in 0..2 {
                 let s = [(0, h)];
                 match size {
-                    6 => pass::<T, 6, 1>(t, r0, s),
-                    5 => pass::<T, 5, 1>(t, r0, s),
-                    4 => pass::<T, 4, 1>(t, r0, s),
-                    3 => pass::<T, 3, 1>(t, r0, s),
-                    2 => pass::<T, 2, 1>(t, r0, s),
-                    _ => pass::<T, 1, 1>(t, r0, s),
+                    6 => pass::<T, 6, 1>(t, r0, s, n),
+                    5 => pass::<T, 5, 1>(t, r0, s, n),
+                    4 => pass::<T, 4, 1>(t, r0, s, n),
+                    3 => pass::<T, 3, 1>(t, r0, s, n),
+                    2 => pass::<T, 2, 1>(t, r0, s, n),
+                    _ => pass::<T, 1, 1>(t, r0, s, n),
                 }
+                n += 1;
             }
             r0 += size;
         }
+        debug_assert_eq!(n, passes(rows));
     }
 
-    /// Rows `r0..r0 + R` of the tile over `S` panel halves (`(panel, half)`), k in order.
+    /// Rows `r0..r0 + R` of the tile over `S` panel halves (`(panel, half)`), k in order; the tile's `n`th
+    /// pass (from 0).
     #[target_feature(enable = "avx2,fma")]
     unsafe fn pass<T: Elem, const R: usize, const S: usize>(
         t: &Tile<'_, T>,
         r0: usize,
         slots: [(usize, usize); S],
+        n: usize,
+    ) {
+        // One loop per kind of prefetch: a test of the kind in the loop slowed the loops without spread.
+        match t.prefetch {
+            Prefetch::None => pass_pf::<T, R, S, NONE>(t, r0, slots, (usize::MAX, 0)),
+            Prefetch::Ahead => pass_pf::<T, R, S, AHEAD>(t, r0, slots, (usize::MAX, 0)),
+            Prefetch::Spread { first, passes } => {
+                pass_pf::<T, R, S, SPREAD>(t, r0, slots, (first + n, passes))
+            }
+        }
+    }
+
+    const NONE: u8 = 0;
+    const AHEAD: u8 = 1;
+    const SPREAD: u8 = 2;
+
+    /// [`pass`] with prefetch `PF`; for [`SPREAD`], the rows `kk` it prefetches for are `due.0`, then every
+    /// `due.1`th.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn pass_pf<T: Elem, const R: usize, const S: usize, const PF: u8>(
+        t: &Tile<'_, T>,
+        r0: usize,
+        slots: [(usize, usize); S],
+        (mut due, every): (usize, usize),
     ) {
         let mut a0 = [[_mm256_setzero_ps(); R]; S];
         let mut a1 = [[_mm256_setzero_ps(); R]; S];
         let x = t.x.as_ptr().add(r0);
         let panel = t.panel.as_ptr();
         // As in the AVX-512 tile: 64 panel rows ahead, into L2, once per panel (by its first half).
-        const AHEAD: usize = 64 * NR;
+        const ROWS_AHEAD: usize = 64 * NR;
         let lines = if T::IS_BF16 { 1 } else { 2 };
         for kk in 0..t.kl {
-            if t.prefetch {
+            if PF == AHEAD {
                 for &(j, h) in &slots {
                     if h == 0 {
-                        let p = panel.wrapping_add(j * t.next + kk * NR + AHEAD) as *const i8;
+                        let p = panel.wrapping_add(j * t.next + kk * NR + ROWS_AHEAD) as *const i8;
                         for l in 0..lines {
                             _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(64 * l));
                         }
                     }
                 }
+            } else if PF == SPREAD && kk == due {
+                let p = panel.wrapping_add(kk * NR + SPREAD_AHEAD) as *const i8;
+                for l in 0..lines {
+                    _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(64 * l));
+                }
+                due += every;
             }
             let mut w0 = [_mm256_setzero_ps(); S];
             let mut w1 = [_mm256_setzero_ps(); S];
