@@ -657,28 +657,34 @@ impl Blocks<'_> {
         let kl = (blocks.len() - (count - 1) * step) / NR;
         let cols = (count * NR).min(n - p * NR);
         let mr = self.tile_rows();
-        // Passes over the block of the AVX2 tiles, for a spread prefetch (see `Prefetch::Spread`).
+        // A spread prefetch (`Prefetch::Spread`) counts the AVX2 tiles' passes over the block: all of them,
+        // and those before each tile's (`first`). Only the AVX2 tile spreads ([`Self::spread`]).
         let passes = |rows: usize| match self.isa {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => avx2::passes(rows),
-            _ => 1,
+            _ => unreachable!("only the AVX2 tile spreads its prefetch"),
         };
         let spread = self.spread::<E>(r1 - r0);
-        let total: usize = (r0..r1).step_by(mr).map(|r| passes(mr.min(r1 - r))).sum();
+        let total: usize = if spread {
+            (r0..r1).step_by(mr).map(|r| passes(mr.min(r1 - r))).sum()
+        } else {
+            0
+        };
         let mut first = 0;
         for r in (r0..r1).step_by(mr) {
             let rows = mr.min(r1 - r);
             let prefetch = if spread {
-                Prefetch::Spread {
+                let tile = Prefetch::Spread {
                     first,
                     passes: total,
-                }
+                };
+                first += passes(rows);
+                tile
             } else if self.stream && r == r0 {
                 Prefetch::Ahead
             } else {
                 Prefetch::None
             };
-            first += passes(rows);
             // SAFETY: rows r..r+rows and columns p*NR..p*NR+cols are inside y (m x n) and belong to this
             // task's panels only.
             let c = unsafe { self.out.0.add(r * n + p * NR) };

@@ -82,7 +82,7 @@ pub(super) fn portable_tile<T: Elem>(t: &Tile<'_, T>, rows: usize) {
 
 #[cfg(target_arch = "x86_64")]
 pub(super) mod avx512 {
-    use super::{Elem, Tile, FEW_PANEL_ROWS, MAX_PANELS, MR, NR};
+    use super::{Elem, Prefetch, Tile, FEW_PANEL_ROWS, MAX_PANELS, MR, NR};
     use std::arch::x86_64::*;
 
     /// Panel row `kk` of the panel at `panel`, widened to f32: columns 0..16 and 16..32.
@@ -148,7 +148,7 @@ pub(super) mod avx512 {
         const AHEAD: usize = 64 * NR;
         let line = 64 / std::mem::size_of::<T>();
         for kk in 0..t.kl {
-            if t.prefetch == super::Prefetch::Ahead {
+            if t.prefetch == Prefetch::Ahead {
                 for j in 0..P {
                     let p = panel.wrapping_add(j * t.next + kk * NR + AHEAD) as *const i8;
                     _mm_prefetch::<_MM_HINT_T1>(p);
