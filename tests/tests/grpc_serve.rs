@@ -275,6 +275,18 @@ async fn bad_input_gets_the_right_status_and_the_server_keeps_serving() {
             "temperature",
         ),
         (
+            "min_new_tokens over max_new_tokens",
+            pb::GenerateRequest {
+                sampling: Some(pb::SamplingParams {
+                    min_new_tokens: 5,
+                    ..Default::default()
+                }),
+                ..req(vec![user(vec![text("hi")])], 4)
+            },
+            Code::InvalidArgument,
+            "min_new_tokens (5) must be at most max_new_tokens (4)",
+        ),
+        (
             "max_new_tokens over the limit",
             req(vec![user(vec![text("hi")])], 101),
             Code::OutOfRange,

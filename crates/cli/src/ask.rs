@@ -225,6 +225,7 @@ async fn ask(args: AskArgs) -> Result<()> {
             top_p: Some(s.top_p),
             repetition_penalty: Some(s.repetition_penalty),
             seed: s.seed,
+            min_new_tokens: u32::try_from(s.min_new_tokens).unwrap_or(u32::MAX),
         }),
         max_new_tokens: args.max_new_tokens,
         stop: s.stop.clone(),

@@ -86,6 +86,9 @@ pub struct SamplingArgs {
     pub repetition_penalty: f32,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// No end-of-sequence token before this many tokens (transformers' min_new_tokens; 0 = off).
+    #[arg(long, default_value_t = 0)]
+    pub min_new_tokens: usize,
     /// Stop when the text contains this string (repeatable); the text ends before it.
     #[arg(long = "stop")]
     pub stop: Vec<String>,
@@ -99,6 +102,7 @@ impl SamplingArgs {
             top_p: self.top_p,
             repetition_penalty: self.repetition_penalty,
             seed: self.seed,
+            min_new_tokens: self.min_new_tokens,
         }
     }
 }

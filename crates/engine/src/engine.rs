@@ -578,6 +578,9 @@ impl Engine {
                 limit,
             });
         }
+        sampling
+            .validate_lengths(max_new)
+            .map_err(EngineError::InvalidRequest)?;
         // Capacity first: shed load before paying for decoding.
         let cap = self.max_in_flight();
         if self.shared.in_flight.fetch_add(1, Ordering::SeqCst) >= cap {

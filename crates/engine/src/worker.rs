@@ -251,7 +251,7 @@ impl Worker {
         };
         let id = job.id;
         let active = Active {
-            sampler: Sampler::new(job.sampling, vocab, &job.prompt_ids),
+            sampler: Sampler::new(job.sampling, vocab, &job.prompt_ids, &self.eos),
             text: TextStream::new(&job.stop),
             audio,
             stream: r.stream,

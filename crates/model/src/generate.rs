@@ -201,8 +201,12 @@ pub fn generate(
     mut on_text: impl FnMut(&str),
 ) -> Result<Generation> {
     params.sampling.validate().map_err(ModelError::Input)?;
+    params
+        .sampling
+        .validate_lengths(params.max_new_tokens)
+        .map_err(ModelError::Input)?;
     let vocab = model.cfg.text.vocab_size;
-    let mut sampler = Sampler::new(params.sampling, vocab, prompt_ids);
+    let mut sampler = Sampler::new(params.sampling, vocab, prompt_ids, &params.eos_token_ids);
     // Room for the prompt and the longest answer at once (saturating: a huge limit only means growth).
     let positions = embeds.dim(1)?.saturating_add(params.max_new_tokens);
     let mut cache =

@@ -1,6 +1,7 @@
 //! Logits processing and sampling with transformers' semantics (spec 10): repetition penalty over every id
-//! of the sequence (prompt included), then temperature, top-k, top-p, then a seeded categorical draw.
-//! Temperature 0 is greedy (first index wins ties).
+//! of the sequence (prompt included), the end-of-sequence ids masked while fewer than `min_new_tokens` ids
+//! have been generated, then temperature, top-k, top-p, then a seeded categorical draw. Temperature 0 is
+//! greedy (first index wins ties).
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -17,6 +18,10 @@ pub struct SamplingParams {
     /// 1.0 = off.
     pub repetition_penalty: f32,
     pub seed: u64,
+    /// The end-of-sequence ids cannot be drawn before this many ids have been generated: their logits are
+    /// -inf (transformers' `min_new_tokens`, `MinNewTokensLengthLogitsProcessor`). 0 = off. At most the
+    /// request's `max_new_tokens` (checked where both are known).
+    pub min_new_tokens: usize,
 }
 
 impl Default for SamplingParams {
@@ -27,6 +32,7 @@ impl Default for SamplingParams {
             top_p: 1.0,
             repetition_penalty: 1.0,
             seed: 0,
+            min_new_tokens: 0,
         }
     }
 }
@@ -51,6 +57,17 @@ impl SamplingParams {
         }
         Ok(())
     }
+
+    /// Checks `min_new_tokens` against the request's `max_new_tokens`.
+    pub fn validate_lengths(&self, max_new_tokens: usize) -> Result<(), String> {
+        if self.min_new_tokens > max_new_tokens {
+            return Err(format!(
+                "min_new_tokens ({}) must be at most max_new_tokens ({max_new_tokens})",
+                self.min_new_tokens
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Draws tokens for one sequence; owns its RNG so a seed reproduces a sample.
@@ -60,10 +77,16 @@ pub struct Sampler {
     rng: StdRng,
     /// `seen[id]`: the id occurs in the prompt or the output (each id penalised once).
     seen: Vec<bool>,
+    /// The end-of-sequence ids, masked before `min_new_tokens`.
+    eos: Vec<u32>,
+    /// Ids generated so far ([`Self::observe`] calls).
+    generated: usize,
 }
 
 impl Sampler {
-    pub fn new(params: SamplingParams, vocab: usize, prompt: &[u32]) -> Self {
+    /// A sampler for a sequence that starts with `prompt`; `eos` are the ids that end it (masked while
+    /// fewer than `params.min_new_tokens` ids have been generated).
+    pub fn new(params: SamplingParams, vocab: usize, prompt: &[u32], eos: &[u32]) -> Self {
         let mut seen = vec![false; vocab];
         for &id in prompt {
             if let Some(s) = seen.get_mut(id as usize) {
@@ -74,11 +97,15 @@ impl Sampler {
             params,
             rng: StdRng::seed_from_u64(params.seed),
             seen,
+            eos: eos.to_vec(),
+            generated: 0,
         }
     }
 
-    /// Records a generated id (it is penalised from the next step on).
+    /// Records a generated id (it is penalised from the next step on, and counts towards
+    /// `min_new_tokens`).
     pub fn observe(&mut self, id: u32) {
+        self.generated += 1;
         if let Some(s) = self.seen.get_mut(id as usize) {
             *s = true;
         }
@@ -97,9 +124,22 @@ impl Sampler {
         }
     }
 
+    /// Masks the end-of-sequence ids while fewer than `min_new_tokens` ids have been generated.
+    fn mask_eos(&self, logits: &mut [f32]) {
+        if self.generated >= self.params.min_new_tokens {
+            return;
+        }
+        for &id in &self.eos {
+            if let Some(l) = logits.get_mut(id as usize) {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+    }
+
     /// Picks the next id from raw logits (modified in place).
     pub fn sample(&mut self, logits: &mut [f32]) -> u32 {
         self.penalize(logits);
+        self.mask_eos(logits);
         let p = self.params;
         if p.temperature == 0.0 {
             return argmax(logits);
@@ -178,6 +218,7 @@ mod tests {
             },
             4,
             &[0, 1, 1],
+            &[],
         );
         let mut l = vec![-1.0, 4.0, 3.0, -2.0];
         s.penalize(&mut l);
@@ -186,7 +227,7 @@ mod tests {
 
     #[test]
     fn greedy_first_index_wins_ties() {
-        let mut s = Sampler::new(SamplingParams::default(), 3, &[]);
+        let mut s = Sampler::new(SamplingParams::default(), 3, &[], &[]);
         assert_eq!(s.sample(&mut [1.0, 3.0, 3.0]), 1);
     }
 
@@ -200,7 +241,7 @@ mod tests {
         };
         let logits = vec![0.0, 5.0, 4.9, 1.0, -3.0];
         let draw = |seed| {
-            let mut s = Sampler::new(SamplingParams { seed, ..params }, 5, &[]);
+            let mut s = Sampler::new(SamplingParams { seed, ..params }, 5, &[], &[]);
             (0..200)
                 .map(|_| s.sample(&mut logits.clone()))
                 .collect::<Vec<_>>()
@@ -221,9 +262,50 @@ mod tests {
             ..Default::default()
         };
         // Probabilities ~[0.64, 0.24, 0.09, 0.03]: top_p 0.5 keeps only the first.
-        let mut s = Sampler::new(params, 4, &[]);
+        let mut s = Sampler::new(params, 4, &[], &[]);
         for _ in 0..100 {
             assert_eq!(s.sample(&mut [3.0, 2.0, 1.0, 0.0]), 0);
         }
+    }
+
+    #[test]
+    fn eos_ids_are_masked_until_min_new_tokens() {
+        let params = SamplingParams {
+            min_new_tokens: 2,
+            repetition_penalty: 1.5,
+            ..Default::default()
+        };
+        // Id 2 (an eos id) is the argmax; id 1 is the best other one.
+        let logits = [0.0, 1.0, 5.0, -1.0];
+        let mut s = Sampler::new(params, 4, &[], &[2, 3]);
+        for _ in 0..2 {
+            let mut row = logits;
+            assert_eq!(s.sample(&mut row), 1);
+            assert_eq!(row[2], f32::NEG_INFINITY);
+            assert_eq!(row[3], f32::NEG_INFINITY);
+            s.observe(1);
+        }
+        // Two ids generated: eos may come now.
+        assert_eq!(s.sample(&mut logits.clone()), 2);
+        // Sampling with a temperature never draws a masked id.
+        let mut s = Sampler::new(
+            SamplingParams {
+                temperature: 2.0,
+                min_new_tokens: 1,
+                ..Default::default()
+            },
+            4,
+            &[],
+            &[2],
+        );
+        for _ in 0..200 {
+            assert_ne!(s.sample(&mut logits.clone()), 2);
+        }
+        assert!(params.validate_lengths(2).is_ok());
+        let e = params.validate_lengths(1).unwrap_err();
+        assert!(
+            e.contains("min_new_tokens (2)") && e.contains("max_new_tokens (1)"),
+            "{e}"
+        );
     }
 }

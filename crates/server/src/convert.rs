@@ -101,6 +101,7 @@ pub fn sampling(s: pb::SamplingParams) -> SamplingParams {
         top_p: s.top_p.unwrap_or(1.0),
         repetition_penalty: s.repetition_penalty.unwrap_or(1.0),
         seed: s.seed,
+        min_new_tokens: s.min_new_tokens as usize,
     }
 }
 
