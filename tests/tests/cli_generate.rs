@@ -211,6 +211,72 @@ fn inspect_writes_model_stages_under_reference_names() {
     let _ = std::fs::remove_file(&out);
 }
 
+/// tiny-d's greedy decode of the 40 s clip reaches an eos argmax before step 16: `inspect`'s gen_greedy_ids
+/// mask it as the reference's `min_new_tokens=16` does. `generate --min-new-tokens` does the same (without it
+/// the answer stops there), and refuses a minimum over the maximum.
+#[test]
+fn min_new_tokens_masks_eos_in_inspect_and_generate() {
+    let out = std::env::temp_dir().join(format!(
+        "afnext-inspect-min-new-{}.safetensors",
+        std::process::id()
+    ));
+    let conv = fixtures_dir().join("speech_40s.conversation.json");
+    let model = ckpt("tiny-d");
+    let o = afnext(
+        &[
+            "inspect",
+            "--model",
+            model.to_str().unwrap(),
+            "--conversation",
+            conv.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let t = load_tensors(&out).unwrap();
+    let want = reference_ids("tiny-d", "speech_40s", "gen_greedy_ids");
+    let greedy: Vec<u64> = get(&t, "gen_greedy_ids")
+        .unwrap()
+        .i64()
+        .unwrap()
+        .into_iter()
+        .map(|x| x as u64)
+        .collect();
+    assert_eq!(greedy, want);
+    let _ = std::fs::remove_file(&out);
+    let generate = |extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--conversation",
+            conv.to_str().unwrap(),
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        afnext(&args, &[])
+    };
+    let v = json_of(&generate(&[
+        "--max-new-tokens",
+        "16",
+        "--min-new-tokens",
+        "16",
+    ]));
+    assert_eq!(ids(&v), want);
+    let v = json_of(&generate(&["--max-new-tokens", "16"]));
+    assert_eq!(v["finish_reason"], "stop");
+    assert!(ids(&v).len() < 16 && want.starts_with(&ids(&v)));
+    let o = generate(&["--max-new-tokens", "4", "--min-new-tokens", "5"]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("min_new_tokens (5) must be at most max_new_tokens (4)"),
+        "{err}"
+    );
+}
+
 /// The router needs only the tokenizer and configs of a hub model: it starts from a cache without weights,
 /// where `serve` cannot.
 #[test]

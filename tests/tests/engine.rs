@@ -5,12 +5,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use afnext_e2e::{ckpt, fixtures_dir, lone_logits, max_tensor_diff, test_device, top2_gap};
+use afnext_e2e::{
+    ckpt, fixtures_dir, get, load_tensors, lone_logits, max_tensor_diff, test_device, top2_gap,
+};
 use afnext_engine::{
     Engine, EngineConfig, EngineError, Event, GenerateRequest, SchedulerConfig, Summary,
 };
 use afnext_model::config::GenerationDefaults;
-use afnext_model::{AfNext, SamplingParams};
+use afnext_model::{AfNext, FinishReason, SamplingParams};
 use afnext_prompt::{AudioSource, Conversation, PromptProcessor};
 use candle_core::{DType, Tensor};
 
@@ -517,4 +519,50 @@ fn long_steps_write_runs_of_slots_and_attend_in_blocks() {
     let d = max_tensor_diff(&got, &want);
     eprintln!("runs + blocks: hidden states differ by {d:.2e}");
     assert!(d < 1e-5, "hidden states differ by {d}");
+}
+
+/// `min_new_tokens` through the engine. On tiny-d's 40 s clip an end-of-sequence id is the greedy argmax
+/// before step 16 (tests/model_golden.rs): masked for 16 steps, the engine gives transformers' ids
+/// (`generate(max_new_tokens=16, min_new_tokens=16)`, the fixture); unmasked, it stops there, after a prefix
+/// of them. A minimum over the maximum is refused, naming both.
+#[test]
+fn min_new_tokens_masks_eos_as_transformers_does() {
+    let e = engine("tiny-d", EngineConfig::default());
+    let conv = Conversation::single_turn(
+        None,
+        Some(audio("speech_40s.flac")),
+        "What is said after thirty seconds?",
+    );
+    let refs = load_tensors(&fixtures_dir().join("ref/tiny-d/speech_40s.safetensors")).unwrap();
+    let want: Vec<u32> = get(&refs, "gen_greedy_ids")
+        .unwrap()
+        .i64()
+        .unwrap()
+        .into_iter()
+        .map(|i| i as u32)
+        .collect();
+    let mut masked = request(conv.clone(), 16, 1.0);
+    masked.sampling.min_new_tokens = 16;
+    let out = collect(e.submit(masked).unwrap()).unwrap();
+    assert_eq!(out.ids, want);
+    assert_eq!(out.summary.finish_reason, FinishReason::Length);
+    let free = collect(e.submit(request(conv.clone(), 16, 1.0)).unwrap()).unwrap();
+    assert_eq!(free.summary.finish_reason, FinishReason::Eos);
+    assert!(free.ids.len() < 16);
+    assert_eq!(free.ids[..], want[..free.ids.len()]);
+
+    let mut bad = request(conv, 4, 1.0);
+    bad.sampling.min_new_tokens = 5;
+    match e.submit(bad) {
+        Err(EngineError::InvalidRequest(m)) => {
+            assert!(
+                m.contains("min_new_tokens (5)") && m.contains("max_new_tokens (4)"),
+                "{m}"
+            )
+        }
+        Err(other) => panic!("expected InvalidRequest, got {other}"),
+        Ok(_) => panic!("min_new_tokens over max_new_tokens was accepted"),
+    }
+    wait_idle(&e);
+    assert_eq!(e.stats().kv.used, 0);
 }

@@ -1,6 +1,7 @@
-//! The model against transformers 5.23, stage by stage, on three tiny configurations (tiny-a: GQA 2, encoder
+//! The model against transformers 5.23, stage by stage, on four tiny configurations (tiny-a: GQA 2, encoder
 //! 4 heads / decoder 4 heads; tiny-b: GQA 3, encoder 3 heads / decoder 6 heads, odd RoTE dim; tiny-c: GQA 8,
-//! decoder head_dim 8, one encoder layer, bf16 sharded weights, an untied lm_head under a "tie" flag).
+//! decoder head_dim 8, one encoder layer, bf16 sharded weights, an untied lm_head under a "tie" flag; tiny-d:
+//! head_dim 64 / 32, odd RoTE dim 25, an eos argmax that the reference's min_new_tokens masks).
 //! Tolerances are spec section 12's; each test prints the measured worst difference.
 
 use std::sync::atomic::AtomicBool;
@@ -9,8 +10,9 @@ use afnext_audio::{Frontend, Overflow};
 use afnext_e2e::{
     ckpt, fixtures_dir, get, load_tensors, reference, test_device, Tensor as FxTensor,
 };
+use afnext_model::config::GenerationDefaults;
 use afnext_model::rote::{self, RoteTables};
-use afnext_model::{AfNext, AudioStages, GenerationParams, SamplingParams};
+use afnext_model::{AfNext, AudioStages, FinishReason, GenerationParams, SamplingParams};
 use afnext_prompt::{prepare, Conversation, PreparedPrompt, PromptProcessor};
 use candle_core::{DType, Tensor};
 
@@ -255,14 +257,19 @@ fn check_decoder(ck: &str, case: &str) {
         1e-4,
     );
 
+    let eos = GenerationDefaults::load(&ckpt(ck), &r.model.cfg.text)
+        .unwrap()
+        .eos_token_ids;
     for (name, rp) in [("gen_greedy_ids", 1.0f32), ("gen_greedy_ids_rp12", 1.2)] {
+        // As the reference: generate(max_new_tokens=16, min_new_tokens=16), the eos ids of
+        // generation_config.json masked for all 16 steps.
         let params = GenerationParams {
             max_new_tokens: 16,
-            // The reference masks eos for 16 steps (min_new_tokens); none was ever the argmax.
-            eos_token_ids: vec![],
+            eos_token_ids: eos.clone(),
             stop_strings: vec![],
             sampling: SamplingParams {
                 repetition_penalty: rp,
+                min_new_tokens: 16,
                 ..Default::default()
             },
             prefill_chunk: 256,
@@ -349,6 +356,58 @@ fn tiny_c_speech_40s() {
 fn tiny_c_multiturn() {
     check_audio_path("tiny-c", "multiturn");
     check_decoder("tiny-c", "multiturn");
+}
+
+/// tiny-d (tools/fixtures/gen_tiny_c.py): encoder head_dim 64, decoder head_dim 32 with one kv head (GQA 3),
+/// odd RoTE dim 25, rope_theta 1e4.
+#[test]
+fn tiny_d_speech_40s() {
+    check_audio_path("tiny-d", "speech_40s");
+    check_decoder("tiny-d", "speech_40s");
+}
+
+#[test]
+fn tiny_d_multiturn() {
+    check_audio_path("tiny-d", "multiturn");
+    check_decoder("tiny-d", "multiturn");
+}
+
+/// On tiny-d's 40 s clip an eos id is the greedy argmax before step 16, so `check_decoder`'s equality with the
+/// reference (`min_new_tokens=16`) holds only because the eos logits are masked: unmasked, generation stops
+/// there, after the reference's first ids.
+#[test]
+fn tiny_d_reaches_eos_that_min_new_tokens_masks() {
+    let r = run("tiny-d", "speech_40s", DType::F32);
+    let eos = GenerationDefaults::load(&ckpt("tiny-d"), &r.model.cfg.text)
+        .unwrap()
+        .eos_token_ids;
+    let params = GenerationParams {
+        max_new_tokens: 16,
+        eos_token_ids: eos,
+        stop_strings: vec![],
+        sampling: SamplingParams::default(),
+        prefill_chunk: 256,
+    };
+    let g = afnext_model::generate(
+        &r.model,
+        r.proc.tokenizer(),
+        &r.prepared.prompt.input_ids,
+        &r.embeds,
+        &params,
+        &AtomicBool::new(false),
+        |_| {},
+    )
+    .unwrap();
+    assert_eq!(g.finish_reason, FinishReason::Eos);
+    let want: Vec<u32> = get(&model_ref("tiny-d", "speech_40s"), "gen_greedy_ids")
+        .unwrap()
+        .i64()
+        .unwrap()
+        .into_iter()
+        .map(|i| i as u32)
+        .collect();
+    assert!(g.token_ids.len() < 16);
+    assert_eq!(g.token_ids[..], want[..g.token_ids.len()]);
 }
 
 /// 30.01 s: transformers' forward raises IndexError (spec quirk 7). We number windows per audio and the

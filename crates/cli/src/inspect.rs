@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::atomic::AtomicBool;
 
 use afnext_audio::Frontend;
+use afnext_model::config::GenerationDefaults;
 use afnext_model::weights::weight_files;
 use afnext_model::{AfNext, GenerationParams, SamplingParams};
 use afnext_prompt::{prepare, PromptProcessor};
@@ -28,7 +29,9 @@ pub struct InspectArgs {
     /// Threads for the log-mel front end (windows are independent).
     #[arg(long, default_value_t = 2)]
     pub threads: usize,
-    /// Greedy tokens to record as gen_greedy_ids (eos not applied, like the fixtures' min_new_tokens).
+    /// Greedy tokens to record as gen_greedy_ids: all of them, with the end-of-sequence ids of
+    /// `generation_config.json` masked until then, as transformers' `generate(max_new_tokens=N,
+    /// min_new_tokens=N)` gives them (the fixtures' reference).
     #[arg(long, default_value_t = 16)]
     pub greedy_tokens: usize,
 }
@@ -70,11 +73,15 @@ pub fn run(args: InspectArgs) -> Result<()> {
         let mut cache = model.new_cache();
         let hidden = model.prefill(&enc.embeds, &mut cache, 512, true)?;
         stages.insert("prefill_logits".to_string(), model.decoder.logits(&hidden)?);
+        let defaults = GenerationDefaults::load(&dir, &model.cfg.text)?;
         let params = GenerationParams {
             max_new_tokens: args.greedy_tokens,
-            eos_token_ids: vec![],
+            eos_token_ids: defaults.eos_token_ids,
             stop_strings: vec![],
-            sampling: SamplingParams::default(),
+            sampling: SamplingParams {
+                min_new_tokens: args.greedy_tokens,
+                ..SamplingParams::default()
+            },
             prefill_chunk: 512,
         };
         let g = afnext_model::generate(
