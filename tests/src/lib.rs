@@ -100,7 +100,7 @@ pub fn max_tensor_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 
         .expect("max difference of two tensors of one shape")
 }
 
-/// A tiny random checkpoint (`tiny-a` or `tiny-b`).
+/// A tiny random checkpoint of the fixtures (`tiny-a` to `tiny-d`).
 pub fn ckpt(name: &str) -> PathBuf {
     fixtures_dir().join("ckpt").join(name)
 }
@@ -146,6 +146,13 @@ impl Tensor {
             .map(|b| i32::from_le_bytes(b.try_into().unwrap()))
             .collect())
     }
+    /// Token ids stored as i64 (the fixtures' `gen_greedy_ids`, row indices).
+    pub fn ids(&self) -> Result<Vec<u32>> {
+        self.i64()?
+            .into_iter()
+            .map(|i| u32::try_from(i).map_err(|_| anyhow!("id {i} is not a u32")))
+            .collect()
+    }
     fn expect(&self, d: Dtype) -> Result<()> {
         if self.dtype != d {
             bail!("tensor is {:?}, expected {:?}", self.dtype, d);
@@ -177,6 +184,16 @@ pub fn reference(case: &str) -> Result<HashMap<String, Tensor>> {
     load_tensors(
         &fixtures_dir()
             .join("ref")
+            .join(format!("{case}.safetensors")),
+    )
+}
+
+/// The model-stage outputs of one reference case on one checkpoint (`ref/<ckpt>/<case>.safetensors`).
+pub fn model_reference(ck: &str, case: &str) -> Result<HashMap<String, Tensor>> {
+    load_tensors(
+        &fixtures_dir()
+            .join("ref")
+            .join(ck)
             .join(format!("{case}.safetensors")),
     )
 }

@@ -3,7 +3,12 @@
 
 use std::process::Command;
 
-use afnext_e2e::{afnext_bin, ckpt, fixtures_dir, get, load_tensors, tempdir};
+use std::collections::HashMap;
+use std::path::Path;
+
+use afnext_e2e::{
+    afnext_bin, ckpt, fixtures_dir, get, load_tensors, model_reference, tempdir, Tensor,
+};
 
 fn afnext(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
     let mut c = Command::new(afnext_bin());
@@ -22,21 +27,35 @@ fn json_of(o: &std::process::Output) -> serde_json::Value {
     serde_json::from_slice(&o.stdout).unwrap()
 }
 
-fn reference_ids(ck: &str, case: &str, name: &str) -> Vec<u64> {
-    let m = load_tensors(
-        &fixtures_dir()
-            .join("ref")
-            .join(ck)
-            .join(format!("{case}.safetensors")),
-    )
-    .unwrap();
-    get(&m, name)
+fn reference_ids(ck: &str, case: &str, name: &str) -> Vec<u32> {
+    get(&model_reference(ck, case).unwrap(), name)
         .unwrap()
-        .i64()
+        .ids()
         .unwrap()
-        .into_iter()
-        .map(|x| x as u64)
-        .collect()
+}
+
+/// `afnext inspect` of `conv` on `model`: the tensors it writes (to a file named after `tag`, removed after).
+fn inspect(model: &Path, conv: &Path, tag: &str) -> HashMap<String, Tensor> {
+    let out = std::env::temp_dir().join(format!(
+        "afnext-inspect-{tag}-{}.safetensors",
+        std::process::id()
+    ));
+    let o = afnext(
+        &[
+            "inspect",
+            "--model",
+            model.to_str().unwrap(),
+            "--conversation",
+            conv.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let t = load_tensors(&out).unwrap();
+    let _ = std::fs::remove_file(&out);
+    t
 }
 
 fn generate_json(model: &str, extra: &[&str], env: &[(&str, &str)]) -> serde_json::Value {
@@ -57,12 +76,12 @@ fn generate_json(model: &str, extra: &[&str], env: &[(&str, &str)]) -> serde_jso
     json_of(&afnext(&args, env))
 }
 
-fn ids(v: &serde_json::Value) -> Vec<u64> {
+fn ids(v: &serde_json::Value) -> Vec<u32> {
     v["token_ids"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|x| x.as_u64().unwrap())
+        .map(|x| u32::try_from(x.as_u64().unwrap()).unwrap())
         .collect()
 }
 
@@ -169,27 +188,9 @@ fn hub_id_from_offline_cache() {
 
 #[test]
 fn inspect_writes_model_stages_under_reference_names() {
-    let out = std::env::temp_dir().join(format!(
-        "afnext-inspect-model-{}.safetensors",
-        std::process::id()
-    ));
     let conv = fixtures_dir().join("speech_40s.conversation.json");
-    let model = ckpt("tiny-b");
-    let o = afnext(
-        &[
-            "inspect",
-            "--model",
-            model.to_str().unwrap(),
-            "--conversation",
-            conv.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ],
-        &[],
-    );
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let t = load_tensors(&out).unwrap();
-    let want = load_tensors(&fixtures_dir().join("ref/tiny-b/speech_40s.safetensors")).unwrap();
+    let t = inspect(&ckpt("tiny-b"), &conv, "model");
+    let want = model_reference("tiny-b", "speech_40s").unwrap();
     let l = get(&t, "input_ids").unwrap().shape[1];
     let shape = |n: &str| get(&t, n).unwrap().shape.clone();
     assert_eq!(shape("encoder_output"), vec![2, 750, 48]);
@@ -208,7 +209,6 @@ fn inspect_writes_model_stages_under_reference_names() {
             assert!(d < 1e-4, "row {r} vocab {v}: {d}");
         }
     }
-    let _ = std::fs::remove_file(&out);
 }
 
 /// tiny-d's greedy decode of the 40 s clip reaches an eos argmax before step 16: `inspect`'s gen_greedy_ids
@@ -216,36 +216,11 @@ fn inspect_writes_model_stages_under_reference_names() {
 /// the answer stops there), and refuses a minimum over the maximum.
 #[test]
 fn min_new_tokens_masks_eos_in_inspect_and_generate() {
-    let out = std::env::temp_dir().join(format!(
-        "afnext-inspect-min-new-{}.safetensors",
-        std::process::id()
-    ));
     let conv = fixtures_dir().join("speech_40s.conversation.json");
     let model = ckpt("tiny-d");
-    let o = afnext(
-        &[
-            "inspect",
-            "--model",
-            model.to_str().unwrap(),
-            "--conversation",
-            conv.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ],
-        &[],
-    );
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let t = load_tensors(&out).unwrap();
+    let t = inspect(&model, &conv, "min-new");
     let want = reference_ids("tiny-d", "speech_40s", "gen_greedy_ids");
-    let greedy: Vec<u64> = get(&t, "gen_greedy_ids")
-        .unwrap()
-        .i64()
-        .unwrap()
-        .into_iter()
-        .map(|x| x as u64)
-        .collect();
-    assert_eq!(greedy, want);
-    let _ = std::fs::remove_file(&out);
+    assert_eq!(get(&t, "gen_greedy_ids").unwrap().ids().unwrap(), want);
     let generate = |extra: &[&str]| {
         let mut args = vec![
             "generate",

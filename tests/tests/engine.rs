@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use afnext_e2e::{
-    ckpt, fixtures_dir, get, load_tensors, lone_logits, max_tensor_diff, test_device, top2_gap,
+    ckpt, fixtures_dir, get, lone_logits, max_tensor_diff, model_reference, test_device, top2_gap,
 };
 use afnext_engine::{
     Engine, EngineConfig, EngineError, Event, GenerateRequest, SchedulerConfig, Summary,
@@ -533,14 +533,8 @@ fn min_new_tokens_masks_eos_as_transformers_does() {
         Some(audio("speech_40s.flac")),
         "What is said after thirty seconds?",
     );
-    let refs = load_tensors(&fixtures_dir().join("ref/tiny-d/speech_40s.safetensors")).unwrap();
-    let want: Vec<u32> = get(&refs, "gen_greedy_ids")
-        .unwrap()
-        .i64()
-        .unwrap()
-        .into_iter()
-        .map(|i| i as u32)
-        .collect();
+    let refs = model_reference("tiny-d", "speech_40s").unwrap();
+    let want = get(&refs, "gen_greedy_ids").unwrap().ids().unwrap();
     let mut masked = request(conv.clone(), 16, 1.0);
     masked.sampling.min_new_tokens = 16;
     let out = collect(e.submit(masked).unwrap()).unwrap();

@@ -4,7 +4,7 @@
 use std::sync::atomic::AtomicBool;
 
 use afnext_audio::Overflow;
-use afnext_e2e::{ckpt, fixtures_dir, get, load_tensors, test_device};
+use afnext_e2e::{ckpt, fixtures_dir, get, model_reference, test_device};
 use afnext_model::{AfNext, FinishReason, GenerationParams, IncrementalDecoder, SamplingParams};
 use afnext_prompt::{prepare, AudioSource, Conversation, PromptProcessor};
 use candle_core::{DType, Tensor};
@@ -137,20 +137,8 @@ fn streaming_never_splits_a_multibyte_character() {
 fn bf16_stays_close_to_the_f32_reference() {
     for ck in ["tiny-a", "tiny-b"] {
         let s = setup(ck, DType::BF16);
-        let m = load_tensors(
-            &fixtures_dir()
-                .join("ref")
-                .join(ck)
-                .join("speech_7s.safetensors"),
-        )
-        .unwrap();
-        let rows: Vec<u32> = get(&m, "prefill_logits__rows")
-            .unwrap()
-            .i64()
-            .unwrap()
-            .into_iter()
-            .map(|r| r as u32)
-            .collect();
+        let m = model_reference(ck, "speech_7s").unwrap();
+        let rows = get(&m, "prefill_logits__rows").unwrap().ids().unwrap();
         let mut cache = s.model.new_cache();
         let h = s.model.prefill(&s.embeds, &mut cache, 512, true).unwrap();
         let idx = Tensor::from_vec(rows.clone(), rows.len(), &test_device()).unwrap();

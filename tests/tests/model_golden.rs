@@ -8,11 +8,13 @@ use std::sync::atomic::AtomicBool;
 
 use afnext_audio::{Frontend, Overflow};
 use afnext_e2e::{
-    ckpt, fixtures_dir, get, load_tensors, reference, test_device, Tensor as FxTensor,
+    ckpt, fixtures_dir, get, model_reference, reference, test_device, Tensor as FxTensor,
 };
 use afnext_model::config::GenerationDefaults;
 use afnext_model::rote::{self, RoteTables};
-use afnext_model::{AfNext, AudioStages, FinishReason, GenerationParams, SamplingParams};
+use afnext_model::{
+    AfNext, AudioStages, FinishReason, Generation, GenerationParams, SamplingParams,
+};
 use afnext_prompt::{prepare, Conversation, PreparedPrompt, PromptProcessor};
 use candle_core::{DType, Tensor};
 
@@ -56,11 +58,28 @@ fn run(ck: &str, case: &str, dtype: DType) -> Run {
 }
 
 fn model_ref(ck: &str, case: &str) -> std::collections::HashMap<String, FxTensor> {
-    load_tensors(
-        &fixtures_dir()
-            .join("ref")
-            .join(ck)
-            .join(format!("{case}.safetensors")),
+    model_reference(ck, case).unwrap()
+}
+
+/// Up to 16 tokens of `r` with the checkpoint's eos ids and `sampling`, as the reference's `generate` runs.
+fn generate16(ck: &str, r: &Run, sampling: SamplingParams) -> Generation {
+    let params = GenerationParams {
+        max_new_tokens: 16,
+        eos_token_ids: GenerationDefaults::load(&ckpt(ck), &r.model.cfg.text)
+            .unwrap()
+            .eos_token_ids,
+        stop_strings: vec![],
+        sampling,
+        prefill_chunk: 256,
+    };
+    afnext_model::generate(
+        &r.model,
+        r.proc.tokenizer(),
+        &r.prepared.prompt.input_ids,
+        &r.embeds,
+        &params,
+        &AtomicBool::new(false),
+        |_| {},
     )
     .unwrap()
 }
@@ -257,40 +276,16 @@ fn check_decoder(ck: &str, case: &str) {
         1e-4,
     );
 
-    let eos = GenerationDefaults::load(&ckpt(ck), &r.model.cfg.text)
-        .unwrap()
-        .eos_token_ids;
     for (name, rp) in [("gen_greedy_ids", 1.0f32), ("gen_greedy_ids_rp12", 1.2)] {
         // As the reference: generate(max_new_tokens=16, min_new_tokens=16), the eos ids of
         // generation_config.json masked for all 16 steps.
-        let params = GenerationParams {
-            max_new_tokens: 16,
-            eos_token_ids: eos.clone(),
-            stop_strings: vec![],
-            sampling: SamplingParams {
-                repetition_penalty: rp,
-                min_new_tokens: 16,
-                ..Default::default()
-            },
-            prefill_chunk: 256,
+        let sampling = SamplingParams {
+            repetition_penalty: rp,
+            min_new_tokens: 16,
+            ..Default::default()
         };
-        let g = afnext_model::generate(
-            &r.model,
-            r.proc.tokenizer(),
-            &r.prepared.prompt.input_ids,
-            &r.embeds,
-            &params,
-            &AtomicBool::new(false),
-            |_| {},
-        )
-        .unwrap();
-        let want: Vec<u32> = get(&m, name)
-            .unwrap()
-            .i64()
-            .unwrap()
-            .into_iter()
-            .map(|i| i as u32)
-            .collect();
+        let g = generate16(ck, &r, sampling);
+        let want = get(&m, name).unwrap().ids().unwrap();
         assert_eq!(g.token_ids, want, "{ck}/{case} {name}");
     }
 }
@@ -378,34 +373,12 @@ fn tiny_d_multiturn() {
 #[test]
 fn tiny_d_reaches_eos_that_min_new_tokens_masks() {
     let r = run("tiny-d", "speech_40s", DType::F32);
-    let eos = GenerationDefaults::load(&ckpt("tiny-d"), &r.model.cfg.text)
-        .unwrap()
-        .eos_token_ids;
-    let params = GenerationParams {
-        max_new_tokens: 16,
-        eos_token_ids: eos,
-        stop_strings: vec![],
-        sampling: SamplingParams::default(),
-        prefill_chunk: 256,
-    };
-    let g = afnext_model::generate(
-        &r.model,
-        r.proc.tokenizer(),
-        &r.prepared.prompt.input_ids,
-        &r.embeds,
-        &params,
-        &AtomicBool::new(false),
-        |_| {},
-    )
-    .unwrap();
+    let g = generate16("tiny-d", &r, SamplingParams::default());
     assert_eq!(g.finish_reason, FinishReason::Eos);
-    let want: Vec<u32> = get(&model_ref("tiny-d", "speech_40s"), "gen_greedy_ids")
+    let want = get(&model_ref("tiny-d", "speech_40s"), "gen_greedy_ids")
         .unwrap()
-        .i64()
-        .unwrap()
-        .into_iter()
-        .map(|i| i as u32)
-        .collect();
+        .ids()
+        .unwrap();
     assert!(g.token_ids.len() < 16);
     assert_eq!(g.token_ids[..], want[..g.token_ids.len()]);
 }
