@@ -521,6 +521,34 @@ fn long_steps_write_runs_of_slots_and_attend_in_blocks() {
     assert!(d < 1e-5, "hidden states differ by {d}");
 }
 
+/// Two requests at once through the engine (paged cache, batched decode rows) on tiny-e, whose head sizes (24
+/// and 20) and FFN (67) are no multiples of the vector width: each gives transformers' 16 greedy ids, without
+/// and with repetition penalty 1.2 (`min_new_tokens = 16`, as the reference).
+#[test]
+fn head_sizes_off_the_vector_width_match_transformers_batched() {
+    let e = engine("tiny-e", EngineConfig::default());
+    let conv = Conversation::single_turn(
+        None,
+        Some(audio("speech_40s.flac")),
+        "What is said after thirty seconds?",
+    );
+    let refs = model_reference("tiny-e", "speech_40s").unwrap();
+    let handles: Vec<_> = [(1.0, "gen_greedy_ids"), (1.2, "gen_greedy_ids_rp12")]
+        .into_iter()
+        .map(|(rp, key)| {
+            let mut r = request(conv.clone(), 16, rp);
+            r.sampling.min_new_tokens = 16;
+            (e.submit(r).unwrap(), key)
+        })
+        .collect();
+    for (h, key) in handles {
+        let want = get(&refs, key).unwrap().ids().unwrap();
+        assert_eq!(collect(h).unwrap().ids, want, "{key}");
+    }
+    wait_idle(&e);
+    assert_eq!(e.stats().kv.used, 0);
+}
+
 /// `min_new_tokens` through the engine. On tiny-d's 40 s clip an end-of-sequence id is the greedy argmax
 /// before step 16 (tests/model_golden.rs): masked for 16 steps, the engine gives transformers' ids
 /// (`generate(max_new_tokens=16, min_new_tokens=16)`, the fixture); unmasked, it stops there, after a prefix

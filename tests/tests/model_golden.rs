@@ -1,7 +1,8 @@
-//! The model against transformers 5.23, stage by stage, on four tiny configurations (tiny-a: GQA 2, encoder
+//! The model against transformers 5.23, stage by stage, on five tiny configurations (tiny-a: GQA 2, encoder
 //! 4 heads / decoder 4 heads; tiny-b: GQA 3, encoder 3 heads / decoder 6 heads, odd RoTE dim; tiny-c: GQA 8,
 //! decoder head_dim 8, one encoder layer, bf16 sharded weights, an untied lm_head under a "tie" flag; tiny-d:
-//! head_dim 64 / 32, odd RoTE dim 25, an eos argmax that the reference's min_new_tokens masks).
+//! head_dim 64 / 32, odd RoTE dim 25, an eos argmax that the reference's min_new_tokens masks; tiny-e:
+//! head_dim 24 / 20 and an odd FFN, sizes that end in the vector kernels' tails).
 //! Tolerances are spec section 12's; each test prints the measured worst difference.
 
 use std::sync::atomic::AtomicBool;
@@ -365,6 +366,20 @@ fn tiny_d_speech_40s() {
 fn tiny_d_multiturn() {
     check_audio_path("tiny-d", "multiturn");
     check_decoder("tiny-d", "multiturn");
+}
+
+/// tiny-e (tools/fixtures/gen_tiny_c.py): no head size a multiple of 8 (encoder 3 heads of 24, decoder 3
+/// query heads of 20 over one kv head), decoder FFN 67, rope_theta 5e5: every vector kernel's tail.
+#[test]
+fn tiny_e_speech_40s() {
+    check_audio_path("tiny-e", "speech_40s");
+    check_decoder("tiny-e", "speech_40s");
+}
+
+#[test]
+fn tiny_e_multiturn() {
+    check_audio_path("tiny-e", "multiturn");
+    check_decoder("tiny-e", "multiturn");
 }
 
 /// On tiny-d's 40 s clip an eos id is the greedy argmax before step 16, so `check_decoder`'s equality with the
