@@ -521,25 +521,33 @@ fn long_steps_write_runs_of_slots_and_attend_in_blocks() {
     assert!(d < 1e-5, "hidden states differ by {d}");
 }
 
+/// The conversation of the fixtures' `speech_40s` case.
+fn speech_40s() -> Conversation {
+    Conversation::single_turn(
+        None,
+        Some(audio("speech_40s.flac")),
+        "What is said after thirty seconds?",
+    )
+}
+
+/// `speech_40s` as the reference generated it (`generate(max_new_tokens=16, min_new_tokens=16)`, greedy),
+/// with repetition penalty `rp`.
+fn as_reference_40s(rp: f32) -> GenerateRequest {
+    let mut r = request(speech_40s(), 16, rp);
+    r.sampling.min_new_tokens = 16;
+    r
+}
+
 /// Two requests at once through the engine (paged cache, batched decode rows) on tiny-e, whose head sizes (24
 /// and 20) and FFN (67) are no multiples of the vector width: each gives transformers' 16 greedy ids, without
 /// and with repetition penalty 1.2 (`min_new_tokens = 16`, as the reference).
 #[test]
 fn head_sizes_off_the_vector_width_match_transformers_batched() {
     let e = engine("tiny-e", EngineConfig::default());
-    let conv = Conversation::single_turn(
-        None,
-        Some(audio("speech_40s.flac")),
-        "What is said after thirty seconds?",
-    );
     let refs = model_reference("tiny-e", "speech_40s").unwrap();
     let handles: Vec<_> = [(1.0, "gen_greedy_ids"), (1.2, "gen_greedy_ids_rp12")]
         .into_iter()
-        .map(|(rp, key)| {
-            let mut r = request(conv.clone(), 16, rp);
-            r.sampling.min_new_tokens = 16;
-            (e.submit(r).unwrap(), key)
-        })
+        .map(|(rp, key)| (e.submit(as_reference_40s(rp)).unwrap(), key))
         .collect();
     for (h, key) in handles {
         let want = get(&refs, key).unwrap().ids().unwrap();
@@ -556,24 +564,17 @@ fn head_sizes_off_the_vector_width_match_transformers_batched() {
 #[test]
 fn min_new_tokens_masks_eos_as_transformers_does() {
     let e = engine("tiny-d", EngineConfig::default());
-    let conv = Conversation::single_turn(
-        None,
-        Some(audio("speech_40s.flac")),
-        "What is said after thirty seconds?",
-    );
     let refs = model_reference("tiny-d", "speech_40s").unwrap();
     let want = get(&refs, "gen_greedy_ids").unwrap().ids().unwrap();
-    let mut masked = request(conv.clone(), 16, 1.0);
-    masked.sampling.min_new_tokens = 16;
-    let out = collect(e.submit(masked).unwrap()).unwrap();
+    let out = collect(e.submit(as_reference_40s(1.0)).unwrap()).unwrap();
     assert_eq!(out.ids, want);
     assert_eq!(out.summary.finish_reason, FinishReason::Length);
-    let free = collect(e.submit(request(conv.clone(), 16, 1.0)).unwrap()).unwrap();
+    let free = collect(e.submit(request(speech_40s(), 16, 1.0)).unwrap()).unwrap();
     assert_eq!(free.summary.finish_reason, FinishReason::Eos);
     assert!(free.ids.len() < 16);
     assert_eq!(free.ids[..], want[..free.ids.len()]);
 
-    let mut bad = request(conv, 4, 1.0);
+    let mut bad = request(speech_40s(), 4, 1.0);
     bad.sampling.min_new_tokens = 5;
     match e.submit(bad) {
         Err(EngineError::InvalidRequest(m)) => {
