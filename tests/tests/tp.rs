@@ -1,4 +1,4 @@
-//! Tensor parallelism on CPUs: TP=2 and TP=4 groups over real loopback TCP (one thread per rank here; the
+//! Tensor parallelism on CPUs: TP=2, 3 and 4 groups over real loopback TCP (one thread per rank here; the
 //! cluster tests run them as processes) give the logits of TP=1 within 1e-4 and its greedy tokens, and an
 //! engine whose decoder is a TP=2 group answers exactly like the single-rank engine.
 
@@ -109,7 +109,14 @@ fn argmax(v: &[f32]) -> u32 {
 
 #[test]
 fn tp2_and_tp4_give_the_logits_and_greedy_tokens_of_tp1() {
-    for (ck, worlds) in [("tiny-a", vec![2, 4]), ("tiny-b", vec![2])] {
+    // tiny-d (FFN 136) and tiny-e (FFN 67) at TP 3: one kv head replicated on every rank and MLP slices
+    // of unequal widths (45/45/46 and 22/22/23).
+    for (ck, worlds) in [
+        ("tiny-a", vec![2, 4]),
+        ("tiny-b", vec![2]),
+        ("tiny-d", vec![3]),
+        ("tiny-e", vec![3]),
+    ] {
         let cfg = AfNextConfig::load(&ckpt(ck)).unwrap();
         // Audio rows are just embeddings to the decoder: any values exercise the placement.
         let audio = Tensor::randn(0f32, 1.0, (11, cfg.text.hidden_size), &Device::Cpu).unwrap();

@@ -11,7 +11,7 @@
 //! serving a different subset of that head's query heads. Anything else is refused with the reason. For
 //! Qwen2.5-7B (28 query heads, 4 kv heads): TP 1, 2, 4 work (4 splits the kv heads one per rank); TP 8 is
 //! refused, because 28 query heads do not split over 8 ranks (7 and 14 divide 28 but neither divides nor
-//! is a multiple of 4).
+//! is a multiple of 4). The MLP width and the vocabulary need not divide: their slices differ by at most one.
 
 use std::ops::Range;
 
@@ -28,9 +28,10 @@ pub struct TextShard {
     pub heads: Range<usize>,
     /// Key/value heads of this rank.
     pub kv_heads: Range<usize>,
-    /// MLP intermediate features of this rank.
+    /// MLP intermediate features of this rank; ranks' slices differ by at most one feature when `world`
+    /// does not divide the width.
     pub intermediate: Range<usize>,
-    /// Vocabulary rows (embedding and lm_head) of this rank; the last ranks may hold one fewer.
+    /// Vocabulary rows (embedding and lm_head) of this rank; ranks' slices differ by at most one row.
     pub vocab: Range<usize>,
 }
 
@@ -76,23 +77,28 @@ impl TextShard {
                 "neither divides nor is a multiple of num_key_value_heads {nkv}"
             )));
         };
-        if !c.intermediate_size.is_multiple_of(world) {
+        // The MLP slices may differ by one feature (the down projection's partial sums are all-reduced,
+        // so their widths need not match), but every rank must hold at least one.
+        if c.intermediate_size < world {
             return Err(refuse(format!(
-                "does not divide intermediate_size {}",
+                "exceeds intermediate_size {}",
                 c.intermediate_size
             )));
         }
         if c.vocab_size < world {
             return Err(refuse(format!("exceeds vocab_size {}", c.vocab_size)));
         }
-        let ipr = c.intermediate_size / world;
-        let v = |r: usize| r * c.vocab_size / world;
+        let split = |n: usize, r: usize| r * n / world;
+        let (i, v) = (
+            |r| split(c.intermediate_size, r),
+            |r| split(c.vocab_size, r),
+        );
         Ok(TextShard {
             rank,
             world,
             heads: rank * qpr..(rank + 1) * qpr,
             kv_heads,
-            intermediate: rank * ipr..(rank + 1) * ipr,
+            intermediate: i(rank)..i(rank + 1),
             vocab: v(rank)..v(rank + 1),
         })
     }
@@ -300,8 +306,17 @@ mod tests {
 
     #[test]
     fn shards_cover_everything_once_and_refusals_say_why() {
-        for (nh, nkv, world) in [(4, 2, 2), (4, 2, 4), (28, 4, 4), (28, 4, 2), (8, 8, 8)] {
-            let c = cfg(nh, nkv);
+        for (nh, nkv, world, inter) in [
+            (4, 2, 2, 128),
+            (4, 2, 4, 128),
+            (28, 4, 4, 128),
+            (28, 4, 2, 67),
+            (8, 8, 8, 128),
+            (3, 1, 3, 67),
+            (4, 2, 4, 131),
+        ] {
+            let mut c = cfg(nh, nkv);
+            c.intermediate_size = inter;
             let shards: Vec<_> = (0..world)
                 .map(|r| TextShard::new(&c, r, world).unwrap())
                 .collect();
@@ -309,6 +324,11 @@ mod tests {
             assert_eq!(heads, (0..nh).collect::<Vec<_>>());
             let vocab: Vec<usize> = shards.iter().flat_map(|s| s.vocab.clone()).collect();
             assert_eq!(vocab, (0..390).collect::<Vec<_>>());
+            let inter: Vec<usize> = shards.iter().flat_map(|s| s.intermediate.clone()).collect();
+            assert_eq!(inter, (0..c.intermediate_size).collect::<Vec<_>>());
+            let widths: Vec<usize> = shards.iter().map(|s| s.intermediate.len()).collect();
+            let (lo, hi) = (widths.iter().min().unwrap(), widths.iter().max().unwrap());
+            assert!(hi - lo <= 1, "{nh} {nkv} {world} {widths:?}");
             for s in &shards {
                 // Every query head of the rank has its kv head on the rank.
                 for h in s.heads.clone() {
@@ -319,6 +339,10 @@ mod tests {
                 }
             }
         }
+        let mut c = cfg(3, 1);
+        c.intermediate_size = 2;
+        let e = TextShard::new(&c, 0, 3).unwrap_err().to_string();
+        assert!(e.contains("exceeds intermediate_size 2"), "{e}");
         let e = TextShard::new(&cfg(28, 4), 0, 8).unwrap_err().to_string();
         assert!(e.contains("num_attention_heads 28"), "{e}");
         let e = TextShard::new(&cfg(6, 2), 0, 3).unwrap_err().to_string();
