@@ -54,6 +54,26 @@ impl CollectiveError {
 
 pub type Result<T, E = CollectiveError> = std::result::Result<T, E>;
 
+/// A length sent through an f32 collective as two 24-bit halves: one f32 holds integers exactly only up to
+/// 2^24, and a step's gathered logits can exceed that (76k vocabulary rows x 256 sampled rows at TP 2).
+#[cfg_attr(not(any(feature = "nccl", feature = "cuda")), allow(dead_code))]
+pub(crate) fn len_as_f32s(n: usize) -> [f32; 2] {
+    [(n >> 24) as f32, (n & 0xFF_FFFF) as f32]
+}
+
+/// The length [`len_as_f32s`] encoded.
+#[cfg_attr(not(any(feature = "nccl", feature = "cuda")), allow(dead_code))]
+pub(crate) fn len_from_f32s(v: &[f32]) -> Result<usize> {
+    match v {
+        [hi, lo] if *hi >= 0.0 && (0.0..16_777_216.0).contains(lo) => {
+            Ok(((*hi as usize) << 24) | *lo as usize)
+        }
+        _ => Err(CollectiveError::Protocol(format!(
+            "malformed length {v:?} in a gather"
+        ))),
+    }
+}
+
 /// The operations of a tensor-parallel group. Every rank must call the same operations in the same order
 /// with compatible sizes; a mismatch is reported as [`CollectiveError::Protocol`] where it can be detected.
 pub trait Collective: Send + Sync + std::fmt::Debug {
@@ -122,5 +142,31 @@ impl Collective for Single {
     }
     fn broadcast(&self, _root: usize, bytes: Vec<u8>) -> Result<Vec<u8>> {
         Ok(bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lengths_past_what_one_f32_holds_round_trip() {
+        for n in [
+            0,
+            1,
+            16_777_215,
+            16_777_216,
+            16_777_217,
+            19_414_016,
+            (1 << 40) + 12_345,
+        ] {
+            assert_eq!(len_from_f32s(&len_as_f32s(n)).unwrap(), n);
+            // One f32 would not have held it.
+            if n == 16_777_217 {
+                assert_ne!(n as f32 as usize, n);
+            }
+        }
+        assert!(len_from_f32s(&[1.0]).is_err());
+        assert!(len_from_f32s(&[0.0, -1.0]).is_err());
     }
 }

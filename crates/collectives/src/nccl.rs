@@ -112,12 +112,12 @@ impl Collective for NcclGroup {
 
     /// NCCL gathers equal sizes: every buffer is padded to the largest (sizes go over the bootstrap link).
     fn all_gather(&self, buf: &[f32]) -> Result<Vec<Vec<f32>>> {
-        let sizes: Vec<usize> = self
+        let sizes = self
             .bootstrap
-            .all_gather(&[buf.len() as f32])?
+            .all_gather(&crate::len_as_f32s(buf.len()))?
             .iter()
-            .map(|v| v.first().copied().unwrap_or(0.0) as usize)
-            .collect();
+            .map(|v| crate::len_from_f32s(v))
+            .collect::<Result<Vec<usize>>>()?;
         let max = sizes.iter().copied().max().unwrap_or(0);
         let mut padded = buf.to_vec();
         padded.resize(max, 0.0);
