@@ -2,12 +2,17 @@
 //! threads: the real-size AF-Whisper encoder (f32) and a Qwen2.5-0.5B-shaped decoder (f32 and bf16), plus
 //! the machine's memory bandwidth (the decode-at-batch-1 limit). `cargo bench -p afnext-model --bench model`
 //!
+//! Each stage runs in rounds alternated with transformers' (one `tools/bench/model_ref.py` process for the whole
+//! run), so that a VM whose speed drifts within minutes slows both sides alike.
+//!
 //! Env: AFNEXT_REF_PYTHON / AFNEXT_REF_VENV (the fixture venv of tools/fixtures/run.sh), AFNEXT_BENCH_THREADS
-//! (default 2), AFNEXT_BENCH_QUICK=1 (fewer iterations), AFNEXT_BENCH_SKIP_ENCODER=1 (decoder rows only),
-//! AFNEXT_BENCH_DTYPES=bf16 (decoder rows of one dtype only, e.g. to profile it; default f32,bf16).
+//! (default 2), AFNEXT_BENCH_ROUNDS (default 3), AFNEXT_BENCH_QUICK=1 (one round, shorter prompt and decode),
+//! AFNEXT_BENCH_SKIP_ENCODER=1 (decoder rows only), AFNEXT_BENCH_DTYPES=bf16 (decoder rows of one dtype only,
+//! e.g. to profile it; default f32,bf16).
 
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Instant;
 
 use afnext_model::config::AfNextConfig;
@@ -51,62 +56,164 @@ fn bandwidth_gb_s() -> f64 {
     (rows * cols * 4) as f64 / t / 1e9
 }
 
-fn prefill_tok_s(dec: &Qwen2, n: usize, dtype: DType) -> f64 {
+/// Seconds of one prefill of an `n`-token prompt, in 512-token chunks as the CLI and the engine prefill.
+fn prefill_s(dec: &Qwen2, n: usize, dtype: DType) -> f64 {
     let ids: Vec<u32> = (0..n as u32).map(|i| (i * 7919) % 151_000).collect();
-    // Best of 3 on both sides: one prefill takes a few seconds, and this VM's speed moves by ±30 %.
-    let secs = best(3, || {
-        let e = dec.embed(&ids).unwrap().to_dtype(dtype).unwrap();
-        let mut cache = KvCache::new(dec.config().num_hidden_layers);
-        let mut last = None;
-        for start in (0..n).step_by(512) {
-            let len = 512.min(n - start);
-            // As `afnext generate` and the engine prefill: the last layer computes the last row only.
-            let rows: &[usize] = if start + len == n { &[len - 1] } else { &[] };
-            last = Some(
-                dec.forward_rows(&e.narrow(1, start, len).unwrap(), &mut cache, rows)
-                    .unwrap(),
-            );
-        }
-        dec.logits(&last.unwrap()).unwrap()
-    });
-    n as f64 / secs
+    let t = Instant::now();
+    let e = dec.embed(&ids).unwrap().to_dtype(dtype).unwrap();
+    let mut cache = KvCache::new(dec.config().num_hidden_layers);
+    let mut last = None;
+    for start in (0..n).step_by(512) {
+        let len = 512.min(n - start);
+        // As `afnext generate` and the engine prefill: the last layer computes the last row only.
+        let rows: &[usize] = if start + len == n { &[len - 1] } else { &[] };
+        last = Some(
+            dec.forward_rows(&e.narrow(1, start, len).unwrap(), &mut cache, rows)
+                .unwrap(),
+        );
+    }
+    dec.logits(&last.unwrap()).unwrap();
+    t.elapsed().as_secs_f64()
 }
 
-fn decode_tok_s(dec: &Qwen2, steps: usize) -> f64 {
+fn greedy(dec: &Qwen2, h: &Tensor) -> u32 {
+    dec.logits(h)
+        .unwrap()
+        .argmax(D::Minus1)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<u32>()
+        .unwrap()[0]
+}
+
+/// Seconds of `steps` greedy decode steps at batch 1 after a 100-token prompt (the steps only).
+fn decode_s(dec: &Qwen2, steps: usize) -> f64 {
     let prompt: Vec<u32> = (0..100u32).collect();
-    let run = || {
-        let mut cache = KvCache::new(dec.config().num_hidden_layers);
+    let mut cache = KvCache::new(dec.config().num_hidden_layers);
+    let h = dec
+        .forward(&dec.embed(&prompt).unwrap(), &mut cache)
+        .unwrap();
+    let mut tok = greedy(dec, &h.narrow(1, 99, 1).unwrap());
+    let t = Instant::now();
+    for _ in 0..steps {
         let h = dec
-            .forward(&dec.embed(&prompt).unwrap(), &mut cache)
+            .forward(&dec.embed(&[tok]).unwrap(), &mut cache)
             .unwrap();
-        let mut tok: u32 = dec
-            .logits(&h.narrow(1, 99, 1).unwrap())
-            .unwrap()
-            .argmax(D::Minus1)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<u32>()
-            .unwrap()[0];
-        let t = Instant::now();
-        for _ in 0..steps {
-            let h = dec
-                .forward(&dec.embed(&[tok]).unwrap(), &mut cache)
-                .unwrap();
-            tok = dec
-                .logits(&h)
-                .unwrap()
-                .argmax(D::Minus1)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<u32>()
-                .unwrap()[0];
+        tok = greedy(dec, &h);
+    }
+    t.elapsed().as_secs_f64()
+}
+
+/// transformers' side (`tools/bench/model_ref.py`): one process for the whole run, asked for one timing at a
+/// time so that its rounds alternate with ours.
+struct Reference {
+    child: Child,
+    stdin: ChildStdin,
+    out: BufReader<ChildStdout>,
+}
+
+impl Reference {
+    fn start(py: &Path, threads: usize) -> Option<Self> {
+        let mut child = Command::new(py)
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tools/bench/model_ref.py"))
+            .arg(threads.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .map_err(|e| eprintln!("reference not started: {e}"))
+            .ok()?;
+        let stdin = child.stdin.take()?;
+        let out = BufReader::new(child.stdout.take()?);
+        Some(Reference { child, stdin, out })
+    }
+
+    /// The answer to one command, or `None` when the process failed (its stderr is inherited).
+    fn ask(&mut self, cmd: &str) -> Option<serde_json::Value> {
+        writeln!(self.stdin, "{cmd}").ok()?;
+        let mut line = String::new();
+        self.out.read_line(&mut line).ok()?;
+        serde_json::from_str(&line).ok()
+    }
+}
+
+impl Drop for Reference {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One stage's timings, seconds per round, ours and transformers' alternated.
+struct Rounds {
+    ours: Vec<f64>,
+    theirs: Vec<f64>,
+}
+
+impl Rounds {
+    /// A warm-up on each side, then `n` rounds, ours first in even rounds and theirs first in odd ones. A
+    /// reference that fails is dropped (the rest of the run goes on without it).
+    fn run(
+        n: usize,
+        mut ours: impl FnMut() -> f64,
+        reference: &mut Option<Reference>,
+        cmd: &str,
+    ) -> Self {
+        let theirs_once = |r: &mut Option<Reference>| -> Option<f64> {
+            let s = r.as_mut()?.ask(cmd).and_then(|v| v["s"].as_f64());
+            if s.is_none() {
+                eprintln!("reference failed on {cmd:?}; going on without it");
+                *r = None;
+            }
+            s
+        };
+        let mut r = Rounds {
+            ours: vec![],
+            theirs: vec![],
+        };
+        ours();
+        theirs_once(reference);
+        for i in 0..n {
+            if i % 2 == 0 {
+                r.ours.push(ours());
+                r.theirs.extend(theirs_once(reference));
+            } else {
+                r.theirs.extend(theirs_once(reference));
+                r.ours.push(ours());
+            }
         }
-        t.elapsed().as_secs_f64()
-    };
-    run();
-    steps as f64 / run().min(run())
+        if r.theirs.len() != r.ours.len() {
+            r.theirs.clear();
+        }
+        r
+    }
+
+    fn best(v: &[f64]) -> Option<f64> {
+        v.iter().copied().reduce(f64::min)
+    }
+
+    fn ours(&self) -> f64 {
+        Self::best(&self.ours).unwrap_or(f64::NAN)
+    }
+
+    fn theirs(&self) -> Option<f64> {
+        Self::best(&self.theirs)
+    }
+
+    /// Our speed-up in each round (their seconds over ours): median, lowest and highest.
+    fn paired(&self) -> String {
+        let mut x: Vec<f64> = self
+            .theirs
+            .iter()
+            .zip(&self.ours)
+            .map(|(t, o)| t / o)
+            .collect();
+        if x.is_empty() {
+            return "-".into();
+        }
+        x.sort_by(f64::total_cmp);
+        format!("{:.2}x ({:.2}-{:.2})", x[x.len() / 2], x[0], x[x.len() - 1])
+    }
 }
 
 fn ref_python() -> Option<PathBuf> {
@@ -122,6 +229,29 @@ fn ref_python() -> Option<PathBuf> {
     p.exists().then_some(p)
 }
 
+/// A decoder's rows: prefill and decode rounds, and the bandwidth measured right after them.
+fn decoder_rows(
+    dec: &Qwen2,
+    dtype: DType,
+    name: &str,
+    (rounds, n_prefill, n_decode): (usize, usize, usize),
+    reference: &mut Option<Reference>,
+) -> (Rounds, Rounds, f64) {
+    let pre = Rounds::run(
+        rounds,
+        || prefill_s(dec, n_prefill, dtype),
+        reference,
+        &format!("prefill {name} {n_prefill}"),
+    );
+    let step = Rounds::run(
+        rounds,
+        || decode_s(dec, n_decode),
+        reference,
+        &format!("decode {name} {n_decode}"),
+    );
+    (pre, step, bandwidth_gb_s())
+}
+
 fn main() {
     let threads: usize = std::env::var("AFNEXT_BENCH_THREADS")
         .ok()
@@ -132,37 +262,59 @@ fn main() {
         afnext_model::alloc::retain_freed_memory();
     }
     let quick = std::env::var("AFNEXT_BENCH_QUICK").is_ok();
-    let (mut enc_iters, n_prefill, n_decode) = if quick { (1, 256, 8) } else { (2, 1000, 32) };
-    if std::env::var("AFNEXT_BENCH_SKIP_ENCODER").is_ok() {
-        enc_iters = 0;
-    }
+    let (n_prefill, n_decode) = if quick { (256, 8) } else { (1000, 32) };
+    let rounds: usize = std::env::var("AFNEXT_BENCH_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(if quick { 1 } else { 3 })
+        .max(1);
+    let skip_encoder = std::env::var("AFNEXT_BENCH_SKIP_ENCODER").is_ok();
     let cfg = config();
     let cpu = Device::Cpu;
     println!("threads {threads} (candle uses all cores it is given: run with RAYON_NUM_THREADS={threads})");
+    println!(
+        "{rounds} rounds per stage, ours and transformers' alternated, after one warm-up each"
+    );
+
+    let mut reference = ref_python().and_then(|py| Reference::start(&py, threads));
+    let info = reference.as_mut().and_then(|r| r.ask("info"));
+    let peak = reference
+        .as_mut()
+        .and_then(|r| r.ask("matmul"))
+        .and_then(|v| v["gflops"].as_f64());
 
     let w = Weights::random(0, true, DType::F32, &cpu);
-    let enc_s = if enc_iters > 0 {
+    let enc = (!skip_encoder).then(|| {
         let enc = AudioEncoder::load(&w, &cfg.audio).unwrap();
         let x = Tensor::randn(0f32, 1.0, (1, 128, 3000), &cpu).unwrap();
-        best(enc_iters, || enc.forward(&x, &[3000]).unwrap())
-    } else {
-        f64::NAN
-    };
-    let dtypes = std::env::var("AFNEXT_BENCH_DTYPES").unwrap_or_else(|_| "f32,bf16".into());
-    let decoder_rows = |weights: &Weights, dtype: DType, name: &str| {
-        if !dtypes.split(',').any(|d| d.trim() == name) {
-            return (f64::NAN, f64::NAN);
+        let once = || {
+            let t = Instant::now();
+            enc.forward(&x, &[3000]).unwrap();
+            t.elapsed().as_secs_f64()
+        };
+        let r = Rounds::run(rounds, once, &mut reference, "encoder");
+        if let Some(r) = reference.as_mut() {
+            r.ask("drop encoder");
         }
-        let dec = Qwen2::load(weights, &cfg.text).unwrap();
-        (
-            prefill_tok_s(&dec, n_prefill, dtype),
-            decode_tok_s(&dec, n_decode),
-        )
-    };
-    let (pre32, dec_tok32) = decoder_rows(&w, DType::F32, "f32");
-    let wb = Weights::random(0, true, DType::BF16, &cpu);
-    let (pre16, dec_tok16) = decoder_rows(&wb, DType::BF16, "bf16");
-    let bw = bandwidth_gb_s();
+        r
+    });
+    let dtypes = std::env::var("AFNEXT_BENCH_DTYPES").unwrap_or_else(|_| "f32,bf16".into());
+    let wanted = |name: &str| dtypes.split(',').any(|d| d.trim() == name);
+    let sizes = (rounds, n_prefill, n_decode);
+    let f32_rows = wanted("f32").then(|| {
+        let dec = Qwen2::load(&w, &cfg.text).unwrap();
+        decoder_rows(&dec, DType::F32, "f32", sizes, &mut reference)
+    });
+    drop(w);
+    let bf16_rows = wanted("bf16").then(|| {
+        let wb = Weights::random(0, true, DType::BF16, &cpu);
+        let dec = Qwen2::load(&wb, &cfg.text).unwrap();
+        decoder_rows(&dec, DType::BF16, "bf16", sizes, &mut reference)
+    });
+    let bw = [&f32_rows, &bf16_rows]
+        .iter()
+        .filter_map(|r| r.as_ref().map(|r| r.2))
+        .fold(f64::NAN, f64::max);
 
     // Decoder weights read per decode step: every matrix once (the tied embedding as lm_head included).
     let t = &cfg.text;
@@ -171,8 +323,6 @@ fn main() {
             + t.num_attention_heads * t.head_dim * t.hidden_size
             + 3 * t.hidden_size * t.intermediate_size;
     let params = (t.num_hidden_layers * per_layer + t.vocab_size * t.hidden_size) as f64;
-    let roof32 = bw * 1e9 / (params * 4.0);
-    let roof16 = bw * 1e9 / (params * 2.0);
     // AF-Whisper FLOPs per window: convs + 32 layers of projections, attention and FFN at 1500 positions.
     let a = &cfg.audio;
     let (tpos, dd) = (a.max_source_positions as f64, a.hidden_size as f64);
@@ -182,69 +332,66 @@ fn main() {
             * tpos
             * (4.0 * dd * dd + 2.0 * dd * a.intermediate_size as f64 + 2.0 * tpos * dd);
 
-    let reference = ref_python().and_then(|py| {
-        let o = Command::new(py)
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tools/bench/model_ref.py"))
-            .args([threads, enc_iters, n_prefill, n_decode].map(|x| x.to_string()))
-            .output()
-            .ok()?;
-        if !o.status.success() {
-            eprintln!("reference failed: {}", String::from_utf8_lossy(&o.stderr));
-            return None;
-        }
-        serde_json::from_slice::<serde_json::Value>(&o.stdout).ok()
-    });
-    let r = |k: &str| reference.as_ref().and_then(|v| v[k].as_f64());
-    let fmt = |x: Option<f64>| x.map(|v| format!("{v:.2}")).unwrap_or_else(|| "-".into());
-    let ratio = |ours: f64, theirs: Option<f64>, higher_better: bool| {
-        theirs
-            .map(|t| format!("{:.2}x", if higher_better { ours / t } else { t / ours }))
+    let fmt = |x: Option<f64>, digits: usize| {
+        x.map(|v| format!("{v:.digits$}"))
             .unwrap_or_else(|| "-".into())
     };
-    println!("\n| stage | afnext | transformers | afnext speed-up | limit |");
-    println!("|---|---:|---:|---:|---|");
-    let peak = r("matmul_f32_gflops");
+    // Our speed-up from each side's best round: their seconds over ours.
+    let speedup = |r: &Rounds| {
+        r.theirs()
+            .map(|t| format!("{:.2}x", t / r.ours()))
+            .unwrap_or_else(|| "-".into())
+    };
+    println!("\n| stage | afnext | transformers | afnext speed-up (best rounds) | speed-up per round: median (range) | limit |");
+    println!("|---|---:|---:|---:|---:|---|");
+    if let Some(r) = &enc {
+        let rate = enc_flops / r.ours() / 1e9;
+        println!(
+            "| encoder, 1 window, f32 (s) | {:.2} | {} | {} | {} | {rate:.0} GFLOP/s = {} of torch's f32 matmul peak ({} GFLOP/s) |",
+            r.ours(),
+            fmt(r.theirs(), 2),
+            speedup(r),
+            r.paired(),
+            peak.map(|p| format!("{:.0} %", rate / p * 100.0))
+                .unwrap_or_else(|| "-".into()),
+            fmt(peak, 1)
+        );
+    }
+    for (name, rows) in [("f32", &f32_rows), ("bf16", &bf16_rows)] {
+        let Some((pre, _, _)) = rows else { continue };
+        let n = n_prefill as f64;
+        println!(
+            "| prefill {n_prefill} tokens, {name} (tok/s) | {:.1} | {} | {} | {} | compute |",
+            n / pre.ours(),
+            fmt(pre.theirs().map(|t| n / t), 1),
+            speedup(pre),
+            pre.paired()
+        );
+    }
+    for (name, rows, bytes) in [("f32", &f32_rows, 4.0), ("bf16", &bf16_rows, 2.0)] {
+        let Some((_, step, _)) = rows else { continue };
+        let n = n_decode as f64;
+        let roof = bw * 1e9 / (params * bytes);
+        println!(
+            "| decode batch 1, {name} (tok/s) | {:.2} | {} | {} | {} | {roof:.1} tok/s roofline ({:.0} % reached) |",
+            n / step.ours(),
+            fmt(step.theirs().map(|t| n / t), 2),
+            speedup(step),
+            step.paired(),
+            n / step.ours() / roof * 100.0
+        );
+    }
     println!(
-        "| encoder, 1 window, f32 (s) | {enc_s:.2} | {} | {} | {:.0} GFLOP/s = {} of torch's f32 matmul peak ({} GFLOP/s) |",
-        fmt(r("encoder_f32_s_per_window")),
-        ratio(enc_s, r("encoder_f32_s_per_window"), false),
-        enc_flops / enc_s / 1e9,
-        peak.map(|p| format!("{:.0} %", enc_flops / enc_s / 1e9 / p * 100.0)).unwrap_or_else(|| "-".into()),
-        fmt(peak)
-    );
-    println!(
-        "| prefill {n_prefill} tokens, f32 (tok/s) | {pre32:.1} | {} | {} | compute |",
-        fmt(r("prefill_f32_tok_s")),
-        ratio(pre32, r("prefill_f32_tok_s"), true)
-    );
-    println!(
-        "| prefill {n_prefill} tokens, bf16 (tok/s) | {pre16:.1} | {} | {} | compute |",
-        fmt(r("prefill_bf16_tok_s")),
-        ratio(pre16, r("prefill_bf16_tok_s"), true)
-    );
-    println!(
-        "| decode batch 1, f32 (tok/s) | {dec_tok32:.2} | {} | {} | {roof32:.1} tok/s roofline ({:.0} % reached) |",
-        fmt(r("decode_f32_tok_s")),
-        ratio(dec_tok32, r("decode_f32_tok_s"), true),
-        dec_tok32 / roof32 * 100.0
-    );
-    println!(
-        "| decode batch 1, bf16 (tok/s) | {dec_tok16:.2} | {} | {} | {roof16:.1} tok/s roofline ({:.0} % reached) |",
-        fmt(r("decode_bf16_tok_s")),
-        ratio(dec_tok16, r("decode_bf16_tok_s"), true),
-        dec_tok16 / roof16 * 100.0
-    );
-    println!(
-        "\nweight-streaming bandwidth {bw:.1} GB/s (1 GiB f32 GEMV, {threads} threads); decoder weights {:.2} G params; encoder {:.2} TFLOP/window",
+        "\nweight-streaming bandwidth {bw:.1} GB/s (1 GiB f32 GEMV, {threads} threads, best after each dtype's decode rounds); decoder weights {:.2} G params; encoder {:.2} TFLOP/window",
         params / 1e9,
         enc_flops / 1e12
     );
-    if let Some(v) = &reference {
-        println!(
+    match (&info, &reference) {
+        (Some(v), Some(_)) => println!(
             "reference: transformers {}, torch {}, {} threads",
             v["transformers"], v["torch"], v["threads"]
-        );
-    } else {
-        println!("reference not run (no Python with transformers found)");
+        ),
+        (Some(_), None) => println!("reference failed during the run (see above)"),
+        _ => println!("reference not run (no Python with transformers found)"),
     }
 }
