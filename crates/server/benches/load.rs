@@ -9,11 +9,15 @@
 //! the same shapes (`tools/bench/load_ref.py`, in the venv of `tools/fixtures/run.sh` or `$AFNEXT_REF_PYTHON`),
 //! with prompts as long as the part the server prefilled at 16 (the same work) and as the whole prompts.
 //!
+//! Concurrency 1, concurrency 16 and transformers' batch run in rounds, alternated (one `load_ref.py` process per
+//! dtype), so that a VM whose speed drifts within minutes affects the goal's ratios on both of their sides.
+//!
 //! `cargo bench -p afnext-server --bench load` (env: AFNEXT_BENCH_THREADS=2, AFNEXT_BENCH_DTYPES=f32,bf16,
-//! AFNEXT_BENCH_NEW=48, AFNEXT_BENCH_QUICK=1 for a smoke run).
+//! AFNEXT_BENCH_NEW=48, AFNEXT_BENCH_ROUNDS=2, AFNEXT_BENCH_QUICK=1 for a smoke run).
 
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -105,6 +109,7 @@ fn text_request(prompt: String, new: u32) -> pb::GenerateRequest {
     }
 }
 
+#[derive(Clone)]
 struct Row {
     conc: usize,
     tok_s: f64,
@@ -114,7 +119,15 @@ struct Row {
     itl: (f64, f64),
 }
 
-async fn concurrency(c: &AfNextClient<Channel>, conc: usize, per_client: usize, new: u32) -> Row {
+/// `conc` clients sending `per_client` requests each, back to back; `round` tags the prompts so that no
+/// request of one level or round finds another's prompt in the prefix cache.
+async fn concurrency(
+    c: &AfNextClient<Channel>,
+    conc: usize,
+    per_client: usize,
+    new: u32,
+    round: usize,
+) -> Row {
     let t0 = Instant::now();
     let tasks: Vec<_> = (0..conc)
         .map(|k| {
@@ -122,9 +135,10 @@ async fn concurrency(c: &AfNextClient<Channel>, conc: usize, per_client: usize, 
             tokio::spawn(async move {
                 let mut out = Vec::new();
                 for i in 0..per_client {
-                    // Distinct prompts: no prefix-cache help between clients.
+                    // Distinct prompts: no prefix-cache help between clients, levels or rounds (only the
+                    // chat template's opening is shared).
                     let p = format!(
-                        "Client {k} request {i}: describe a quiet harbour at dawn in detail."
+                        "Client {k} of {conc}, round {round}, request {i}: describe a quiet harbour at dawn."
                     );
                     out.push(one(&mut c, text_request(p, new)).await);
                 }
@@ -222,27 +236,82 @@ fn ref_python() -> Option<PathBuf> {
     p.exists().then_some(p)
 }
 
-/// transformers' tokens/s for a static batch of 16 prompts of `prompt` tokens.
-fn reference(threads: usize, dtype: &str, prompt: usize, new: u32) -> Option<f64> {
-    let py = ref_python()?;
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tools/bench/load_ref.py");
-    let o = Command::new(py)
-        .arg(script)
-        .args([
-            threads.to_string(),
-            dtype.into(),
-            "16".into(),
-            prompt.to_string(),
-            new.to_string(),
-        ])
-        .output()
-        .ok()?;
-    if !o.status.success() {
-        eprintln!("reference failed: {}", String::from_utf8_lossy(&o.stderr));
-        return None;
+/// transformers' side (`tools/bench/load_ref.py`): one process per dtype, asked for one static batch at a
+/// time so that its batches alternate with the server's rounds.
+struct LoadRef {
+    child: Child,
+    stdin: ChildStdin,
+    out: BufReader<ChildStdout>,
+}
+
+impl LoadRef {
+    fn start(threads: usize, dtype: &str) -> Option<Self> {
+        let py = ref_python()?;
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tools/bench/load_ref.py");
+        let mut child = Command::new(py)
+            .arg(script)
+            .args([threads.to_string(), dtype.into()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .map_err(|e| eprintln!("reference not started: {e}"))
+            .ok()?;
+        let stdin = child.stdin.take()?;
+        let mut out = BufReader::new(child.stdout.take()?);
+        // The model is built and warmed up once it says hello.
+        let mut hello = String::new();
+        out.read_line(&mut hello).ok()?;
+        serde_json::from_str::<serde_json::Value>(&hello).ok()?;
+        Some(LoadRef { child, stdin, out })
     }
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).ok()?;
-    v["tok_s"].as_f64()
+
+    /// transformers' tokens/s for a static batch of 16 prompts of `prompt` tokens, `new` tokens each.
+    fn batch16(&mut self, prompt: usize, new: u32) -> Option<f64> {
+        writeln!(self.stdin, "16 {prompt} {new}").ok()?;
+        let mut line = String::new();
+        self.out.read_line(&mut line).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&line).ok()?;
+        v["tok_s"].as_f64()
+    }
+}
+
+impl Drop for LoadRef {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Median, lowest and highest of `x`, as `1.23x (1.01-1.50)`.
+fn spread(mut x: Vec<f64>) -> String {
+    if x.is_empty() {
+        return "-".into();
+    }
+    x.sort_by(f64::total_cmp);
+    format!("{:.2}x ({:.2}-{:.2})", x[x.len() / 2], x[0], x[x.len() - 1])
+}
+
+/// One round at the goal's two levels and the reference's static batch on the same work.
+struct Round {
+    c1: Row,
+    c16: Row,
+    /// transformers' tokens/s with prompts as long as what the server prefilled per request at 16.
+    same: Option<f64>,
+}
+
+/// One static batch of the reference, run on this (tokio worker) thread; a reference that fails is dropped
+/// and the run goes on without it.
+fn ask(reference: &mut Option<LoadRef>, prompt: usize, new: u32) -> Option<f64> {
+    let r = tokio::task::block_in_place(|| reference.as_mut()?.batch16(prompt, new));
+    if r.is_none() && reference.take().is_some() {
+        eprintln!("reference failed; going on without it");
+    }
+    r
+}
+
+fn best(rows: impl Iterator<Item = Row>) -> Row {
+    rows.max_by(|a, b| a.tok_s.total_cmp(&b.tok_s))
+        .expect("at least one round")
 }
 
 fn main() {
@@ -261,6 +330,11 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(if quick { 8 } else { 48 });
+    let n_rounds: usize = std::env::var("AFNEXT_BENCH_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(if quick { 1 } else { 2 })
+        .max(1);
     let dtypes = std::env::var("AFNEXT_BENCH_DTYPES").unwrap_or_else(|_| "f32,bf16".into());
     let dir = fixtures().join("ckpt/tiny-a");
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -269,11 +343,19 @@ fn main() {
         .build()
         .unwrap();
     println!("load benchmark: {threads} threads, {new} new tokens per request, greedy, ignore_eos");
+    println!(
+        "{n_rounds} rounds of concurrency 1, concurrency 16 and transformers' static batch, alternated"
+    );
     for name in dtypes.split(',') {
         let dtype = match name {
             "f32" => DType::F32,
             "bf16" => DType::BF16,
             other => panic!("unknown dtype {other}"),
+        };
+        let mut reference = if quick {
+            None
+        } else {
+            LoadRef::start(threads, name)
         };
         let model = AfNext::random(config(), 0, dtype, &Device::Cpu).unwrap();
         let gen = GenerationDefaults::load(&dir, &model.cfg.text).unwrap();
@@ -290,7 +372,7 @@ fn main() {
             )
             .unwrap(),
         );
-        let rows = rt.block_on(async {
+        let (c4, rounds, whole, fu) = rt.block_on(async {
             let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = l.local_addr().unwrap();
             let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -309,11 +391,29 @@ fn main() {
                 .max_encoding_message_size(64 << 20);
             // Warm-up.
             one(&mut c, text_request("warm up".into(), 2)).await;
-            let mut rows = Vec::new();
-            for (conc, per) in [(1, 2), (4, 2), (16, 2)] {
-                let per = if quick { 1 } else { per };
-                rows.push(concurrency(&c, conc, per, new).await);
+            let per = if quick { 1 } else { 2 };
+            let c4 = concurrency(&c, 4, per, new, 0).await;
+            // The clients' prompts share the chat template's opening, which the server finds in its prefix
+            // cache: it prefills only the rest. The reference, with no such cache, gets prompts as long as
+            // what the server prefilled (the same work on both sides: the goal's comparison). Ours first in
+            // even rounds, the reference first in odd ones (with the previous round's prompt length).
+            let mut rounds = Vec::new();
+            let mut prefilled: Option<usize> = None;
+            for round in 0..n_rounds {
+                let theirs_first = prefilled.filter(|_| round % 2 == 1);
+                let mut same = theirs_first.and_then(|p| ask(&mut reference, p, new));
+                let c1 = concurrency(&c, 1, per, new, round).await;
+                let c16 = concurrency(&c, 16, per, new, round).await;
+                let p = c16.prompt_tokens.1.round().max(1.0) as usize;
+                prefilled = Some(p);
+                if theirs_first.is_none() {
+                    same = ask(&mut reference, p, new);
+                }
+                rounds.push(Round { c1, c16, same });
             }
+            // Once, with the whole prompts: what serving these requests with transformers would cost.
+            let full = rounds[0].c16.prompt_tokens.0.round() as usize;
+            let whole = ask(&mut reference, full, new);
             let fu = if quick {
                 None
             } else {
@@ -321,24 +421,26 @@ fn main() {
             };
             let _ = stop_tx.send(());
             let _ = srv.await;
-            (rows, fu)
+            (c4, rounds, whole, fu)
         });
-        // The clients' prompts share the chat template's opening, which the server finds in its prefix
-        // cache after the first request: it prefills only the rest. The reference, with no such cache, runs
-        // twice: with prompts as long as what the server prefilled (the same work on both sides: the goal's
-        // comparison) and as long as the whole prompts (what serving them with transformers would cost).
-        let (full, prefilled) = rows.0[2].prompt_tokens;
-        let (full, prefilled) = (full.round() as usize, prefilled.round().max(1.0) as usize);
-        let reference = if quick {
-            None
-        } else {
-            reference(threads, name, prefilled, new).zip(reference(threads, name, full, new))
-        };
+        drop(reference);
         println!("\n## {name}");
         println!("| concurrency | tokens/s | x conc. 1 | TTFT p50 / p99 (ms) | inter-token p50 / p99 (ms) |");
         println!("|---|---|---|---|---|");
-        let base = rows.0[0].tok_s;
-        for r in &rows.0 {
+        let x16: Vec<f64> = rounds.iter().map(|r| r.c16.tok_s / r.c1.tok_s).collect();
+        let same: Vec<f64> = rounds.iter().filter_map(|r| r.same).collect();
+        let vs: Vec<f64> = rounds
+            .iter()
+            .filter_map(|r| r.same.map(|t| r.c16.tok_s / t))
+            .collect();
+        let (full, prefilled) = rounds[0].c16.prompt_tokens;
+        let (full, prefilled) = (full.round() as usize, prefilled.round() as usize);
+        let (c1, c16) = (
+            best(rounds.iter().map(|r| r.c1.clone())),
+            best(rounds.iter().map(|r| r.c16.clone())),
+        );
+        let base = c1.tok_s;
+        for r in [&c1, &c4, &c16] {
             println!(
                 "| {} | {:.1} | {:.2} | {:.0} / {:.0} | {:.0} / {:.0} |",
                 r.conc,
@@ -350,15 +452,26 @@ fn main() {
                 r.itl.1 * 1e3
             );
         }
-        match reference {
-            Some((same, whole)) => println!(
-                "transformers static batch 16 ({new} new tokens): {same:.1} tok/s with {prefilled}-token prompts (what afnext prefilled per request, {full} with the cached template) -> afnext at 16 = {:.2}x; {whole:.1} tok/s with the whole {full}-token prompts -> {:.2}x",
-                rows.0[2].tok_s / same,
-                rows.0[2].tok_s / whole
+        println!(
+            "(concurrency 1 and 16: the best of {n_rounds} rounds; concurrency 16 over 1 in each round: {})",
+            spread(x16)
+        );
+        match same.iter().copied().reduce(f64::max) {
+            Some(t) => println!(
+                "transformers static batch 16 ({new} new tokens), {prefilled}-token prompts (what afnext prefilled per request at 16, of {full}): {t:.1} tok/s, best of {} -> afnext at 16 = {:.2}x; per round: {}",
+                same.len(),
+                c16.tok_s / t,
+                spread(vs)
             ),
             None => println!("transformers reference: not run (quick mode or no reference venv)"),
         }
-        if let Some((first, follow, cached)) = rows.1 {
+        if let Some(t) = whole {
+            println!(
+                "transformers static batch 16, the whole {full}-token prompts: {t:.1} tok/s -> afnext at 16 = {:.2}x",
+                c16.tok_s / t
+            );
+        }
+        if let Some((first, follow, cached)) = fu {
             println!(
                 "5-minute clip: first-turn TTFT {:.0} ms, follow-up TTFT {:.0} ms ({:.1}x lower, {cached} prompt tokens cached)",
                 first * 1e3,
