@@ -144,6 +144,16 @@ impl Drop for Reference {
     }
 }
 
+/// The median of sorted `x` (the mean of the middle two for an even count).
+fn median(x: &[f64]) -> f64 {
+    let n = x.len();
+    if n % 2 == 1 {
+        x[n / 2]
+    } else {
+        (x[n / 2 - 1] + x[n / 2]) / 2.0
+    }
+}
+
 /// One stage's timings, seconds per round, ours and transformers' alternated.
 struct Rounds {
     ours: Vec<f64>,
@@ -212,7 +222,7 @@ impl Rounds {
             return "-".into();
         }
         x.sort_by(f64::total_cmp);
-        format!("{:.2}x ({:.2}-{:.2})", x[x.len() / 2], x[0], x[x.len() - 1])
+        format!("{:.2}x ({:.2}-{:.2})", median(&x), x[0], x[x.len() - 1])
     }
 }
 

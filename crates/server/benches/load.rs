@@ -282,13 +282,23 @@ impl Drop for LoadRef {
     }
 }
 
+/// The median of sorted `x` (the mean of the middle two for an even count).
+fn median(x: &[f64]) -> f64 {
+    let n = x.len();
+    if n % 2 == 1 {
+        x[n / 2]
+    } else {
+        (x[n / 2 - 1] + x[n / 2]) / 2.0
+    }
+}
+
 /// Median, lowest and highest of `x`, as `1.23x (1.01-1.50)`.
 fn spread(mut x: Vec<f64>) -> String {
     if x.is_empty() {
         return "-".into();
     }
     x.sort_by(f64::total_cmp);
-    format!("{:.2}x ({:.2}-{:.2})", x[x.len() / 2], x[0], x[x.len() - 1])
+    format!("{:.2}x ({:.2}-{:.2})", median(&x), x[0], x[x.len() - 1])
 }
 
 /// One round at the goal's two levels and the reference's static batch on the same work.
