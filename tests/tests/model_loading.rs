@@ -179,6 +179,32 @@ fn flat_rope_theta_spelling_is_accepted() {
     assert_eq!(afnext_model::AfNextConfig::from_json(&v).unwrap(), nested);
 }
 
+#[test]
+fn fields_the_reference_ignores_are_ignored_and_other_activations_refused() {
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ckpt("tiny-a").join("config.json")).unwrap())
+            .unwrap();
+    let base = afnext_model::AfNextConfig::from_json(&v).unwrap();
+    // transformers 5.23 computes `embed_scale` from `scale_embedding` and never applies it.
+    let mut w = v.clone();
+    w["audio_config"]["scale_embedding"] = serde_json::json!(true);
+    assert_eq!(afnext_model::AfNextConfig::from_json(&w).unwrap(), base);
+    for (section, key, value) in [
+        ("text_config", "hidden_act", "gelu"),
+        ("audio_config", "activation_function", "relu"),
+    ] {
+        let mut w = v.clone();
+        w[section][key] = serde_json::json!(value);
+        let e = afnext_model::AfNextConfig::from_json(&w)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&format!("{section}.{key}")) && e.contains(value),
+            "{e}"
+        );
+    }
+}
+
 /// The spec's bit-exact tables (copied from the model spec; the model crate builds them in).
 fn spec_table(key: &str) -> Vec<f32> {
     let p = Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -111,13 +111,16 @@ impl AfNextConfig {
                 format!("is {audio_act:?}; only \"gelu\" is implemented"),
             ));
         }
-        if a.get("scale_embedding")
-            .and_then(Value::as_bool)
-            .unwrap_or(false)
-        {
+        // `audio_config.scale_embedding` is read and ignored, as transformers 5.23 does: its encoder sets
+        // `embed_scale` from it but never applies it (AF-Next has false).
+        let text_act = t
+            .get("hidden_act")
+            .and_then(Value::as_str)
+            .unwrap_or("silu");
+        if text_act != "silu" {
             return Err(bad(
-                "audio_config.scale_embedding",
-                "true is not supported (AF-Next uses false)".into(),
+                "text_config.hidden_act",
+                format!("is {text_act:?}; only \"silu\" (Qwen2's) is implemented"),
             ));
         }
         let audio = AudioConfig {
