@@ -180,7 +180,7 @@ fn flat_rope_theta_spelling_is_accepted() {
 }
 
 #[test]
-fn fields_the_reference_ignores_are_ignored_and_other_activations_refused() {
+fn fields_the_reference_ignores_are_ignored_and_unsupported_ones_refused() {
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(ckpt("tiny-a").join("config.json")).unwrap())
             .unwrap();
@@ -189,6 +189,22 @@ fn fields_the_reference_ignores_are_ignored_and_other_activations_refused() {
     let mut w = v.clone();
     w["audio_config"]["scale_embedding"] = serde_json::json!(true);
     assert_eq!(afnext_model::AfNextConfig::from_json(&w).unwrap(), base);
+    // A sliding window that no layer uses (Qwen2's rules) is full attention.
+    let mut w = v.clone();
+    w["text_config"]["use_sliding_window"] = serde_json::json!(true);
+    w["text_config"]["sliding_window"] = serde_json::json!(4096);
+    assert_eq!(afnext_model::AfNextConfig::from_json(&w).unwrap(), base);
+    let layers = v["text_config"]["num_hidden_layers"].as_u64().unwrap();
+    let t = w["text_config"].as_object_mut().unwrap();
+    t.remove("layer_types");
+    t.insert("max_window_layers".into(), serde_json::json!(layers - 1));
+    let e = afnext_model::AfNextConfig::from_json(&w)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("use_sliding_window") && e.contains("1 sliding-window layers"),
+        "{e}"
+    );
     for (section, key, value) in [
         ("text_config", "hidden_act", "gelu"),
         ("audio_config", "activation_function", "relu"),

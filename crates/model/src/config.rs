@@ -164,13 +164,12 @@ impl AfNextConfig {
                 .ok_or_else(|| bad("text_config.head_dim", "must be an integer".into()))?,
             _ => hidden_size / num_attention_heads,
         };
-        if t.get("use_sliding_window")
-            .and_then(Value::as_bool)
-            .unwrap_or(false)
-        {
+        if let Some(n) = sliding_layers(t) {
             return Err(bad(
                 "text_config.use_sliding_window",
-                "true is not supported (AF-Next uses full attention)".into(),
+                format!(
+                    "true with {n} sliding-window layers is not supported (AF-Next uses full attention)"
+                ),
             ));
         }
         let rope = rope_of(t);
@@ -258,6 +257,40 @@ impl AfNextConfig {
                 .unwrap_or(true),
         })
     }
+}
+
+/// How many decoder layers attend through a sliding window, as Qwen2's config derives them, when any does:
+/// the window is `sliding_window` (default 4096) only with `use_sliding_window`, and a layer slides when
+/// `layer_types` says so or, without that list, from `max_window_layers` (default 28) on. With no window every
+/// layer attends to everything, whatever `layer_types` says.
+fn sliding_layers(t: &Value) -> Option<usize> {
+    let on = t.get("use_sliding_window").and_then(Value::as_bool) == Some(true);
+    let window = match t.get("sliding_window") {
+        Some(Value::Null) => None,
+        Some(w) => w.as_u64(),
+        None => Some(4096),
+    };
+    if !on || window.is_none() {
+        return None;
+    }
+    let n = match t.get("layer_types").and_then(Value::as_array) {
+        Some(types) => types
+            .iter()
+            .filter(|l| l.as_str() == Some("sliding_attention"))
+            .count(),
+        None => {
+            let layers = t
+                .get("num_hidden_layers")
+                .and_then(Value::as_u64)
+                .unwrap_or(0);
+            let from = t
+                .get("max_window_layers")
+                .and_then(Value::as_u64)
+                .unwrap_or(28);
+            layers.saturating_sub(from) as usize
+        }
+    };
+    (n > 0).then_some(n)
 }
 
 /// `rope_parameters` (transformers 5), or the flat `rope_theta` / `partial_rotary_factor` keys folded into one map.
