@@ -100,7 +100,7 @@ pub fn max_tensor_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 
         .expect("max difference of two tensors of one shape")
 }
 
-/// A tiny random checkpoint of the fixtures (`tiny-a` to `tiny-e`).
+/// A tiny random checkpoint of the fixtures (`tiny-a` to `tiny-f`).
 pub fn ckpt(name: &str) -> PathBuf {
     fixtures_dir().join("ckpt").join(name)
 }

@@ -1,8 +1,10 @@
-//! The model against transformers 5.23, stage by stage, on five tiny configurations (tiny-a: GQA 2, encoder
+//! The model against transformers 5.23, stage by stage, on six tiny configurations (tiny-a: GQA 2, encoder
 //! 4 heads / decoder 4 heads; tiny-b: GQA 3, encoder 3 heads / decoder 6 heads, odd RoTE dim; tiny-c: GQA 8,
 //! decoder head_dim 8, one encoder layer, bf16 sharded weights, an untied lm_head under a "tie" flag; tiny-d:
 //! head_dim 64 / 32, odd RoTE dim 25, an eos argmax that the reference's min_new_tokens masks; tiny-e:
-//! head_dim 24 / 20 and an odd FFN, sizes that end in the vector kernels' tails).
+//! head_dim 24 / 20 and an odd FFN, sizes that end in the vector kernels' tails; tiny-f: top-level fields
+//! off their defaults: no projector bias, RoTE theta 2000 / factor 0.3, audio_frame_step 0.02, plus
+//! scale_embedding and an unused sliding window that transformers ignores, and plain multi-head attention).
 //! Tolerances are spec section 12's; each test prints the measured worst difference.
 
 use std::sync::atomic::AtomicBool;
@@ -380,6 +382,22 @@ fn tiny_e_speech_40s() {
 fn tiny_e_multiturn() {
     check_audio_path("tiny-e", "multiturn");
     check_decoder("tiny-e", "multiturn");
+}
+
+/// tiny-f (tools/fixtures/gen_tiny_c.py): a projector without biases, the RoTE's own `rope_parameters` (theta
+/// 2000, partial_rotary_factor 0.3) and `audio_frame_step` 0.02 (timestamps twice as far apart), `scale_embedding`
+/// true (never applied by transformers 5.23), `use_sliding_window` true with no sliding layer, 5 query and 5 kv
+/// heads.
+#[test]
+fn tiny_f_speech_40s() {
+    check_audio_path("tiny-f", "speech_40s");
+    check_decoder("tiny-f", "speech_40s");
+}
+
+#[test]
+fn tiny_f_multiturn() {
+    check_audio_path("tiny-f", "multiturn");
+    check_decoder("tiny-f", "multiturn");
 }
 
 /// On tiny-d's 40 s clip an eos id is the greedy argmax before step 16, so `check_decoder`'s equality with the
