@@ -10,16 +10,18 @@
 //! AFNEXT_BENCH_SKIP_ENCODER=1 (decoder rows only), AFNEXT_BENCH_DTYPES=bf16 (decoder rows of one dtype only,
 //! e.g. to profile it; default f32,bf16).
 
-use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Instant;
 
 use afnext_model::config::AfNextConfig;
 use afnext_model::decoder::{KvCache, Qwen2};
 use afnext_model::encoder::AudioEncoder;
+use afnext_model::generate::argmax_last;
 use afnext_model::weights::Weights;
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
+
+#[path = "../../../tools/bench/reference.rs"]
+mod reference;
+use reference::{spread, RefProcess};
 
 fn best<T>(iters: usize, mut f: impl FnMut() -> T) -> f64 {
     f();
@@ -77,14 +79,7 @@ fn prefill_s(dec: &Qwen2, n: usize, dtype: DType) -> f64 {
 }
 
 fn greedy(dec: &Qwen2, h: &Tensor) -> u32 {
-    dec.logits(h)
-        .unwrap()
-        .argmax(D::Minus1)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<u32>()
-        .unwrap()[0]
+    argmax_last(&dec.logits(h).unwrap()).unwrap()[0]
 }
 
 /// Seconds of `steps` greedy decode steps at batch 1 after a 100-token prompt (the steps only).
@@ -105,55 +100,6 @@ fn decode_s(dec: &Qwen2, steps: usize) -> f64 {
     t.elapsed().as_secs_f64()
 }
 
-/// transformers' side (`tools/bench/model_ref.py`): one process for the whole run, asked for one timing at a
-/// time so that its rounds alternate with ours.
-struct Reference {
-    child: Child,
-    stdin: ChildStdin,
-    out: BufReader<ChildStdout>,
-}
-
-impl Reference {
-    fn start(py: &Path, threads: usize) -> Option<Self> {
-        let mut child = Command::new(py)
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tools/bench/model_ref.py"))
-            .arg(threads.to_string())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .map_err(|e| eprintln!("reference not started: {e}"))
-            .ok()?;
-        let stdin = child.stdin.take()?;
-        let out = BufReader::new(child.stdout.take()?);
-        Some(Reference { child, stdin, out })
-    }
-
-    /// The answer to one command, or `None` when the process failed (its stderr is inherited).
-    fn ask(&mut self, cmd: &str) -> Option<serde_json::Value> {
-        writeln!(self.stdin, "{cmd}").ok()?;
-        let mut line = String::new();
-        self.out.read_line(&mut line).ok()?;
-        serde_json::from_str(&line).ok()
-    }
-}
-
-impl Drop for Reference {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The median of sorted `x` (the mean of the middle two for an even count).
-fn median(x: &[f64]) -> f64 {
-    let n = x.len();
-    if n % 2 == 1 {
-        x[n / 2]
-    } else {
-        (x[n / 2 - 1] + x[n / 2]) / 2.0
-    }
-}
-
 /// One stage's timings, seconds per round, ours and transformers' alternated.
 struct Rounds {
     ours: Vec<f64>,
@@ -166,10 +112,10 @@ impl Rounds {
     fn run(
         n: usize,
         mut ours: impl FnMut() -> f64,
-        reference: &mut Option<Reference>,
+        reference: &mut Option<RefProcess>,
         cmd: &str,
     ) -> Self {
-        let theirs_once = |r: &mut Option<Reference>| -> Option<f64> {
+        let theirs_once = |r: &mut Option<RefProcess>| -> Option<f64> {
             let s = r.as_mut()?.ask(cmd).and_then(|v| v["s"].as_f64());
             if s.is_none() {
                 eprintln!("reference failed on {cmd:?}; going on without it");
@@ -212,31 +158,14 @@ impl Rounds {
 
     /// Our speed-up in each round (their seconds over ours): median, lowest and highest.
     fn paired(&self) -> String {
-        let mut x: Vec<f64> = self
-            .theirs
-            .iter()
-            .zip(&self.ours)
-            .map(|(t, o)| t / o)
-            .collect();
-        if x.is_empty() {
-            return "-".into();
-        }
-        x.sort_by(f64::total_cmp);
-        format!("{:.2}x ({:.2}-{:.2})", median(&x), x[0], x[x.len() - 1])
+        spread(
+            self.theirs
+                .iter()
+                .zip(&self.ours)
+                .map(|(t, o)| t / o)
+                .collect(),
+        )
     }
-}
-
-fn ref_python() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("AFNEXT_REF_PYTHON") {
-        return Some(PathBuf::from(p));
-    }
-    let venv = std::env::var_os("AFNEXT_REF_VENV")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/afnext/ref-venv"))
-        })?;
-    let p = venv.join("bin/python");
-    p.exists().then_some(p)
 }
 
 /// A decoder's rows: prefill and decode rounds, and the bandwidth measured right after them.
@@ -245,7 +174,7 @@ fn decoder_rows(
     dtype: DType,
     name: &str,
     (rounds, n_prefill, n_decode): (usize, usize, usize),
-    reference: &mut Option<Reference>,
+    reference: &mut Option<RefProcess>,
 ) -> (Rounds, Rounds, f64) {
     let pre = Rounds::run(
         rounds,
@@ -286,7 +215,7 @@ fn main() {
         "{rounds} rounds per stage, ours and transformers' alternated, after one warm-up each"
     );
 
-    let mut reference = ref_python().and_then(|py| Reference::start(&py, threads));
+    let mut reference = RefProcess::start("model_ref.py", &[threads.to_string()]);
     let info = reference.as_mut().and_then(|r| r.ask("info"));
     let peak = reference
         .as_mut()

@@ -77,29 +77,22 @@ impl TextShard {
                 "neither divides nor is a multiple of num_key_value_heads {nkv}"
             )));
         };
-        // The MLP slices may differ by one feature (the down projection's partial sums are all-reduced,
-        // so their widths need not match), but every rank must hold at least one.
-        if c.intermediate_size < world {
-            return Err(refuse(format!(
-                "exceeds intermediate_size {}",
-                c.intermediate_size
-            )));
-        }
-        if c.vocab_size < world {
-            return Err(refuse(format!("exceeds vocab_size {}", c.vocab_size)));
-        }
-        let split = |n: usize, r: usize| r * n / world;
-        let (i, v) = (
-            |r| split(c.intermediate_size, r),
-            |r| split(c.vocab_size, r),
-        );
+        // The MLP and the vocabulary are cut at `r * n / world`: slices may differ by one (the down
+        // projection's partial sums are all-reduced and the logits gathered, so widths need not match), but
+        // every rank must hold at least one.
+        let slice = |name: &str, n: usize| {
+            if n < world {
+                return Err(refuse(format!("exceeds {name} {n}")));
+            }
+            Ok(rank * n / world..(rank + 1) * n / world)
+        };
         Ok(TextShard {
             rank,
             world,
             heads: rank * qpr..(rank + 1) * qpr,
             kv_heads,
-            intermediate: i(rank)..i(rank + 1),
-            vocab: v(rank)..v(rank + 1),
+            intermediate: slice("intermediate_size", c.intermediate_size)?,
+            vocab: slice("vocab_size", c.vocab_size)?,
         })
     }
 

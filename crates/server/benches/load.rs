@@ -6,8 +6,9 @@
 //! For each dtype: throughput and time-to-first-token / inter-token latency (p50, p99) at concurrency 1, 4 and
 //! 16 (each client sends its requests back to back; every request generates exactly NEW tokens), a follow-up
 //! turn on a 5-minute clip against its first turn, and, in the same run, transformers' static batch of 16 on
-//! the same shapes (`tools/bench/load_ref.py`, in the venv of `tools/fixtures/run.sh` or `$AFNEXT_REF_PYTHON`),
-//! with prompts as long as the part the server prefilled at 16 (the same work) and as the whole prompts.
+//! the same shapes (`tools/bench/load_ref.py`, in the venv of `tools/fixtures/run.sh`, `$AFNEXT_REF_VENV` or
+//! `$AFNEXT_REF_PYTHON`: tools/bench/reference.rs), with prompts as long as the part the server prefilled at 16
+//! (the same work) and as the whole prompts.
 //!
 //! Concurrency 1, concurrency 16 and transformers' batch run in rounds, alternated (one `load_ref.py` process per
 //! dtype), so that a VM whose speed drifts within minutes affects the goal's ratios on both of their sides.
@@ -15,9 +16,7 @@
 //! `cargo bench -p afnext-server --bench load` (env: AFNEXT_BENCH_THREADS=2, AFNEXT_BENCH_DTYPES=f32,bf16,
 //! AFNEXT_BENCH_NEW=48, AFNEXT_BENCH_ROUNDS=2, AFNEXT_BENCH_QUICK=1 for a smoke run).
 
-use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -37,6 +36,10 @@ fn fixtures() -> PathBuf {
 
 #[path = "../../../tools/bench/tiny_a_qwen.rs"]
 mod tiny_a_qwen;
+
+#[path = "../../../tools/bench/reference.rs"]
+mod reference;
+use reference::{spread, RefProcess};
 
 fn config() -> AfNextConfig {
     tiny_a_qwen::config(&fixtures().join("ckpt/tiny-a"))
@@ -227,78 +230,22 @@ async fn follow_up(c: &mut AfNextClient<Channel>) -> (f64, f64, u32) {
     (a.ttft, ttft, cached)
 }
 
-fn ref_python() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("AFNEXT_REF_PYTHON") {
-        return Some(PathBuf::from(p));
-    }
-    let home = std::env::var_os("HOME")?;
-    let p = Path::new(&home).join(".cache/afnext/ref-venv/bin/python");
-    p.exists().then_some(p)
-}
-
 /// transformers' side (`tools/bench/load_ref.py`): one process per dtype, asked for one static batch at a
 /// time so that its batches alternate with the server's rounds.
-struct LoadRef {
-    child: Child,
-    stdin: ChildStdin,
-    out: BufReader<ChildStdout>,
-}
+struct LoadRef(RefProcess);
 
 impl LoadRef {
     fn start(threads: usize, dtype: &str) -> Option<Self> {
-        let py = ref_python()?;
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tools/bench/load_ref.py");
-        let mut child = Command::new(py)
-            .arg(script)
-            .args([threads.to_string(), dtype.into()])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .map_err(|e| eprintln!("reference not started: {e}"))
-            .ok()?;
-        let stdin = child.stdin.take()?;
-        let mut out = BufReader::new(child.stdout.take()?);
+        let mut p = RefProcess::start("load_ref.py", &[threads.to_string(), dtype.into()])?;
         // The model is built and warmed up once it says hello.
-        let mut hello = String::new();
-        out.read_line(&mut hello).ok()?;
-        serde_json::from_str::<serde_json::Value>(&hello).ok()?;
-        Some(LoadRef { child, stdin, out })
+        p.read()?;
+        Some(LoadRef(p))
     }
 
     /// transformers' tokens/s for a static batch of 16 prompts of `prompt` tokens, `new` tokens each.
     fn batch16(&mut self, prompt: usize, new: u32) -> Option<f64> {
-        writeln!(self.stdin, "16 {prompt} {new}").ok()?;
-        let mut line = String::new();
-        self.out.read_line(&mut line).ok()?;
-        let v: serde_json::Value = serde_json::from_str(&line).ok()?;
-        v["tok_s"].as_f64()
+        self.0.ask(&format!("16 {prompt} {new}"))?["tok_s"].as_f64()
     }
-}
-
-impl Drop for LoadRef {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The median of sorted `x` (the mean of the middle two for an even count).
-fn median(x: &[f64]) -> f64 {
-    let n = x.len();
-    if n % 2 == 1 {
-        x[n / 2]
-    } else {
-        (x[n / 2 - 1] + x[n / 2]) / 2.0
-    }
-}
-
-/// Median, lowest and highest of `x`, as `1.23x (1.01-1.50)`.
-fn spread(mut x: Vec<f64>) -> String {
-    if x.is_empty() {
-        return "-".into();
-    }
-    x.sort_by(f64::total_cmp);
-    format!("{:.2}x ({:.2}-{:.2})", median(&x), x[0], x[x.len() - 1])
 }
 
 /// One round at the goal's two levels and the reference's static batch on the same work.
