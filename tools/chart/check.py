@@ -13,7 +13,7 @@ the helm binary:
   4. Every `afnext` command line (chart and deploy/docker-compose.yml) uses a subcommand and flags that
      `$AFNEXT_BIN <subcommand> --help` lists (default target/debug/afnext).
   5. deploy/docker-compose.yml, deploy/Dockerfile (stage names), deploy/prometheus.yml and
-     deploy/grafana/afnext-dashboard.json (metric names against docs/METRICS.md).
+     deploy/grafana/afnext-dashboard.json (metric names against docs/METRICS.md): check_deploy.py.
 
 Run with the venv of tools/chart/requirements.txt:  python tools/chart/check.py   (exit 1 on any failure)
 """
@@ -21,9 +21,6 @@ Run with the venv of tools/chart/requirements.txt:  python tools/chart/check.py 
 from __future__ import annotations
 
 import json
-import os
-import re
-import shlex
 import subprocess
 import sys
 import time
@@ -43,81 +40,14 @@ ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 from values_doc import key_docs  # noqa: E402
 
-CHART = ROOT / "helm" / "afnext"
-DEPLOY = ROOT / "deploy"
+from chart_common import AFNEXT_BIN, CHART, R, check_afnext_argv, flag_values, shell_commands  # noqa: E402
+from check_deploy import check_compose, check_dashboard, check_dockerfile  # noqa: E402
+
 KUBE_VERSION = "1.30.0"
 # Kinds whose schemas are CustomResourceDefinitions, absent from the Kubernetes schemas: not validated.
 CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
 RELEASE, NAMESPACE = "demo", "ml"
 FULL = f"{RELEASE}-afnext"
-AFNEXT_BIN = os.environ.get("AFNEXT_BIN", str(ROOT / "target" / "debug" / "afnext"))
-
-
-class Report:
-    def __init__(self) -> None:
-        self.failures: list[str] = []
-        self.passed = 0
-
-    def check(self, ok: bool, what: str, detail: str = "") -> bool:
-        if ok:
-            self.passed += 1
-        else:
-            self.failures.append(f"{what}{': ' + detail if detail else ''}")
-            print(f"  FAIL {what}{': ' + detail if detail else ''}")
-        return ok
-
-    def section(self, title: str) -> None:
-        print(f"== {title}")
-
-
-R = Report()
-
-
-# --------------------------------------------------------------------------------------------------------------
-# afnext --help: the flags of each subcommand
-# --------------------------------------------------------------------------------------------------------------
-
-_HELP: dict[str, set[str]] = {}
-
-
-def flags_of(sub: str) -> set[str] | None:
-    if sub not in _HELP:
-        try:
-            out = subprocess.run(
-                [AFNEXT_BIN, sub, "--help"], capture_output=True, text=True, timeout=60, check=True
-            ).stdout
-        except (OSError, subprocess.SubprocessError) as e:
-            R.check(False, f"`{AFNEXT_BIN} {sub} --help` runs", str(e))
-            _HELP[sub] = set()
-            return None
-        _HELP[sub] = set(re.findall(r"(?m)^\s+(?:-\w, )?(--[a-z0-9][a-z0-9-]*)", out))
-    return _HELP[sub]
-
-
-def check_afnext_argv(argv: list[str], where: str) -> None:
-    """argv starts with "afnext": its subcommand and every --flag must be in that subcommand's --help."""
-    if not R.check(len(argv) >= 2 and argv[0] == "afnext", f"{where}: runs afnext SUBCOMMAND", str(argv[:2])):
-        return
-    sub = argv[1]
-    known = flags_of(sub)
-    if known is None:
-        return
-    R.check(bool(known), f"{where}: `afnext {sub}` is a subcommand", f"no flags in `afnext {sub} --help`")
-    used = [a.split("=", 1)[0] for a in argv[2:] if a.startswith("--")]
-    unknown = sorted(set(used) - known)
-    R.check(not unknown, f"{where}: flags of `afnext {sub}` exist", f"unknown {unknown}")
-
-
-def shell_commands(script: str) -> list[list[str]]:
-    """The `afnext ...` command lines of a shell script (continuations joined, `&` and quotes handled)."""
-    joined = script.replace("\\\n", " ")
-    cmds = []
-    for line in joined.splitlines():
-        line = line.strip()
-        if line.startswith("afnext "):
-            argv = shlex.split(line.rstrip("&").strip())
-            cmds.append(argv)
-    return cmds
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -197,16 +127,6 @@ def validate_kube(r: Rendered, label: str) -> None:
 def gpus(container: dict) -> int:
     lim = container.get("resources", {}).get("limits", {})
     return int(lim.get("nvidia.com/gpu", 0))
-
-
-def flag_values(argv: list[str], flag: str) -> list[str]:
-    out = []
-    for i, a in enumerate(argv):
-        if a == flag and i + 1 < len(argv):
-            out.append(argv[i + 1])
-        elif a.startswith(flag + "="):
-            out.append(a.split("=", 1)[1])
-    return out
 
 
 def role_argvs(r: Rendered) -> dict[str, list[list[str]]]:
@@ -653,153 +573,6 @@ def check_render() -> None:
             R.check(needle in str(e), f"refused: {what}", f"error does not mention {needle!r}: {e}")
             print(f"  refused ({what}): {str(e).strip().splitlines()[-1].strip()[:110]}")
 
-
-# --------------------------------------------------------------------------------------------------------------
-# deploy/
-# --------------------------------------------------------------------------------------------------------------
-
-
-def dockerfile_stages() -> dict[str, str]:
-    stages = {}
-    text = (DEPLOY / "Dockerfile").read_text()
-    for m in re.finditer(r"(?im)^FROM\s+(?:--platform=\S+\s+)?(\S+)\s+AS\s+(\S+)\s*$", text):
-        stages[m.group(2).lower()] = m.group(1)
-    return stages
-
-
-def check_dockerfile() -> dict[str, str]:
-    R.section("deploy/Dockerfile")
-    text = (DEPLOY / "Dockerfile").read_text()
-    stages = dockerfile_stages()
-    print(f"  stages: {', '.join(f'{k} ({v})' for k, v in stages.items())}")
-    for name in ("builder", "runtime", "cuda-builder", "cuda"):
-        R.check(name in stages, f"Dockerfile has stage {name}")
-    R.check(stages.get("runtime", "").startswith("debian:bookworm-slim"), "runtime stage on debian:bookworm-slim")
-    R.check(
-        re.match(r"nvidia/cuda:(\$\{CUDA_VERSION\}|13\.0\.\d+)-runtime-ubuntu24\.04", stages.get("cuda", "")) is not None,
-        "cuda stage on nvidia/cuda runtime ubuntu24.04",
-    )
-    cuda_version = re.search(r"(?m)^ARG CUDA_VERSION=(\S+)", text)
-    R.check(bool(cuda_version) and cuda_version.group(1).startswith("13.0."), "CUDA 13.0.x")
-    R.check("cargo build --release --locked -p afnext-cli" in text, "builder runs cargo build --release -p afnext-cli")
-    R.check("--features cuda" in text, "cuda build uses --features cuda")
-    R.check("protobuf-compiler" in text and "ca-certificates" in text, "protoc in builders, CA certificates in images")
-    for stage in ("runtime", "cuda"):
-        src = "builder" if stage == "runtime" else "cuda-builder"
-        R.check(f"COPY --from={src} /out/afnext /usr/local/bin/afnext" in text, f"{stage} copies the {src} binary")
-    R.check((DEPLOY / "Dockerfile.dockerignore").exists(), "Dockerfile.dockerignore keeps target/ out of the context")
-    # The chart's GPU image is the CPU tag + image.cudaTagSuffix: the `cuda` stage, tagged "-cuda".
-    values = yaml.safe_load((CHART / "values.yaml").read_text())
-    R.check(values["image"]["cudaTagSuffix"] == "-cuda" and "cuda" in stages, "chart's -cuda images come from stage cuda")
-    return stages
-
-
-def check_compose(stages: dict[str, str]) -> None:
-    R.section(f"deploy/docker-compose.yml (flags against `{AFNEXT_BIN} <subcommand> --help`)")
-    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
-    services = compose.get("services", {})
-    by_sub: dict[str, list[str]] = {}
-    for name, svc in services.items():
-        cmd = svc.get("command")
-        entry = svc.get("entrypoint") or []
-        if isinstance(cmd, str):
-            cmd = shlex.split(cmd)
-        if isinstance(entry, str):
-            entry = shlex.split(entry)
-        argv = list(entry) + list(cmd or [])
-        if argv[:1] != ["afnext"]:
-            continue
-        argv = [str(a) for a in argv]
-        check_afnext_argv(argv, f"compose {name}")
-        sub = argv[1]
-        by_sub.setdefault(sub, []).append(name)
-        R.check(bool(flag_values(argv, "--metrics-listen")), f"compose {name}: --metrics-listen")
-        R.check(flag_values(argv, "--etcd-endpoints") == ["http://etcd:2379"], f"compose {name}: registers via etcd")
-        R.check(flag_values(argv, "--model") == ["/model"], f"compose {name}: --model /model")
-        if sub in ("encoder", "decoder"):
-            adv = flag_values(argv, "--advertise")
-            R.check(bool(adv) and adv[0].split(":")[0] == name, f"compose {name}: --advertise {name}:PORT")
-        if sub == "decoder":
-            R.check(flag_values(argv, "--tp") == ["1"], f"compose {name}: TP=1")
-        vols = svc.get("volumes", [])
-        tiny = [v for v in vols if isinstance(v, str) and v.split(":")[1:] == ["/model", "ro"]]
-        R.check(len(tiny) == 1, f"compose {name}: checkpoint mounted read-only at /model")
-        if tiny:
-            R.check(
-                (DEPLOY / tiny[0].split(":")[0]).resolve() == (ROOT / "tests/fixtures/ckpt/tiny-a").resolve(),
-                f"compose {name}: mounts tests/fixtures/ckpt/tiny-a",
-            )
-        build = svc.get("build", {})
-        R.check(build.get("target") in stages, f"compose {name}: build target is a Dockerfile stage", str(build))
-        R.check(build.get("target") == "runtime", f"compose {name}: CPU image (target runtime)")
-        R.check((DEPLOY / build.get("context", ".") / build.get("dockerfile", "Dockerfile")).resolve()
-                == (DEPLOY / "Dockerfile").resolve(), f"compose {name}: builds deploy/Dockerfile")
-    print("  afnext services: " + ", ".join(f"{k}: {', '.join(v)}" for k, v in sorted(by_sub.items())))
-    R.check(len(by_sub.get("router", [])) == 1, "compose: 1 router")
-    R.check(len(by_sub.get("encoder", [])) == 2, "compose: 2 encoders")
-    R.check(len(by_sub.get("decoder", [])) == 1, "compose: 1 decoder")
-    R.check("etcd" in services and "etcd" in services["etcd"].get("image", ""), "compose: etcd service")
-    prom = services.get("prometheus", {})
-    R.check(
-        any(str(v).startswith("./prometheus.yml:") for v in prom.get("volumes", [])), "compose: Prometheus with prometheus.yml"
-    )
-    # prometheus.yml scrapes every afnext service on its metrics port.
-    cfg = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
-    targets = {t for job in cfg["scrape_configs"] for sc in job.get("static_configs", []) for t in sc["targets"]}
-    for names in by_sub.values():
-        for name in names:
-            listen = flag_values([str(a) for a in services[name]["command"]], "--metrics-listen")
-            if listen:
-                port = listen[0].rsplit(":", 1)[1]
-                R.check(f"{name}:{port}" in targets, f"prometheus.yml scrapes {name}:{port}")
-    print(f"  prometheus.yml targets: {', '.join(sorted(targets))}")
-
-
-def metric_names() -> set[str]:
-    """Metric names of docs/METRICS.md (`afnext_x_total` / `_y` shorthand expanded)."""
-    names: set[str] = set()
-    for line in (ROOT / "docs" / "METRICS.md").read_text().splitlines():
-        last = None
-        for tok in re.findall(r"`(afnext_[a-z0-9_]+|_[a-z0-9_]+)(?:\{[^`]*\})?`", line):
-            if tok.startswith("afnext_"):
-                names.add(tok)
-                last = tok
-            elif last:
-                names.add(last.rsplit("_", 1)[0] + tok)
-    return names
-
-
-def check_dashboard() -> None:
-    R.section("deploy/grafana/afnext-dashboard.json")
-    try:
-        dash = json.loads((DEPLOY / "grafana" / "afnext-dashboard.json").read_text())
-    except json.JSONDecodeError as e:
-        R.check(False, "dashboard is JSON", str(e))
-        return
-    R.check(isinstance(dash.get("panels"), list) and dash.get("title") and dash.get("schemaVersion"), "dashboard shape")
-    known = metric_names()
-    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
-    used = set()
-    for e in exprs:
-        for m in re.findall(r"\bafnext_[a-z0-9_]+", e):
-            base = re.sub(r"_(bucket|sum|count)$", "", m)
-            R.check(m in known or base in known, f"dashboard metric {m} is in docs/METRICS.md")
-            used.add(m if m in known else base)
-        R.check(e.count("(") == e.count(")") and e.count("{") == e.count("}"), f"dashboard expr balanced: {e[:60]}")
-    ids = [p["id"] for p in dash["panels"]]
-    R.check(len(ids) == len(set(ids)), "dashboard panel ids unique")
-    wanted = {
-        "afnext_requests_total", "afnext_errors_total", "afnext_time_to_first_token_seconds",
-        "afnext_inter_token_latency_seconds", "afnext_request_duration_seconds", "afnext_requests_running",
-        "afnext_requests_waiting", "afnext_kv_blocks_used", "afnext_prefix_cache_hits_total",
-        "afnext_embedding_cache_hits_total", "afnext_audio_seconds_received_total", "afnext_windows_encoded_total",
-        "afnext_encoder_windows_total", "afnext_encoder_batch_size", "afnext_encoder_queue_depth",
-        "afnext_tokens_generated_total",
-    }
-    R.check(wanted <= used, "dashboard covers the key metrics", str(sorted(wanted - used)))
-    quantiles = [e for e in exprs if e.startswith("histogram_quantile(")]
-    print(f"  {len(dash['panels'])} panels, {len(exprs)} queries ({len(quantiles)} histogram_quantile), "
-          f"{len(used)} of {len(known)} documented metrics")
 
 
 def main() -> int:
