@@ -285,6 +285,47 @@ fn a_follow_up_turn_reuses_the_audio_embeddings_and_the_prefix() {
 }
 
 #[test]
+fn a_prompt_sharing_part_of_a_cached_block_copies_its_rows_and_answers_as_alone() {
+    let e = engine("tiny-a", EngineConfig::default());
+    let bs = e.config().block_size;
+    let proc = PromptProcessor::load(&ckpt("tiny-a")).unwrap();
+    let conv = |q: &str| Conversation::single_turn(Some("You are terse."), None, q);
+    let first =
+        conv("Describe a quiet morning by the sea, then name three sounds you would hear there.");
+    let second = conv("Describe a quiet morning in a small town.");
+    let ids = |c: &Conversation| proc.encode(c, &[]).unwrap().input_ids;
+    let (a_ids, b_ids) = (ids(&first), ids(&second));
+    let shared = a_ids.iter().zip(&b_ids).take_while(|(x, y)| x == y).count();
+    // The case this test is for: the prompts part inside a block that the first one fills.
+    assert!(
+        shared % bs != 0,
+        "shared {shared} is a whole number of blocks"
+    );
+    assert!(a_ids.len() >= shared.div_ceil(bs) * bs && shared < b_ids.len() - 1);
+    let a = collect(e.submit(request(first, 4, 1.0)).unwrap()).unwrap();
+    assert_eq!(a.summary.usage.cached_tokens, 0);
+    let before = e.stats().kv;
+    let b = collect(e.submit(request(second.clone(), 12, 1.2)).unwrap()).unwrap();
+    assert_eq!(
+        b.summary.usage.cached_tokens, shared,
+        "whole blocks and the rows copied from the block where the prompts part"
+    );
+    let after = e.stats().kv;
+    assert_eq!(after.partial_hits, before.partial_hits + 1);
+    assert_eq!(
+        after.partial_positions - before.partial_positions,
+        (shared % bs) as u64
+    );
+    wait_idle(&e);
+    assert_eq!(e.stats().kv.used, 0, "blocks leaked");
+    // The same request on a fresh engine computes every position itself: the same tokens.
+    let fresh = engine("tiny-a", EngineConfig::default());
+    let alone = collect(fresh.submit(request(second, 12, 1.2)).unwrap()).unwrap();
+    assert_eq!(alone.summary.usage.cached_tokens, 0);
+    assert_eq!(b.ids, alone.ids);
+}
+
+#[test]
 fn preemption_under_a_tiny_kv_cache_gives_identical_tokens() {
     // Six requests without the 75 s clip (2 000 positions alone would not fit the tight cache below).
     let reqs: Vec<GenerateRequest> = sixteen()

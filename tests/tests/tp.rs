@@ -77,6 +77,7 @@ fn run_group(
                         }],
                         ids: ids.to_vec(),
                         sample_rows: vec![ids.len() as u32 - 1],
+                        copies: Vec::new(),
                     };
                     let l = d.run_step(&plan, audio, &kv).unwrap().unwrap();
                     let l = l.flatten_all().unwrap().to_dtype(DType::F32).unwrap();

@@ -9,6 +9,10 @@
 //!   ("evictable") until the space is needed; a later prompt with the same prefix takes it back instead of
 //!   recomputing it.
 //! * Allocation takes a never-cached free block first, then evicts the least recently released cached one.
+//! * A cached block is also found by a prompt that shares only its first positions (same prefix before it,
+//!   then some of its tokens, then different ones): [`BlockManager::partial`] gives the cached block with the
+//!   longest such run, whose rows the engine copies into a block of the new sequence's own (copy on write),
+//!   so that a chat template or a previous turn ending inside a block is not recomputed either.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
@@ -18,6 +22,9 @@ pub type BlockId = u32;
 /// Identity of a full block's content, chained over the whole prefix (blake3, 256 bits).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct BlockKey([u8; 32]);
+
+/// What [`BlockManager::children`] files the first blocks of sequences under (no hash gives all zeros).
+const ROOT: BlockKey = BlockKey([0; 32]);
 
 impl BlockKey {
     /// The key of a block with `tokens` (their [`crate::TokenKey`]s) following the block `parent`.
@@ -47,6 +54,9 @@ pub struct BlockStats {
     /// Prompt blocks looked up / found in the prefix cache, since start.
     pub prefix_queries: u64,
     pub prefix_hits: u64,
+    /// Cached blocks whose first positions a prompt shared (copied, not recomputed), and those positions.
+    pub partial_hits: u64,
+    pub partial_positions: u64,
 }
 
 #[derive(Debug)]
@@ -56,12 +66,18 @@ pub struct BlockManager {
     key: Vec<Option<BlockKey>>,
     free: VecDeque<BlockId>,
     cached: HashMap<BlockKey, BlockId>,
+    /// Per cached block: the key of the block before it ([`ROOT`] for a first block) and its token keys.
+    content: Vec<Option<(BlockKey, Vec<u64>)>>,
+    /// Cached blocks by the key of the block before them.
+    children: HashMap<BlockKey, Vec<BlockId>>,
     /// Released cached blocks by release order (oldest first), for LRU eviction.
     evictable: BTreeMap<u64, BlockId>,
     released_at: Vec<u64>,
     tick: u64,
     prefix_queries: u64,
     prefix_hits: u64,
+    partial_hits: u64,
+    partial_positions: u64,
 }
 
 impl BlockManager {
@@ -72,11 +88,15 @@ impl BlockManager {
             key: vec![None; num_blocks],
             free: (0..num_blocks as BlockId).collect(),
             cached: HashMap::new(),
+            content: vec![None; num_blocks],
+            children: HashMap::new(),
             evictable: BTreeMap::new(),
             released_at: vec![0; num_blocks],
             tick: 0,
             prefix_queries: 0,
             prefix_hits: 0,
+            partial_hits: 0,
+            partial_positions: 0,
         }
     }
 
@@ -101,6 +121,8 @@ impl BlockManager {
             free: self.free.len(),
             prefix_queries: self.prefix_queries,
             prefix_hits: self.prefix_hits,
+            partial_hits: self.partial_hits,
+            partial_positions: self.partial_positions,
         }
     }
 
@@ -113,6 +135,14 @@ impl BlockManager {
                 self.evictable.remove(&t);
                 if let Some(k) = self.key[b as usize].take() {
                     self.cached.remove(&k);
+                }
+                if let Some((parent, _)) = self.content[b as usize].take() {
+                    if let Some(list) = self.children.get_mut(&parent) {
+                        list.retain(|&c| c != b);
+                        if list.is_empty() {
+                            self.children.remove(&parent);
+                        }
+                    }
                 }
                 b
             }
@@ -127,21 +157,63 @@ impl BlockManager {
         self.prefix_queries += 1;
         let b = *self.cached.get(key)?;
         self.prefix_hits += 1;
+        self.take(b);
+        Some(b)
+    }
+
+    /// One more reference on `b` (out of the evictable set if it was there).
+    fn take(&mut self, b: BlockId) {
         if self.ref_count[b as usize] == 0 {
             self.evictable.remove(&self.released_at[b as usize]);
         }
         self.ref_count[b as usize] += 1;
-        Some(b)
     }
 
-    /// Records that `block` (held by the caller) now holds the full content `key`. If another block already
-    /// holds that content, this one simply stays uncached.
-    pub fn register(&mut self, block: BlockId, key: BlockKey) {
+    /// The cached block after `parent` (`None`: a sequence's first block) whose tokens begin with the longest
+    /// run of `tokens` (at least one, fewer than a block), and that run's length; takes a reference on it,
+    /// which the caller releases once its rows are copied. `None` when no cached block shares a first token.
+    pub fn partial(
+        &mut self,
+        parent: Option<&BlockKey>,
+        tokens: &[u64],
+    ) -> Option<(BlockId, usize)> {
+        let list = self.children.get(parent.unwrap_or(&ROOT))?;
+        let mut best: Option<(BlockId, usize)> = None;
+        for &b in list {
+            let Some((_, have)) = &self.content[b as usize] else {
+                continue;
+            };
+            let n = have.iter().zip(tokens).take_while(|(a, b)| a == b).count();
+            if n > best.map_or(0, |(_, m)| m) {
+                best = Some((b, n));
+            }
+        }
+        let (b, n) = best?;
+        let n = n.min(self.block_size - 1);
+        self.partial_hits += 1;
+        self.partial_positions += n as u64;
+        self.take(b);
+        Some((b, n))
+    }
+
+    /// Records that `block` (held by the caller) now holds the full content `key`: `tokens` after the block
+    /// whose key is `parent`. If another block already holds that content, this one simply stays uncached.
+    pub fn register(
+        &mut self,
+        block: BlockId,
+        key: BlockKey,
+        parent: Option<&BlockKey>,
+        tokens: &[u64],
+    ) {
         if self.key[block as usize].is_some() || self.cached.contains_key(&key) {
             return;
         }
+        debug_assert_eq!(tokens.len(), self.block_size, "only full blocks are cached");
+        let parent = *parent.unwrap_or(&ROOT);
         self.key[block as usize] = Some(key);
         self.cached.insert(key, block);
+        self.content[block as usize] = Some((parent, tokens.to_vec()));
+        self.children.entry(parent).or_default().push(block);
     }
 
     /// Drops one reference; the last one returns the block to the cache (if it has content) or the free list.
@@ -183,7 +255,7 @@ mod tests {
         let mut m = BlockManager::new(3, 4);
         let k1 = BlockKey::new(None, &[1, 2, 3, 4]);
         let a = m.allocate().unwrap();
-        m.register(a, k1);
+        m.register(a, k1, None, &[1, 2, 3, 4]);
         let b = m.allocate().unwrap();
         assert_eq!(m.stats().used, 2);
         m.release(a);
@@ -204,6 +276,58 @@ mod tests {
             m.release(g);
         }
         assert_eq!(m.stats().used, 0);
+    }
+
+    #[test]
+    fn partly_shared_blocks_are_found_by_their_parent_and_longest_run() {
+        let mut m = BlockManager::new(4, 4);
+        let root = BlockKey::new(None, &[1, 2, 3, 4]);
+        let a = m.allocate().unwrap();
+        m.register(a, root, None, &[1, 2, 3, 4]);
+        let (b, c) = (m.allocate().unwrap(), m.allocate().unwrap());
+        m.register(
+            b,
+            BlockKey::new(Some(&root), &[5, 6, 7, 8]),
+            Some(&root),
+            &[5, 6, 7, 8],
+        );
+        m.register(
+            c,
+            BlockKey::new(Some(&root), &[5, 6, 9, 9]),
+            Some(&root),
+            &[5, 6, 9, 9],
+        );
+        for x in [a, b, c] {
+            m.release(x);
+        }
+        // The longest run after the same parent; a first block is found under no parent.
+        assert_eq!(m.partial(Some(&root), &[5, 6, 7, 0]), Some((b, 3)));
+        assert_eq!(m.ref_count(b), 1, "referenced for the copy");
+        assert_eq!(m.stats().cached, 2);
+        assert_eq!(m.partial(Some(&root), &[5, 6, 9]), Some((c, 3)));
+        assert_eq!(m.partial(None, &[1, 2, 0]), Some((a, 2)));
+        assert_eq!(
+            m.partial(Some(&root), &[6]),
+            None,
+            "no first token in common"
+        );
+        let other = BlockKey::new(None, &[0, 0, 0, 0]);
+        assert_eq!(m.partial(Some(&other), &[5, 6]), None, "another parent");
+        let st = m.stats();
+        assert_eq!((st.partial_hits, st.partial_positions), (3, 8));
+        for x in [b, c, a] {
+            m.release(x);
+        }
+        // Evicted blocks are no longer found (the free block goes first, then the least recently released
+        // cached one: b).
+        let got: Vec<_> = (0..2).map(|_| m.allocate().unwrap()).collect();
+        assert!(got.contains(&b));
+        assert_eq!(
+            m.partial(Some(&root), &[5, 6, 7]),
+            Some((c, 2)),
+            "b evicted"
+        );
+        assert_eq!(m.partial(None, &[1, 2]), Some((a, 2)));
     }
 
     #[test]

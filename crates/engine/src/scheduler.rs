@@ -10,7 +10,9 @@
 //!    steps of everyone else and never stalls them.
 //! 4. Waiting requests are admitted in arrival order (a request that does not fit blocks the ones behind it, so
 //!    a big request is not starved by a stream of small ones). Admission first takes every full block of the
-//!    prompt that the prefix cache holds.
+//!    prompt that the prefix cache holds; then, if a cached block after those shares the prompt's next
+//!    positions but not all of them, a new block of the sequence's own receives a copy of those positions'
+//!    rows before the step runs ([`Step::copies`]), and the prefill starts after them.
 //!
 //! When a running sequence needs a block and none is free, the newest running sequence is preempted by
 //! *recompute*: its blocks are released (full ones stay in the prefix cache, so resuming usually finds them
@@ -21,6 +23,8 @@
 
 use std::collections::HashMap;
 use std::time::Instant;
+
+pub use afnext_model::paged::BlockCopy;
 
 use crate::block::{BlockId, BlockKey, BlockManager, BlockStats};
 
@@ -111,6 +115,9 @@ pub struct Step {
     pub expired: Vec<SeqId>,
     /// Admitted for the first time this step, with the prompt positions found in the prefix cache.
     pub admitted: Vec<(SeqId, usize)>,
+    /// Rows to copy between blocks before the step's forward: a cached block's first positions into a block
+    /// of a sequence admitted with them (see [`BlockManager::partial`]).
+    pub copies: Vec<BlockCopy>,
 }
 
 impl Step {
@@ -164,6 +171,9 @@ pub struct Scheduler {
     waiting: Vec<SeqId>,
     running: Vec<SeqId>,
     preemptions: u64,
+    /// Sources of the last step's copies: held until the step has run (released by the next
+    /// [`Scheduler::complete`] or [`Scheduler::schedule`], whichever comes first).
+    copy_sources: Vec<BlockId>,
 }
 
 /// Counters for statistics.
@@ -184,6 +194,7 @@ impl Scheduler {
             waiting: Vec::new(),
             running: Vec::new(),
             preemptions: 0,
+            copy_sources: Vec::new(),
         }
     }
 
@@ -288,6 +299,7 @@ impl Scheduler {
     /// Records that the step's items were computed: advances them and enters their newly full blocks in the
     /// prefix cache.
     pub fn complete(&mut self, items: &[StepItem]) {
+        self.release_copy_sources();
         let bs = self.blocks.block_size();
         for it in items {
             let Some(s) = self.seqs.get_mut(&it.id) else {
@@ -296,8 +308,10 @@ impl Scheduler {
             s.computed = it.start + it.len;
             while (s.block_keys.len() + 1) * bs <= s.computed {
                 let j = s.block_keys.len();
-                let key = BlockKey::new(s.block_keys.last(), &s.keys[j * bs..(j + 1) * bs]);
-                self.blocks.register(s.table[j], key);
+                let tokens = &s.keys[j * bs..(j + 1) * bs];
+                let key = BlockKey::new(s.block_keys.last(), tokens);
+                self.blocks
+                    .register(s.table[j], key, s.block_keys.last(), tokens);
                 s.block_keys.push(key);
             }
         }
@@ -305,6 +319,8 @@ impl Scheduler {
 
     /// Plans the next step at time `now`.
     pub fn schedule(&mut self, now: Instant) -> Step {
+        // The previous step has run (or failed) by now: its copies are done.
+        self.release_copy_sources();
         let mut step = Step::default();
         let expired: Vec<SeqId> = self
             .seqs
@@ -363,7 +379,7 @@ impl Scheduler {
         let mut j = 0;
         while budget > 0 && self.running.len() < self.cfg.max_running && j < self.waiting.len() {
             let id = self.waiting[j];
-            let cached = self.match_prefix(id);
+            let (cached, copy) = self.match_prefix(id);
             let rem = self.seqs[&id].remaining();
             let want = rem.min(budget).min(self.cfg.prefill_chunk);
             let s = &self.seqs[&id];
@@ -373,11 +389,18 @@ impl Scheduler {
                 s.computed = 0;
                 s.block_keys.clear();
                 self.blocks.release_all(&mut s.table);
+                if let Some(c) = copy {
+                    self.blocks.release(c.src);
+                }
                 if want == 0 {
                     j += 1;
                     continue;
                 }
                 break;
+            }
+            if let Some(c) = copy {
+                self.copy_sources.push(c.src);
+                step.copies.push(c);
             }
             self.waiting.remove(j);
             self.insert_ordered(true, id);
@@ -407,9 +430,11 @@ impl Scheduler {
         }
     }
 
-    /// Takes every full prompt block the prefix cache holds (always leaving one position to compute, whose
-    /// logits start generation). Returns the positions found.
-    fn match_prefix(&mut self, id: SeqId) -> usize {
+    /// Takes every full prompt block the prefix cache holds, then the first positions of a cached block that
+    /// shares some of the next ones (copied into a new block of the sequence's own, which the returned copy
+    /// fills; its source is referenced until the copy is done), always leaving one position to compute, whose
+    /// logits start generation. Returns the prompt positions found, and the copy.
+    fn match_prefix(&mut self, id: SeqId) -> (usize, Option<BlockCopy>) {
         let bs = self.blocks.block_size();
         let s = self.seqs.get_mut(&id).expect("known id");
         debug_assert!(s.table.is_empty() && s.computed == 0);
@@ -425,7 +450,27 @@ impl Scheduler {
             }
         }
         s.computed = s.table.len() * bs;
-        s.computed.min(s.prompt_len)
+        let mut copy = None;
+        let next = &s.keys[s.computed..(s.computed + bs).min(s.keys.len() - 1)];
+        if !next.is_empty() {
+            if let Some((src, rows)) = self.blocks.partial(s.block_keys.last(), next) {
+                match self.blocks.allocate() {
+                    Some(dst) => {
+                        s.table.push(dst);
+                        s.computed += rows;
+                        copy = Some(BlockCopy { src, dst, rows });
+                    }
+                    None => self.blocks.release(src),
+                }
+            }
+        }
+        (s.computed.min(s.prompt_len), copy)
+    }
+
+    fn release_copy_sources(&mut self) {
+        for b in std::mem::take(&mut self.copy_sources) {
+            self.blocks.release(b);
+        }
     }
 
     /// Makes room for `n` more positions of `id`, preempting newer running sequences if needed. False if `id`

@@ -48,6 +48,8 @@ fn run(cfg: SchedulerConfig, blocks: usize, bs: usize, reqs: &[Req]) -> Outcome 
     let mut step_no = 0;
     let mut skipped = 0;
     let mut cached = HashMap::new();
+    // What the simulated KV pool holds in each slot: the key of the position last written there.
+    let mut pool: Vec<Option<u64>> = vec![None; blocks * bs];
     while done < reqs.len() {
         for (i, r) in reqs.iter().enumerate() {
             if r.arrive_at == step_no {
@@ -81,12 +83,18 @@ fn run(cfg: SchedulerConfig, blocks: usize, bs: usize, reqs: &[Req]) -> Outcome 
         for id in &step.preempted {
             seen.remove(id);
         }
+        for c in &step.copies {
+            let (from, to) = (c.src as usize * bs, c.dst as usize * bs);
+            for i in 0..c.rows {
+                pool[to + i] = pool[from + i];
+            }
+        }
         for it in &step.items {
             let keys = &all_keys[&it.id];
             let view = seen.entry(it.id).or_default();
             if view.len() != it.start {
-                // Positions below `start` came from the prefix cache: they must be whole blocks of this content.
-                assert!(view.is_empty() && it.start % bs == 0, "gap before {it:?}");
+                // Positions below `start` came from the prefix cache (whole blocks, then rows copied).
+                assert!(view.is_empty(), "gap before {it:?}");
                 view.extend_from_slice(&keys[..it.start]);
             }
             view.extend_from_slice(&keys[it.start..it.start + it.len]);
@@ -94,6 +102,14 @@ fn run(cfg: SchedulerConfig, blocks: usize, bs: usize, reqs: &[Req]) -> Outcome 
                 it.block_table.len() * bs >= it.start + it.len,
                 "table too short"
             );
+            // The context the step attends to is this sequence's own, in its blocks' slots.
+            let slot = |p: usize| it.block_table[p / bs] as usize * bs + p % bs;
+            for (p, k) in keys[..it.start].iter().enumerate() {
+                assert_eq!(pool[slot(p)], Some(*k), "position {p} of {it:?}");
+            }
+            for p in it.start..it.start + it.len {
+                pool[slot(p)] = Some(keys[p]);
+            }
         }
         s.complete(&step.items);
         for it in step.items.iter().filter(|it| it.sample) {
@@ -114,6 +130,7 @@ fn run(cfg: SchedulerConfig, blocks: usize, bs: usize, reqs: &[Req]) -> Outcome 
     }
     let st = s.stats();
     assert_eq!(st.blocks.used, 0, "blocks leaked");
+    assert!(s.copy_sources.is_empty(), "copy sources still held");
     assert!(s.is_idle());
     Outcome {
         outputs,
@@ -238,6 +255,107 @@ fn follow_up_prompts_take_cached_blocks() {
     assert_eq!(out.cached[&1], 32);
     assert_eq!(out.cached[&2], 32);
     assert_eq!(out.outputs[&0], out.outputs[&1]);
+}
+
+#[test]
+fn prompts_sharing_part_of_a_block_copy_its_rows() {
+    let p = prompt(5, 40);
+    // The first 29 positions of `p` (3 full blocks of 8 and 5 positions of the fourth), then others.
+    let mut part = p[..29].to_vec();
+    part.extend(prompt(6, 16));
+    // Shares 3 positions of `p`'s first block only.
+    let mut early = p[..3].to_vec();
+    early.extend(prompt(7, 9));
+    let reqs = vec![
+        Req {
+            arrive_at: 0,
+            prompt: p,
+            max_new: 2,
+        },
+        Req {
+            arrive_at: 20,
+            prompt: part.clone(),
+            max_new: 4,
+        },
+        Req {
+            arrive_at: 40,
+            prompt: early.clone(),
+            max_new: 4,
+        },
+    ];
+    let out = run(cfg(64, 4, 64), 100, 8, &reqs);
+    assert_eq!(out.cached[&0], 0);
+    assert_eq!(out.cached[&1], 29, "3 blocks and 5 copied positions");
+    assert_eq!(out.cached[&2], 3, "3 copied positions of a first block");
+    // The same requests alone (nothing cached) give the same tokens.
+    for (id, prompt) in [(1, part), (2, early)] {
+        let alone = run(
+            cfg(64, 4, 64),
+            100,
+            8,
+            &[Req {
+                arrive_at: 0,
+                prompt,
+                max_new: 4,
+            }],
+        );
+        assert_eq!(alone.cached[&0], 0);
+        assert_eq!(alone.outputs[&0], out.outputs[&id]);
+    }
+}
+
+#[test]
+fn a_copy_source_stays_referenced_until_the_step_has_run() {
+    let mut s = Scheduler::new(cfg(64, 4, 64), BlockManager::new(8, 4));
+    let t0 = Instant::now();
+    let add = |s: &mut Scheduler, id: SeqId, keys: Vec<u64>| {
+        s.add(SeqSpec {
+            id,
+            keys,
+            max_new_tokens: 2,
+            arrival: t0,
+            deadline: None,
+        })
+        .unwrap();
+    };
+    add(&mut s, 1, vec![1, 2, 3, 4, 5, 6, 7, 8, 9]);
+    let step = s.schedule(t0);
+    assert!(step.copies.is_empty());
+    s.complete(&step.items);
+    let donor = step.items[0].block_table[1];
+    assert!(s.remove(1));
+    assert_eq!(s.blocks().ref_count(donor), 0, "cached, evictable");
+    // Shares the first block and 2 positions of the second.
+    add(&mut s, 2, vec![1, 2, 3, 4, 5, 6, 9, 9, 9]);
+    let step = s.schedule(t0);
+    assert_eq!(step.admitted, vec![(2, 6)]);
+    let it = &step.items[0];
+    assert_eq!((it.start, it.len), (6, 3));
+    assert_eq!(
+        step.copies,
+        vec![BlockCopy {
+            src: donor,
+            dst: it.block_table[1],
+            rows: 2
+        }]
+    );
+    assert_ne!(it.block_table[1], donor, "copied into a block of its own");
+    assert_eq!(s.blocks().ref_count(donor), 1, "held for the copy");
+    assert_eq!(s.stats().blocks.partial_hits, 1);
+    assert_eq!(s.stats().blocks.partial_positions, 2);
+    s.complete(&step.items);
+    assert_eq!(s.blocks().ref_count(donor), 0, "released once the step ran");
+    // A step that failed (no `complete`) releases it at the next schedule.
+    assert!(s.remove(2));
+    add(&mut s, 3, vec![1, 2, 3, 4, 5, 6, 8, 8, 8]);
+    let step = s.schedule(t0);
+    assert_eq!(step.copies.len(), 1);
+    let src = step.copies[0].src;
+    assert!(s.remove(3));
+    assert_eq!(s.blocks().ref_count(src), 1);
+    let _ = s.schedule(t0);
+    assert_eq!(s.blocks().ref_count(src), 0);
+    assert_eq!(s.stats().blocks.used, 0, "blocks leaked");
 }
 
 #[test]

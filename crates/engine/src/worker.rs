@@ -357,6 +357,7 @@ impl Worker {
             seqs: Vec::with_capacity(step.items.len()),
             ids: Vec::new(),
             sample_rows: Vec::new(),
+            copies: step.copies.clone(),
         };
         let mut audio = Vec::new();
         for it in &step.items {

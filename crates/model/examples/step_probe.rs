@@ -99,6 +99,7 @@ fn main() {
                 .map(|i| (i as u32 * 7919 + 13) % v)
                 .collect(),
             sample_rows: (0..b as u32).map(|s| (s + 1) * prompt as u32 - 1).collect(),
+            copies: Vec::new(),
         };
         d.run_step(&plan, None, &kv).unwrap();
         let (mut total, mut layers, mut head) = (vec![], vec![], vec![]);

@@ -492,6 +492,8 @@ impl Qwen2 {
                 self.cfg.vocab_size
             )));
         }
+        // Before anything of the step reads the cache (the copied rows are the start of a new sequence's block).
+        kv.copy_rows(&plan.copies)?;
         let mut embeds = self.embed_rows_masked(&plan.ids)?;
         let audio_rows: Vec<u32> = (0..plan.ids.len() as u32)
             .filter(|&r| plan.ids[r as usize] == AUDIO_ROW)

@@ -120,6 +120,46 @@ impl PagedKv {
     pub(crate) fn layer(&self, i: usize) -> (&Tensor, &Tensor) {
         (&self.k[i], &self.v[i])
     }
+
+    /// Does the copies, in order, on every layer (any candle device). A copy out of the pool's blocks or
+    /// past a block's end, or onto its own source, is refused before anything is written.
+    pub fn copy_rows(&self, copies: &[BlockCopy]) -> Result<()> {
+        for c in copies {
+            if c.src as usize >= self.num_blocks
+                || c.dst as usize >= self.num_blocks
+                || c.src == c.dst
+                || c.rows == 0
+                || c.rows > self.block_size
+            {
+                return Err(ModelError::Input(format!(
+                    "cannot copy {} rows from block {} to block {} of a pool of {} blocks of {}",
+                    c.rows, c.src, c.dst, self.num_blocks, self.block_size
+                )));
+            }
+        }
+        for c in copies {
+            let (from, to) = (
+                c.src as usize * self.block_size,
+                c.dst as usize * self.block_size,
+            );
+            for t in self.k.iter().chain(&self.v) {
+                // Through a copy: `slice_set` refuses a source that shares the destination's storage.
+                let rows = t.narrow(0, from, c.rows)?.copy()?;
+                t.slice_set(&rows, 0, to)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The first `rows` positions of block `src` copied into block `dst`, in every layer's keys and values: a
+/// new sequence taking the start of a cached block it shares only in part (copy on write; the engine's
+/// prefix cache decides, [`PagedKv::copy_rows`] does it before the step's forward).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockCopy {
+    pub src: u32,
+    pub dst: u32,
+    pub rows: usize,
 }
 
 /// One sequence's share of a batched forward step.
@@ -423,6 +463,58 @@ mod tests {
         crate::paged_cpu::attend_chunk(&qf, &seq, None, (&k, &v), (g, bs), &mut fused).unwrap();
         let worst = crate::attn_cpu::tests::worst_diff(&blocked, &fused);
         assert!(worst < 1e-5, "worst difference {worst}");
+    }
+
+    #[test]
+    fn copies_take_a_blocks_first_rows_on_every_layer_and_bad_ones_are_refused() {
+        let c = TextConfig {
+            vocab_size: 1,
+            hidden_size: 8,
+            intermediate_size: 1,
+            num_hidden_layers: 2,
+            num_attention_heads: 2,
+            num_key_value_heads: 1,
+            head_dim: 4,
+            rms_norm_eps: 1e-6,
+            rope_theta: 1e4,
+            max_position_embeddings: 64,
+            tie_word_embeddings: true,
+            eos_token_id: vec![],
+            pad_token_id: None,
+        };
+        let kv = PagedKv::new(&c, 4, 3, DType::F32, &Device::Cpu).unwrap();
+        let rows = |t: &Tensor| t.to_vec2::<f32>().unwrap();
+        for (i, t) in kv.k.iter().chain(&kv.v).enumerate() {
+            let fill = Tensor::arange(0f32, 48., &Device::Cpu).unwrap() + 100. * i as f64;
+            t.slice_set(&fill.unwrap().reshape((12, 4)).unwrap(), 0, 0)
+                .unwrap();
+        }
+        let before: Vec<_> = kv.k.iter().chain(&kv.v).map(rows).collect();
+        kv.copy_rows(&[BlockCopy {
+            src: 1,
+            dst: 3,
+            rows: 2,
+        }])
+        .unwrap();
+        for (t, old) in kv.k.iter().chain(&kv.v).zip(&before) {
+            let new = rows(t);
+            // Slots 3 and 4 (block 1's first two) into slots 9 and 10; everything else as it was.
+            let mut want = old.clone();
+            want[9] = old[3].clone();
+            want[10] = old[4].clone();
+            assert_eq!(new, want);
+        }
+        for bad in [(4, 0, 1), (0, 4, 1), (2, 2, 1), (0, 1, 0), (0, 1, 4)] {
+            let e = kv
+                .copy_rows(&[BlockCopy {
+                    src: bad.0,
+                    dst: bad.1,
+                    rows: bad.2,
+                }])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("of a pool of 4 blocks of 3"), "{e}");
+        }
     }
 
     #[test]

@@ -17,7 +17,7 @@ use std::ops::Range;
 
 use crate::config::TextConfig;
 use crate::error::{ModelError, Result};
-use crate::paged::SeqStep;
+use crate::paged::{BlockCopy, SeqStep};
 
 /// One rank's share of the decoder.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -118,6 +118,8 @@ pub struct StepPlan {
     pub ids: Vec<u32>,
     /// Rows whose logits are wanted, ascending.
     pub sample_rows: Vec<u32>,
+    /// Rows copied between blocks of the KV cache before the forward (every rank its own shard).
+    pub copies: Vec<BlockCopy>,
 }
 
 /// Rank 0's instruction to the other ranks of a group.
@@ -208,6 +210,11 @@ impl GroupMsg {
                 }
                 w.u32s(&plan.ids);
                 w.u32s(&plan.sample_rows);
+                w.u64(plan.copies.len());
+                for c in &plan.copies {
+                    w.u32s(&[c.src, c.dst]);
+                    w.u64(c.rows);
+                }
                 w.u64(audio.len());
                 audio
                     .iter()
@@ -243,6 +250,18 @@ impl GroupMsg {
                 }
                 let ids = r.u32s()?;
                 let sample_rows = r.u32s()?;
+                let nc = r.u64()?;
+                let mut copies = Vec::with_capacity(nc.min(4096));
+                for _ in 0..nc {
+                    let [src, dst] = r.u32s()?[..] else {
+                        return Err(ModelError::Input("a block copy is two block ids".into()));
+                    };
+                    copies.push(BlockCopy {
+                        src,
+                        dst,
+                        rows: r.u64()?,
+                    });
+                }
                 let na = r.u64()?;
                 let audio = r
                     .take(
@@ -257,6 +276,7 @@ impl GroupMsg {
                         seqs,
                         ids,
                         sample_rows,
+                        copies,
                     },
                     audio,
                     trace,
@@ -353,6 +373,11 @@ mod tests {
                 }],
                 ids: vec![5, AUDIO_ROW],
                 sample_rows: vec![1],
+                copies: vec![BlockCopy {
+                    src: 4,
+                    dst: 9,
+                    rows: 3,
+                }],
             },
             audio: vec![0.5, -1.25],
             trace: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),

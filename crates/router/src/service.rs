@@ -255,6 +255,8 @@ impl AfNext for RouterService {
             t.kv_block_size_tokens = s.kv_block_size_tokens;
             t.prefix_cache_queries_blocks += s.prefix_cache_queries_blocks;
             t.prefix_cache_hits_blocks += s.prefix_cache_hits_blocks;
+            t.prefix_cache_partial_hits_blocks += s.prefix_cache_partial_hits_blocks;
+            t.prefix_cache_partial_positions += s.prefix_cache_partial_positions;
             t.embedding_cache_hits += s.embedding_cache_hits;
             t.embedding_cache_misses += s.embedding_cache_misses;
             t.embedding_cache_bytes += s.embedding_cache_bytes;

@@ -235,6 +235,18 @@ pub fn engine_metrics(engine: &Engine, out: &mut String) {
         s.kv.prefix_hits as f64,
     );
     m(
+        "afnext_prefix_cache_partial_hits_total",
+        "counter",
+        "Cached blocks whose first positions a prompt shared (copied, not recomputed).",
+        s.kv.partial_hits as f64,
+    );
+    m(
+        "afnext_prefix_cache_partial_positions_total",
+        "counter",
+        "Prompt positions copied from partly shared cached blocks.",
+        s.kv.partial_positions as f64,
+    );
+    m(
         "afnext_embedding_cache_hits_total",
         "counter",
         "Audio parts served from the embedding cache.",

@@ -150,6 +150,8 @@ impl AfNext for Service {
             kv_block_size_tokens: s.block_size as u32,
             prefix_cache_queries_blocks: s.kv.prefix_queries,
             prefix_cache_hits_blocks: s.kv.prefix_hits,
+            prefix_cache_partial_hits_blocks: s.kv.partial_hits,
+            prefix_cache_partial_positions: s.kv.partial_positions,
             embedding_cache_hits: s.embeddings.hits,
             embedding_cache_misses: s.embeddings.misses,
             embedding_cache_bytes: s.embeddings.bytes as u64,
