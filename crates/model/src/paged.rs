@@ -143,8 +143,9 @@ impl PagedKv {
                 c.dst as usize * self.block_size,
             );
             for t in self.k.iter().chain(&self.v) {
-                // Through a copy: `slice_set` refuses a source that shares the destination's storage.
-                let rows = t.narrow(0, from, c.rows)?.copy()?;
+                // Through a copy of the rows alone (`slice_set` refuses a source that shares the destination's
+                // storage; `Tensor::copy` would clone the whole pool).
+                let rows = t.narrow(0, from, c.rows)?.force_contiguous()?;
                 t.slice_set(&rows, 0, to)?;
             }
         }

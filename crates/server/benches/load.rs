@@ -438,8 +438,13 @@ fn main() {
         }
         let st = engine.stats();
         println!(
-            "engine: {} steps, {} preemptions, prefix hits {}/{} blocks",
-            st.steps, st.preemptions, st.kv.prefix_hits, st.kv.prefix_queries
+            "engine: {} steps, {} preemptions, prefix hits {}/{} blocks, {} positions copied from {} partly shared blocks",
+            st.steps,
+            st.preemptions,
+            st.kv.prefix_hits,
+            st.kv.prefix_queries,
+            st.kv.partial_positions,
+            st.kv.partial_hits
         );
         drop(engine);
         std::thread::sleep(Duration::from_millis(100));
