@@ -68,8 +68,9 @@ pub struct BlockManager {
     cached: HashMap<BlockKey, BlockId>,
     /// Per cached block: the key of the block before it ([`ROOT`] for a first block) and its token keys.
     content: Vec<Option<(BlockKey, Vec<u64>)>>,
-    /// Cached blocks by the key of the block before them.
-    children: HashMap<BlockKey, Vec<BlockId>>,
+    /// Cached blocks by the key of the block before them and their first token key (a template's last
+    /// block before the requests part can have thousands of children; their first tokens tell them apart).
+    children: HashMap<(BlockKey, u64), Vec<BlockId>>,
     /// Released cached blocks by release order (oldest first), for LRU eviction.
     evictable: BTreeMap<u64, BlockId>,
     released_at: Vec<u64>,
@@ -136,11 +137,12 @@ impl BlockManager {
                 if let Some(k) = self.key[b as usize].take() {
                     self.cached.remove(&k);
                 }
-                if let Some((parent, _)) = self.content[b as usize].take() {
-                    if let Some(list) = self.children.get_mut(&parent) {
+                if let Some((parent, tokens)) = self.content[b as usize].take() {
+                    let at = (parent, tokens[0]);
+                    if let Some(list) = self.children.get_mut(&at) {
                         list.retain(|&c| c != b);
                         if list.is_empty() {
-                            self.children.remove(&parent);
+                            self.children.remove(&at);
                         }
                     }
                 }
@@ -177,7 +179,8 @@ impl BlockManager {
         parent: Option<&BlockKey>,
         tokens: &[u64],
     ) -> Option<(BlockId, usize)> {
-        let list = self.children.get(parent.unwrap_or(&ROOT))?;
+        let first = *tokens.first()?;
+        let list = self.children.get(&(*parent.unwrap_or(&ROOT), first))?;
         let mut best: Option<(BlockId, usize)> = None;
         for &b in list {
             let Some((_, have)) = &self.content[b as usize] else {
@@ -186,6 +189,9 @@ impl BlockManager {
             let n = have.iter().zip(tokens).take_while(|(a, b)| a == b).count();
             if n > best.map_or(0, |(_, m)| m) {
                 best = Some((b, n));
+                if n == tokens.len() {
+                    break;
+                }
             }
         }
         let (b, n) = best?;
@@ -213,7 +219,33 @@ impl BlockManager {
         self.key[block as usize] = Some(key);
         self.cached.insert(key, block);
         self.content[block as usize] = Some((parent, tokens.to_vec()));
-        self.children.entry(parent).or_default().push(block);
+        self.children
+            .entry((parent, tokens[0]))
+            .or_default()
+            .push(block);
+    }
+
+    /// Files the first positions of a block that will not fill: its sequence is leaving (finished, cancelled,
+    /// preempted) and the caller's reference is its last. The block then stays in the cache like a full one,
+    /// but only [`Self::partial`] finds it: a follow-up turn whose prompt repeats the first turn's answer
+    /// copies the answer's last positions instead of recomputing them. `tokens` (fewer than a block) follow
+    /// the block whose key is `parent`, and their keys and values must be in the block's first rows.
+    pub fn remember_partial(&mut self, block: BlockId, parent: Option<&BlockKey>, tokens: &[u64]) {
+        let b = block as usize;
+        if tokens.is_empty()
+            || tokens.len() >= self.block_size
+            || self.key[b].is_some()
+            || self.content[b].is_some()
+            || self.ref_count[b] != 1
+        {
+            return;
+        }
+        let parent = *parent.unwrap_or(&ROOT);
+        self.content[b] = Some((parent, tokens.to_vec()));
+        self.children
+            .entry((parent, tokens[0]))
+            .or_default()
+            .push(block);
     }
 
     /// Drops one reference; the last one returns the block to the cache (if it has content) or the free list.
@@ -224,7 +256,7 @@ impl BlockManager {
         if *rc > 0 {
             return;
         }
-        if self.key[block as usize].is_some() {
+        if self.key[block as usize].is_some() || self.content[block as usize].is_some() {
             self.tick += 1;
             self.released_at[block as usize] = self.tick;
             self.evictable.insert(self.tick, block);

@@ -134,6 +134,9 @@ struct Seq {
     table: Vec<BlockId>,
     /// Keys of the first `block_keys.len()` blocks of `table` (registered in the prefix cache or taken from it).
     block_keys: Vec<BlockKey>,
+    /// Positions whose keys and values are known to be in the blocks: found whole in the prefix cache, or
+    /// computed by a step that completed (not yet the rows a pending copy brings, nor a failed step's).
+    written: usize,
     arrival: Instant,
     deadline: Option<Instant>,
     admitted_once: bool,
@@ -248,6 +251,7 @@ impl Scheduler {
                 computed: 0,
                 table: Vec::new(),
                 block_keys: Vec::new(),
+                written: 0,
                 arrival: spec.arrival,
                 deadline: spec.deadline,
                 admitted_once: false,
@@ -264,7 +268,7 @@ impl Scheduler {
         let Some(mut s) = self.seqs.remove(&id) else {
             return false;
         };
-        self.blocks.release_all(&mut s.table);
+        leave(&mut self.blocks, &mut s);
         self.waiting.retain(|&w| w != id);
         self.running.retain(|&r| r != id);
         true
@@ -306,6 +310,7 @@ impl Scheduler {
                 continue;
             };
             s.computed = it.start + it.len;
+            s.written = s.computed;
             while (s.block_keys.len() + 1) * bs <= s.computed {
                 let j = s.block_keys.len();
                 let tokens = &s.keys[j * bs..(j + 1) * bs];
@@ -385,8 +390,10 @@ impl Scheduler {
             let s = &self.seqs[&id];
             let need = (s.computed + want).div_ceil(self.blocks.block_size()) - s.table.len();
             if want == 0 || need > self.blocks.available() {
+                // Not admitted: give back what the lookup took (nothing was written for it).
                 let s = self.seqs.get_mut(&id).expect("waiting id is known");
                 s.computed = 0;
+                s.written = 0;
                 s.block_keys.clear();
                 self.blocks.release_all(&mut s.table);
                 if let Some(c) = copy {
@@ -450,6 +457,7 @@ impl Scheduler {
             }
         }
         s.computed = s.table.len() * bs;
+        s.written = s.computed;
         let mut copy = None;
         let next = &s.keys[s.computed..(s.computed + bs).min(s.keys.len() - 1)];
         if !next.is_empty() {
@@ -514,9 +522,7 @@ impl Scheduler {
         self.preemptions += 1;
         let s = self.seqs.get_mut(&id).expect("known id");
         s.preemptions += 1;
-        s.computed = 0;
-        s.block_keys.clear();
-        self.blocks.release_all(&mut s.table);
+        leave(&mut self.blocks, s);
         self.running.retain(|&r| r != id);
         self.insert_ordered(false, id);
     }
@@ -532,6 +538,24 @@ impl Scheduler {
         let pos = list.partition_point(|o| (seqs[o].arrival, *o) < key);
         list.insert(pos, id);
     }
+}
+
+/// Releases the blocks of a sequence that leaves (removed or preempted), filing first the written positions
+/// of the block after its last full one ([`BlockManager::remember_partial`]).
+fn leave(blocks: &mut BlockManager, s: &mut Seq) {
+    let bs = blocks.block_size();
+    let full = s.block_keys.len();
+    if s.written > full * bs && s.written < (full + 1) * bs && s.table.len() > full {
+        blocks.remember_partial(
+            s.table[full],
+            s.block_keys.last(),
+            &s.keys[full * bs..s.computed],
+        );
+    }
+    s.computed = 0;
+    s.written = 0;
+    s.block_keys.clear();
+    blocks.release_all(&mut s.table);
 }
 
 #[cfg(test)]

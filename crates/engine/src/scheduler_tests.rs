@@ -251,9 +251,11 @@ fn follow_up_prompts_take_cached_blocks() {
     ];
     let out = run(cfg(64, 4, 64), 100, 8, &reqs);
     assert_eq!(out.cached[&0], 0);
-    // 37 positions: 4 full blocks (32), the last position is always computed.
-    assert_eq!(out.cached[&1], 32);
-    assert_eq!(out.cached[&2], 32);
+    // 37 positions: 4 full blocks (32) and 4 positions of the fifth block, which the first request left
+    // partial (copied); the last position is always computed.
+    assert_eq!(out.cached[&1], 36);
+    // The same 37 positions (the fifth block's 5 first ones), then other tokens.
+    assert_eq!(out.cached[&2], 37);
     assert_eq!(out.outputs[&0], out.outputs[&1]);
 }
 
@@ -305,6 +307,38 @@ fn prompts_sharing_part_of_a_block_copy_its_rows() {
 }
 
 #[test]
+fn a_follow_up_copies_the_last_partial_block_of_the_turn_before() {
+    let p = prompt(5, 37);
+    let first = Req {
+        arrive_at: 0,
+        prompt: p.clone(),
+        max_new: 3,
+    };
+    let answer = run(cfg(64, 4, 64), 100, 8, std::slice::from_ref(&first)).outputs[&0].clone();
+    // The follow-up repeats the prompt and the answer (3 tokens, the last never computed), then asks more.
+    let mut follow = p;
+    follow.extend(answer.iter().map(|&t| u64::from(t)));
+    follow.extend(prompt(6, 5));
+    let out = run(
+        cfg(64, 4, 64),
+        100,
+        8,
+        &[
+            first,
+            Req {
+                arrive_at: 20,
+                prompt: follow,
+                max_new: 3,
+            },
+        ],
+    );
+    assert_eq!(out.outputs[&0], answer);
+    // 39 positions written by the first turn: 4 full blocks and 7 positions of the fifth, which it left
+    // partial; all of them are found.
+    assert_eq!(out.cached[&1], 39);
+}
+
+#[test]
 fn a_copy_source_stays_referenced_until_the_step_has_run() {
     let mut s = Scheduler::new(cfg(64, 4, 64), BlockManager::new(8, 4));
     let t0 = Instant::now();
@@ -351,7 +385,12 @@ fn a_copy_source_stays_referenced_until_the_step_has_run() {
     let step = s.schedule(t0);
     assert_eq!(step.copies.len(), 1);
     let src = step.copies[0].src;
+    let free = s.stats().blocks.free;
     assert!(s.remove(3));
+    // Its copy was never done: the block it was for goes back empty, not filed as a partial block, and so
+    // do the others after its first (a cached one).
+    let table = step.items[0].block_table.len();
+    assert_eq!(s.stats().blocks.free, free + table - 1);
     assert_eq!(s.blocks().ref_count(src), 1);
     let _ = s.schedule(t0);
     assert_eq!(s.blocks().ref_count(src), 0);
