@@ -61,6 +61,8 @@ struct ReqStats {
     prompt_tokens: u32,
     /// Of those, found in the prefix cache (not prefilled).
     cached_tokens: u32,
+    /// The answer.
+    text: String,
 }
 
 async fn one(c: &mut AfNextClient<Channel>, r: pb::GenerateRequest) -> ReqStats {
@@ -70,6 +72,7 @@ async fn one(c: &mut AfNextClient<Channel>, r: pb::GenerateRequest) -> ReqStats 
     let mut last = t0;
     let mut gaps = Vec::new();
     let mut tokens = 0;
+    let mut text = String::new();
     let (mut prompt_tokens, mut cached_tokens) = (0, 0);
     while let Some(m) = s.message().await.expect("stream") {
         match m.event {
@@ -82,6 +85,7 @@ async fn one(c: &mut AfNextClient<Channel>, r: pb::GenerateRequest) -> ReqStats 
                 }
                 last = now;
                 tokens += d.token_ids.len();
+                text.push_str(&d.text);
             }
             Some(pb::generate_response::Event::Started(st)) => {
                 (prompt_tokens, cached_tokens) = (st.prompt_tokens, st.cached_tokens)
@@ -95,6 +99,7 @@ async fn one(c: &mut AfNextClient<Channel>, r: pb::GenerateRequest) -> ReqStats 
         tokens,
         prompt_tokens,
         cached_tokens,
+        text,
     }
 }
 
@@ -187,7 +192,9 @@ fn five_minutes() -> Vec<u8> {
     afnext_audio::encode_wav(&s, 16000, 1, afnext_audio::WavFormat::Pcm16)
 }
 
-async fn follow_up(c: &mut AfNextClient<Channel>) -> (f64, f64, u32) {
+/// The first turn's TTFT, the follow-up's, and the follow-up's prompt tokens and cached ones. The follow-up
+/// sends back the first turn's answer, as a chat client does (before the nineteenth session: a fixed text).
+async fn follow_up(c: &mut AfNextClient<Channel>) -> (f64, f64, (u32, u32)) {
     let audio = pb::Part {
         kind: Some(pb::part::Kind::Audio(pb::AudioPart {
             source: Some(pb::audio_part::Source::Data(five_minutes())),
@@ -207,7 +214,7 @@ async fn follow_up(c: &mut AfNextClient<Channel>) -> (f64, f64, u32) {
     let mut follow = first;
     follow.push(pb::Message {
         role: pb::Role::Assistant as i32,
-        parts: vec![text("A steady tone with some noise.")],
+        parts: vec![text(&a.text)],
     });
     follow.push(pb::Message {
         role: pb::Role::User as i32,
@@ -217,13 +224,15 @@ async fn follow_up(c: &mut AfNextClient<Channel>) -> (f64, f64, u32) {
     let mut s = c.generate(r).await.unwrap().into_inner();
     let t0 = Instant::now();
     let mut ttft = f64::NAN;
-    let mut cached = 0;
+    let mut cached = (0, 0);
     while let Some(m) = s.message().await.unwrap() {
         match m.event {
             Some(pb::generate_response::Event::Delta(_)) if ttft.is_nan() => {
                 ttft = t0.elapsed().as_secs_f64()
             }
-            Some(pb::generate_response::Event::Started(st)) => cached = st.cached_tokens,
+            Some(pb::generate_response::Event::Started(st)) => {
+                cached = (st.prompt_tokens, st.cached_tokens)
+            }
             _ => {}
         }
     }
@@ -428,9 +437,9 @@ fn main() {
                 c16.tok_s / t
             );
         }
-        if let Some((first, follow, cached)) = fu {
+        if let Some((first, follow, (prompt, cached))) = fu {
             println!(
-                "5-minute clip: first-turn TTFT {:.0} ms, follow-up TTFT {:.0} ms ({:.1}x lower, {cached} prompt tokens cached)",
+                "5-minute clip: first-turn TTFT {:.0} ms, follow-up TTFT {:.0} ms ({:.1}x lower, {cached} of its {prompt} prompt tokens cached)",
                 first * 1e3,
                 follow * 1e3,
                 first / follow
