@@ -215,9 +215,14 @@ impl BlockManager {
             return;
         }
         debug_assert_eq!(tokens.len(), self.block_size, "only full blocks are cached");
-        let parent = *parent.unwrap_or(&ROOT);
         self.key[block as usize] = Some(key);
         self.cached.insert(key, block);
+        self.file(block, parent, tokens);
+    }
+
+    /// Files `tokens` (at least one) after `parent` as `block`'s content, where [`Self::partial`] looks.
+    fn file(&mut self, block: BlockId, parent: Option<&BlockKey>, tokens: &[u64]) {
+        let parent = *parent.unwrap_or(&ROOT);
         self.content[block as usize] = Some((parent, tokens.to_vec()));
         self.children
             .entry((parent, tokens[0]))
@@ -240,12 +245,7 @@ impl BlockManager {
         {
             return;
         }
-        let parent = *parent.unwrap_or(&ROOT);
-        self.content[b] = Some((parent, tokens.to_vec()));
-        self.children
-            .entry((parent, tokens[0]))
-            .or_default()
-            .push(block);
+        self.file(block, parent, tokens);
     }
 
     /// Drops one reference; the last one returns the block to the cache (if it has content) or the free list.

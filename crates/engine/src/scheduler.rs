@@ -16,8 +16,8 @@
 //!
 //! When a running sequence needs a block and none is free, the newest running sequence is preempted by
 //! *recompute*: its blocks are released (full ones stay in the prefix cache, and the written positions of its
-//! last partial block are filed for a copy, so resuming usually finds them again) and it goes back to the waiting queue in arrival order with everything it generated so far; its
-//! sampler state is kept by the engine, so the resumed sequence continues exactly where it stopped.
+//! last partial block are filed for a copy, so resuming usually finds them again) and it goes back to the
+//! waiting queue in arrival order with everything it generated so far; its sampler state is kept by the engine, so the resumed sequence continues exactly where it stopped.
 //! Recompute was chosen over swapping because there is no second memory tier on a CPU host and the prefix
 //! cache makes most of the recomputation free.
 
@@ -390,12 +390,12 @@ impl Scheduler {
             let s = &self.seqs[&id];
             let need = (s.computed + want).div_ceil(self.blocks.block_size()) - s.table.len();
             if want == 0 || need > self.blocks.available() {
-                // Not admitted: give back what the lookup took (nothing was written for it).
-                let s = self.seqs.get_mut(&id).expect("waiting id is known");
-                s.computed = 0;
-                s.written = 0;
-                s.block_keys.clear();
-                self.blocks.release_all(&mut s.table);
+                // Not admitted: give back what the lookup took (nothing was written for it, so nothing is
+                // filed).
+                leave(
+                    &mut self.blocks,
+                    self.seqs.get_mut(&id).expect("waiting id is known"),
+                );
                 if let Some(c) = copy {
                     self.blocks.release(c.src);
                 }
@@ -549,7 +549,7 @@ fn leave(blocks: &mut BlockManager, s: &mut Seq) {
         blocks.remember_partial(
             s.table[full],
             s.block_keys.last(),
-            &s.keys[full * bs..s.computed],
+            &s.keys[full * bs..s.written],
         );
     }
     s.computed = 0;
