@@ -4,7 +4,7 @@
 //!
 //! Through candle, a chunk's attention allocated its score tensor, copied q, k and v into head-major f32
 //! layout (bf16 models: casts of all three) and ran candle's GEMM. Here the keys and values a task reads are
-//! packed once for [`crate::cpu_gemm`]; then for every block of [`QB`] queries the scores are computed
+//! packed once for [`crate::cpu_gemm`]; then for every block of [`query_block`] queries the scores are computed
 //! transposed, `k q^T`, so they come out k-major, the layout the second product reads in place (nothing the
 //! size of the scores is ever packed); their exponentials go down the columns with the maxima and sums in
 //! registers; the product with `v` follows, and each output row is scaled by `1 / sum` last, as flash
@@ -19,27 +19,64 @@
 
 use rayon::prelude::*;
 
-use crate::cpu_gemm::{PackedRows, PackedWeight, MR};
+use crate::cpu_gemm::{PackedRows, PackedWeight, NR};
 use crate::paged_cpu::{Heads, Kv};
 
-/// Queries per block: their scores (`keys x QB` f32, 740 KiB for an encoder window) stay in L2 between the
-/// two products for contexts of a few thousand keys. A multiple of the GEMM's row tile, so the second product
-/// has no part-empty tile (126 queries are also 4 panels of 32, all but 2 columns used, in the first).
-pub(crate) const QB: usize = 9 * MR;
+/// Queries per block: a whole number of the GEMM's row tiles, so the second product has no part-empty tile,
+/// and at most 128, so the scores (`keys x block` f32) stay in L2 between the two products for contexts of
+/// a few thousand keys. Where a multiple of both the tile height and the panel width fits, that (96 queries
+/// on AVX2: 8 tiles of 12 and 3 whole panels; on an EPYC Zen 3 an encoder window's attention took ~8 % less
+/// time than with 126, whose scores, 740 KiB, overflow its 512 KiB of L2); otherwise the most tiles that fit
+/// (126 = 9 x 14 with AVX-512, 4 panels of which 2 columns are padding). The block size changes no bit of
+/// the result (see the module's comment).
+pub(crate) fn query_block() -> usize {
+    let mr = crate::cpu_gemm::tile_rows();
+    let mut both = mr;
+    while !both.is_multiple_of(NR) {
+        both += mr;
+    }
+    if both <= 128 {
+        both
+    } else {
+        128 / mr * mr
+    }
+}
 
-/// The attention of one block of queries: `queries` `[rows, hd]` (packed as the first product's weight)
-/// against the first `seen` of `keys` (`[>= seen, hd]`) and of `values` (`v^T`, `[hd, >= seen]`). The scores
-/// are multiplied by `scale` in f32 before the softmax. With `causal_first = Some(p)`, query `r` is at
-/// position `p + r` and sees keys `0..=p + r` (`seen = p + rows`). Returns `[rows, hd]`.
+/// The queries of a block packed as the first product's weight, `rows` of them (`row(r, c)`: query `r`'s
+/// element `c`, scaled or not) and zero queries up to whole panels of [`NR`] columns. The padding costs no
+/// product (the panels are whole anyway) and makes every column group of the softmax whole: with AVX2 a
+/// part-empty group takes masked loads and stores, slow on AMD's Zen 3 (~20 % of the softmax's time with
+/// 126 columns).
+pub(crate) fn pack_queries(
+    rows: usize,
+    hd: usize,
+    row: impl Fn(usize, usize) -> f32 + Sync,
+) -> PackedWeight {
+    PackedWeight::from_fn(rows.div_ceil(NR) * NR, hd, |r, c| {
+        if r < rows {
+            row(r, c)
+        } else {
+            0.0
+        }
+    })
+}
+
+/// The attention of one block of `rows` queries: `queries` (from [`pack_queries`]: `[>= rows, hd]`, the
+/// first product's weight) against the first `seen` of `keys` (`[>= seen, hd]`) and of `values` (`v^T`,
+/// `[hd, >= seen]`). The scores are multiplied by `scale` in f32 before the softmax. With
+/// `causal_first = Some(p)`, query `r` is at position `p + r` and sees keys `0..=p + r` (`seen = p + rows`).
+/// Returns `[rows, hd]`.
 pub(crate) fn block(
     keys: &PackedRows,
     values: &PackedWeight,
     seen: usize,
-    queries: &PackedWeight,
+    (queries, rows): (&PackedWeight, usize),
     scale: f32,
     causal_first: Option<usize>,
 ) -> Vec<f32> {
-    let rows = queries.out_dim();
+    // The scores' row stride: the padding queries' columns are computed and never read.
+    let cols = queries.out_dim();
+    assert!(rows <= cols, "{rows} queries in a block of {cols}");
     let hd = values.out_dim();
     let mut scores = queries.matmul_packed_serial(keys, seen);
     if let Some(first) = causal_first {
@@ -50,11 +87,11 @@ pub(crate) fn block(
         );
         // Key j (row j) is past the position of queries 0..j - first: only the block's own keys.
         for j in first + 1..seen {
-            scores[j * rows..j * rows + (j - first)].fill(f32::NEG_INFINITY);
+            scores[j * cols..j * cols + (j - first)].fill(f32::NEG_INFINITY);
         }
     }
-    let inv = crate::cpu_exp::exp_columns(&mut scores, seen, rows, scale);
-    let mut o = values.matmul_kmajor_serial(&scores, rows, rows, seen);
+    let inv = crate::cpu_exp::exp_columns(&mut scores, seen, cols, scale);
+    let mut o = values.matmul_kmajor_serial(&scores, rows, cols, seen);
     for (row, f) in o.chunks_mut(hd).zip(&inv) {
         for v in row {
             *v *= f;
@@ -95,22 +132,30 @@ pub(crate) fn causal_chunk<T: Kv>(
             )
         })
         .collect();
-    let blocks = len.div_ceil(QB);
+    let qb = query_block();
+    let blocks = len.div_ceil(qb);
     // One task per (head, block), the longest blocks (the last, seeing the most keys) first.
     let per: Vec<Vec<f32>> = (0..nh * blocks)
         .into_par_iter()
         .map(|job| {
             let (b, h) = (blocks - 1 - job / nh, job % nh);
             let (keys, values) = &packed[h / group];
-            let q0 = b * QB;
-            let rows = QB.min(len - q0);
-            let queries = PackedWeight::from_fn(rows, hd, |r, c| q[(q0 + r) * d + h * hd + c]);
+            let q0 = b * qb;
+            let rows = qb.min(len - q0);
+            let queries = pack_queries(rows, hd, |r, c| q[(q0 + r) * d + h * hd + c]);
             let first = start + q0;
-            block(keys, values, first + rows, &queries, scale, Some(first))
+            block(
+                keys,
+                values,
+                first + rows,
+                (&queries, rows),
+                scale,
+                Some(first),
+            )
         })
         .collect();
     interleave_heads(out, nh, hd, |r, h| {
-        let (b, i) = (r / QB, r % QB);
+        let (b, i) = (r / qb, r % qb);
         &per[(blocks - 1 - b) * nh + h][i * hd..(i + 1) * hd]
     });
 }
@@ -180,16 +225,37 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn padding_queries_changes_no_bit() {
+        let mut seed = 21u64;
+        let (seen, rows, hd) = (300, 37, 24);
+        let mut gen = |n: usize| (0..n).map(|_| lcg(&mut seed)).collect::<Vec<f32>>();
+        let (k, v, q) = (gen(seen * hd), gen(seen * hd), gen(rows * hd));
+        let keys = PackedRows::from_fn(seen, hd, |r, c| k[r * hd + c]);
+        let values = PackedWeight::from_fn(hd, seen, |c, j| v[j * hd + c]);
+        let row = |r: usize, c: usize| q[r * hd + c];
+        let bare = PackedWeight::from_fn(rows, hd, row);
+        let padded = pack_queries(rows, hd, row);
+        assert_eq!(padded.out_dim(), 64, "whole panels");
+        for causal in [None, Some(seen - rows)] {
+            let a = block(&keys, &values, seen, (&bare, rows), 0.3, causal);
+            let b = block(&keys, &values, seen, (&padded, rows), 0.3, causal);
+            assert_eq!(a.len(), rows * hd);
+            assert_eq!(a, b, "causal {causal:?}");
+        }
+    }
+
+    #[test]
     fn matches_plain_causal_attention_and_does_not_depend_on_the_chunking() {
         let mut seed = 9u64;
         // GQA groups of 3, a head size off the panel width, a chunk over several blocks (not a multiple of
-        // QB) after cached positions, and the K block of the second product crossed.
+        // the block) after cached positions, and the K block of the second product crossed.
         let g = Heads {
             nh: 6,
             nkv: 2,
             hd: 40,
         };
-        let (start, len) = (150, 2 * QB + 31);
+        let qb = query_block();
+        let (start, len) = (150, 2 * qb + 31);
         let ctx = start + len;
         let width = g.nkv * g.hd;
         let mut gen = |n: usize| (0..n).map(|_| lcg(&mut seed)).collect::<Vec<f32>>();
@@ -206,7 +272,7 @@ pub(crate) mod tests {
         let worst = worst_diff(&got, &reference(&q, &k, &v, start, g));
         assert!(worst < 1e-5, "worst difference {worst}");
         // The same positions in two chunks (split inside a block): the same bits.
-        let cut = QB + 5;
+        let cut = qb + 5;
         let a = run(&q[..cut * d], start, &k, &v);
         let b = run(&q[cut * d..], start + cut, &k, &v);
         assert_eq!([a, b].concat(), got, "chunked prefill");

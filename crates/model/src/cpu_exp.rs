@@ -549,19 +549,22 @@ mod tests {
     fn column_softmax_matches_f64() {
         // 37 columns: two full 16-lane blocks and a masked tail; 150: more than one group of 128.
         // Unscaled (the encoder) and scaled with causal -inf entries (the decoder's chunks).
-        for (rows, cols, scale) in [
-            (150, 37, 1.0),
-            (9, 150, 1.0),
-            (150, 37, 0.125),
-            (40, 150, 0.3),
+        // A spread of 300: exponentials that underflow to 0 or come out subnormal.
+        for (rows, cols, scale, spread) in [
+            (150, 37, 1.0, 30.0),
+            (9, 150, 1.0, 30.0),
+            (150, 37, 0.125, 30.0),
+            (40, 150, 0.3, 30.0),
+            (200, 64, 1.0, 300.0),
+            (60, 96, 0.5, 300.0),
         ] {
-            column_softmax_case(rows, cols, scale);
+            column_softmax_case(rows, cols, scale, spread);
         }
     }
 
-    fn column_softmax_case(rows: usize, cols: usize, scale: f32) {
+    fn column_softmax_case(rows: usize, cols: usize, scale: f32, spread: f32) {
         let mut x: Vec<f32> = (0..rows * cols)
-            .map(|i| ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * 30.0)
+            .map(|i| ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * spread)
             .collect();
         if scale != 1.0 {
             // Column c sees rows 0..=c % rows, as a causal block's queries see their keys.
@@ -573,6 +576,21 @@ mod tests {
         }
         let mut s = x.clone();
         let inv = exp_columns(&mut s, rows, cols, scale);
+        // Each exponential is the vector exp's algorithm's, bit for bit (the AVX2 build takes a shorter
+        // path for arguments <= 0); the portable build calls libm's.
+        let vector = crate::cpu_features::avx512f() || crate::cpu_features::avx2_fma();
+        for c in (0..cols).filter(|_| vector) {
+            let m = (0..rows).fold(f32::NEG_INFINITY, |m, r| m.max(x[r * cols + c] * scale));
+            for r in 0..rows {
+                let want = exp_model(x[r * cols + c] * scale - m);
+                let got = s[r * cols + c];
+                assert_eq!(
+                    got.to_bits(),
+                    want.to_bits(),
+                    "({r}, {c}): {got:e} vs {want:e}"
+                );
+            }
+        }
         for row in s.chunks_mut(cols) {
             for (v, f) in row.iter_mut().zip(&inv) {
                 *v *= f;

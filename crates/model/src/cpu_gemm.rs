@@ -435,6 +435,12 @@ pub(crate) struct SyncPtr(pub(crate) *mut f32);
 unsafe impl Sync for SyncPtr {}
 unsafe impl Send for SyncPtr {}
 
+/// Rows per tile of the kernel this CPU runs: callers that choose their own row counts (the attention's
+/// blocks of queries) take whole tiles.
+pub(crate) fn tile_rows() -> usize {
+    Isa::detect().tile_rows()
+}
+
 fn has_avx512() -> bool {
     crate::cpu_features::avx512f() && crate::cpu_features::avx512bw()
 }

@@ -15,7 +15,7 @@
 
 use rayon::prelude::*;
 
-use crate::attn_cpu::QB;
+use crate::attn_cpu::{pack_queries, query_block};
 use crate::cpu_gemm::{PackedRows, PackedWeight};
 
 /// Shapes of one call: `b` windows of `t` positions, `heads` heads of `hd` values (`d = heads * hd`).
@@ -50,11 +50,12 @@ pub(crate) fn attention(qkv: &[f32], s: Shape, scale: f32, valid_keys: &[usize])
             // v^T ([hd, n]) is the weight of the second product: out[r][c] = sum_j p[j][r] v[j][c].
             let values = PackedWeight::from_fn(hd, n, |c, j| at(v, j, c));
             let mut out = vec![0f32; t * hd];
-            for q0 in (0..t).step_by(QB) {
-                let rows = QB.min(t - q0);
-                let queries = PackedWeight::from_fn(rows, hd, |r, c| at(q, q0 + r, c) * scale);
+            let qb = query_block();
+            for q0 in (0..t).step_by(qb) {
+                let rows = qb.min(t - q0);
+                let queries = pack_queries(rows, hd, |r, c| at(q, q0 + r, c) * scale);
                 // q is scaled already (the reference's order for the encoder): the softmax's scale is 1.
-                let o = crate::attn_cpu::block(&keys, &values, n, &queries, 1.0, None);
+                let o = crate::attn_cpu::block(&keys, &values, n, (&queries, rows), 1.0, None);
                 out[q0 * hd..(q0 + rows) * hd].copy_from_slice(&o);
             }
             out
@@ -113,7 +114,7 @@ mod tests {
     #[test]
     fn matches_plain_attention_with_partial_windows() {
         let mut seed = 5u64;
-        // Sizes off every block boundary: t > QB and not a multiple of it, head size not a multiple of 32,
+        // Sizes off every block boundary: t > the query block and not a multiple of it, head size not a multiple of 32,
         // one full window and one with a few valid keys.
         let s = Shape {
             b: 2,
