@@ -59,6 +59,18 @@ pub(crate) fn exp_shifted_sum(e: &mut [f32], m: f32) -> f32 {
     s
 }
 
+/// [`exp_shifted_sum`] where `m` is the maximum of `e` (a softmax row's): the same values and sum, bit for
+/// bit. With AVX2 it takes the shorter exp of arguments `<= 0`; a decode step's attention over 45 000
+/// positions of context computes ~15 M of these exponentials.
+pub(crate) fn exp_below_max_sum(e: &mut [f32], m: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if !crate::cpu_features::avx512f() && crate::cpu_features::avx2_fma() {
+        // SAFETY: the CPU has AVX2 and FMA (checked above).
+        return unsafe { avx2::exp_below_max_sum(e, m) };
+    }
+    exp_shifted_sum(e, m)
+}
+
 /// `e[i] = exp(e[i])` for every element (the SiLU's `exp(-x)`): with AVX-512 16 lanes at a time within ~1 ulp
 /// (torch's vectorised SiLU also uses a vectorised `exp`), else libm. Underflow gives 0, overflow `+inf`.
 pub(crate) fn exp_in_place(e: &mut [f32]) {
@@ -458,6 +470,33 @@ mod tests {
         exp_in_place(&mut a);
         exp_shifted_sum(&mut b, 0.0);
         assert_eq!(a, b);
+    }
+
+    #[test]
+    fn exp_below_the_maximum_is_the_shifted_exp_bit_for_bit() {
+        let mut seed = 77u64;
+        for len in [1, 7, 8, 9, 100, 1001] {
+            for spread in [30f32, 300.0] {
+                let mut x: Vec<f32> = (0..len)
+                    .map(|_| {
+                        seed = seed
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407);
+                        ((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * spread
+                    })
+                    .collect();
+                // Causal masks' -inf entries.
+                for v in x.iter_mut().skip(3).step_by(5) {
+                    *v = f32::NEG_INFINITY;
+                }
+                let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let (mut a, mut b) = (x.clone(), x);
+                let (sa, sb) = (exp_below_max_sum(&mut a, m), exp_shifted_sum(&mut b, m));
+                assert_eq!(sa.to_bits(), sb.to_bits(), "sum, len {len}");
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&a), bits(&b), "len {len}, spread {spread}");
+            }
+        }
     }
 
     /// The vector kernels' `exp`, one lane at a time in scalar f32 (the same fused multiply-adds, rounding

@@ -366,7 +366,7 @@ fn row<T: Kv>(
         let max = sc.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
         // The same exponentials and sum as `softmax_rows` computes for these scores (the blocked path of
         // longer chunks), so a sequence's numbers do not depend on which path its rows take.
-        inv.push(1.0 / crate::cpu_exp::exp_shifted_sum(sc, max));
+        inv.push(1.0 / crate::cpu_exp::exp_below_max_sum(sc, max));
     }
     weighted_values(&scores, (v, at), hd, o);
     for (oh, &inv) in o.chunks_exact_mut(hd).zip(&inv) {

@@ -73,7 +73,7 @@ impl RowSoftmax {
                         .map(|&v| crate::elementwise::f(v) * self.scale),
                 );
                 let m = e.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let s = crate::cpu_exp::exp_shifted_sum(e, m);
+                let s = crate::cpu_exp::exp_below_max_sum(e, m);
                 for (y, e) in yr.iter_mut().zip(e.iter()) {
                     *y = crate::elementwise::round(e / s);
                 }

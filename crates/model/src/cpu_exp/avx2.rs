@@ -106,15 +106,16 @@ pub unsafe fn exp_in_place(v: &mut [f32]) {
     map8(p, p, v.len(), 0.0, |x| exp8(x));
 }
 
-#[target_feature(enable = "avx2,fma")]
-pub unsafe fn exp_shifted_sum(e: &mut [f32], m: f32) -> f32 {
+/// `e[i] = f(e[i] - m)`, returning their sum (the tail's own lanes only).
+#[inline(always)]
+unsafe fn shifted_sum(e: &mut [f32], m: f32, f: impl Fn(__m256) -> __m256) -> f32 {
     let n = e.len();
     let p = e.as_mut_ptr();
     let vm = _mm256_set1_ps(m);
     let mut acc = _mm256_setzero_ps();
     let mut i = 0;
     while i + 8 <= n {
-        let y = exp8(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), vm));
+        let y = f(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), vm));
         _mm256_storeu_ps(p.add(i), y);
         acc = _mm256_add_ps(acc, y);
         i += 8;
@@ -122,7 +123,7 @@ pub unsafe fn exp_shifted_sum(e: &mut [f32], m: f32) -> f32 {
     if i < n {
         let mut t = [0f32; 8];
         std::ptr::copy_nonoverlapping(p.add(i), t.as_mut_ptr(), n - i);
-        let y = exp8(_mm256_sub_ps(_mm256_loadu_ps(t.as_ptr()), vm));
+        let y = f(_mm256_sub_ps(_mm256_loadu_ps(t.as_ptr()), vm));
         _mm256_storeu_ps(t.as_mut_ptr(), y);
         std::ptr::copy_nonoverlapping(t.as_ptr(), p.add(i), n - i);
         // Only the tail's own lanes go into the sum.
@@ -132,6 +133,18 @@ pub unsafe fn exp_shifted_sum(e: &mut [f32], m: f32) -> f32 {
     let mut lanes = [0f32; 8];
     _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
     lanes.iter().sum()
+}
+
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn exp_shifted_sum(e: &mut [f32], m: f32) -> f32 {
+    shifted_sum(e, m, |x| exp8(x))
+}
+
+/// [`exp_shifted_sum`] for an `m` that is the maximum of `e`: every argument is then at most 0 (or NaN),
+/// where [`exp8_nonpos`] gives [`exp8`]'s bits.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn exp_below_max_sum(e: &mut [f32], m: f32) -> f32 {
+    shifted_sum(e, m, |x| exp8_nonpos(x))
 }
 
 #[inline]
