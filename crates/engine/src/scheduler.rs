@@ -17,7 +17,8 @@
 //! When a running sequence needs a block and none is free, the newest running sequence is preempted by
 //! *recompute*: its blocks are released (full ones stay in the prefix cache, and the written positions of its
 //! last partial block are filed for a copy, so resuming usually finds them again) and it goes back to the
-//! waiting queue in arrival order with everything it generated so far; its sampler state is kept by the engine, so the resumed sequence continues exactly where it stopped.
+//! waiting queue in arrival order with everything it generated so far; its sampler state is kept by the
+//! engine, so the resumed sequence continues exactly where it stopped.
 //! Recompute was chosen over swapping because there is no second memory tier on a CPU host and the prefix
 //! cache makes most of the recomputation free.
 

@@ -35,6 +35,7 @@ pub(crate) fn attention(qkv: &[f32], s: Shape, scale: f32, valid_keys: &[usize])
     let d = heads * hd;
     assert_eq!(qkv.len(), b * t * 3 * d, "q, k and v of every position");
     assert_eq!(valid_keys.len(), b, "one valid-key count per window");
+    let qb = query_block();
     let per_head: Vec<Vec<f32>> = (0..b * heads)
         .into_par_iter()
         .map(|job| {
@@ -50,7 +51,6 @@ pub(crate) fn attention(qkv: &[f32], s: Shape, scale: f32, valid_keys: &[usize])
             // v^T ([hd, n]) is the weight of the second product: out[r][c] = sum_j p[j][r] v[j][c].
             let values = PackedWeight::from_fn(hd, n, |c, j| at(v, j, c));
             let mut out = vec![0f32; t * hd];
-            let qb = query_block();
             for q0 in (0..t).step_by(qb) {
                 let rows = qb.min(t - q0);
                 let queries = pack_queries(rows, hd, |r, c| at(q, q0 + r, c) * scale);
@@ -114,8 +114,8 @@ mod tests {
     #[test]
     fn matches_plain_attention_with_partial_windows() {
         let mut seed = 5u64;
-        // Sizes off every block boundary: t > the query block and not a multiple of it, head size not a multiple of 32,
-        // one full window and one with a few valid keys.
+        // Sizes off every block boundary: t > the query block and not a multiple of it, head size not a
+        // multiple of 32, one full window and one with a few valid keys.
         let s = Shape {
             b: 2,
             t: 150,

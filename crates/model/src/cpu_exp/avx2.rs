@@ -33,12 +33,12 @@ unsafe fn select(a: __m256, b: __m256, mask: __m256) -> __m256 {
     _mm256_blendv_ps(a, b, mask)
 }
 
-#[inline]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn exp8(x: __m256) -> __m256 {
+/// The part of `exp(xc)` that [`exp8`] and [`exp8_nonpos`] share, for `xc` clamped to `LO..=HI`: `n =
+/// round(xc / ln2)` as integers and `y = exp(r)` by the polynomial, `r = xc - n ln2` (`LN2_HI` + `LN2_LO`),
+/// so that `exp(xc) = y * 2^n`.
+#[inline(always)]
+unsafe fn reduced(xc: __m256) -> (__m256i, __m256) {
     let c = _mm256_set1_ps;
-    let xc = _mm256_min_ps(_mm256_max_ps(x, c(LO)), c(HI));
-    // n = round(x / ln2), r = x - n ln2 (`LN2_HI` + `LN2_LO`).
     let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
         xc,
         c(std::f32::consts::LOG2_E),
@@ -50,9 +50,16 @@ unsafe fn exp8(x: __m256) -> __m256 {
         q = _mm256_fmadd_ps(q, r, c(*k));
     }
     let y = _mm256_fmadd_ps(q, _mm256_mul_ps(r, r), _mm256_add_ps(r, c(1.0)));
+    (_mm256_cvtps_epi32(n), y)
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exp8(x: __m256) -> __m256 {
+    let c = _mm256_set1_ps;
+    let (ni, y) = reduced(_mm256_min_ps(_mm256_max_ps(x, c(LO)), c(HI)));
     // y * 2^n for n in -126..=128: 2^(n >> 1) then 2^(n - (n >> 1)), both normal; the first product is
     // exact, the second rounds once (to a subnormal or to infinity where the result is one).
-    let ni = _mm256_cvtps_epi32(n);
     let n1 = _mm256_srai_epi32::<1>(ni);
     let n2 = _mm256_sub_epi32(ni, n1);
     let pow2 = |e: __m256i| {
@@ -76,20 +83,9 @@ unsafe fn exp8(x: __m256) -> __m256 {
 #[target_feature(enable = "avx2,fma")]
 unsafe fn exp8_nonpos(x: __m256) -> __m256 {
     let c = _mm256_set1_ps;
-    let xc = _mm256_max_ps(x, c(LO));
-    let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
-        xc,
-        c(std::f32::consts::LOG2_E),
-    ));
-    let r = _mm256_fnmadd_ps(n, c(LN2_HI), xc);
-    let r = _mm256_fnmadd_ps(n, c(LN2_LO), r);
-    let mut q = c(EXP_POLY[0]);
-    for k in &EXP_POLY[1..] {
-        q = _mm256_fmadd_ps(q, r, c(*k));
-    }
-    let y = _mm256_fmadd_ps(q, _mm256_mul_ps(r, r), _mm256_add_ps(r, c(1.0)));
+    let (n, y) = reduced(_mm256_max_ps(x, c(LO)));
     let pow2 = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(
-        _mm256_cvtps_epi32(n),
+        n,
         _mm256_set1_epi32(127),
     )));
     // Below `LO`: +0 (the mask is clear there, and for NaN, which the select passes through).
