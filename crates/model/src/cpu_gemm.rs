@@ -4,7 +4,8 @@
 //! one-row products are far from the memory bandwidth (docs/PERFORMANCE.md). This kernel:
 //!
 //! * packs `W` `[N, K]` into panels of [`NR`] = 32 output columns stored k-major (`[K][32]`, the last panel
-//!   zero-padded), in f32 or bf16 (bf16 is widened to f32 exactly: in registers with a shift and a mask
+//!   zero-padded; for the AVX2 kernel, f32 panels store each K block's two halves of 16 columns one after the
+//!   other, `[kl][16]` twice: see [`block_index`]), in f32 or bf16 (bf16 is widened to f32 exactly: in registers with a shift and a mask
 //!   for few rows, its panel rows being stored interleaved for that (`Elem::slot`), a group of panels at a
 //!   time into an f32 buffer for many), held in memory of their own on huge pages where the system allows
 //!   (`crate::page_buf`: a decode step streams them all from memory);
@@ -68,6 +69,8 @@ pub struct PackedWeight {
     panels: Panels,
     n: usize,
     k: usize,
+    /// f32 panels in halves ([`block_index`]); false for bf16.
+    split: bool,
 }
 
 impl PackedWeight {
@@ -77,25 +80,32 @@ impl PackedWeight {
 
     /// Packs a row-major `[n, k]` f32 matrix.
     pub fn from_f32(w: &[f32], n: usize, k: usize) -> Self {
+        Self::pack_f32(w, n, k, split_halves(Isa::detect()))
+    }
+
+    /// [`Self::from_f32`] in halves or not (the tests run every kernel on both).
+    fn pack_f32(w: &[f32], n: usize, k: usize, split: bool) -> Self {
         assert_eq!(w.len(), n * k, "weight buffer size");
         let mut p = PageBuf::zeroed(Self::panel_count(n) * k * NR);
-        pack_into(w, n, k, &mut p);
+        pack_into(w, n, k, &mut p, split);
         PackedWeight {
             panels: Panels::F32(p),
             n,
             k,
+            split,
         }
     }
 
     /// Packs an f32 `[n, k]` matrix given element by element, `w(row, kk)`, in the order of the packed
     /// layout (for a fixed `kk`, 32 consecutive rows): a matrix stored transposed is read sequentially.
     pub(crate) fn from_fn(n: usize, k: usize, w: impl Fn(usize, usize) -> f32) -> Self {
+        let split = split_halves(Isa::detect());
         let mut p = PageBuf::zeroed(Self::panel_count(n) * k * NR);
         for (pi, panel) in p.chunks_mut(k * NR).enumerate() {
             let cols = NR.min(n - pi * NR);
             for kk in 0..k {
                 for c in 0..cols {
-                    panel[kk * NR + c] = w(pi * NR + c, kk);
+                    panel[panel_index::<f32>(k, kk, c, split)] = w(pi * NR + c, kk);
                 }
             }
         }
@@ -103,6 +113,7 @@ impl PackedWeight {
             panels: Panels::F32(p),
             n,
             k,
+            split,
         }
     }
 
@@ -111,11 +122,12 @@ impl PackedWeight {
         assert_eq!(w.len(), n * k, "weight buffer size");
         let bits: Vec<u16> = w.iter().map(|v| v.to_bits()).collect();
         let mut p = PageBuf::zeroed(Self::panel_count(n) * k * NR);
-        pack_into(&bits, n, k, &mut p);
+        pack_into(&bits, n, k, &mut p, false);
         PackedWeight {
             panels: Panels::Bf16(p),
             n,
             k,
+            split: false,
         }
     }
 
@@ -232,8 +244,8 @@ impl PackedWeight {
         }
         let isa = Isa::detect();
         let task = |range, out: &SyncPtr| match &self.panels {
-            Panels::F32(w) => run_panels(w, x, m, (k, self.k), n, range, out, isa),
-            Panels::Bf16(w) => run_panels(w, x, m, (k, self.k), n, range, out, isa),
+            Panels::F32(w) => run_panels(w, self.split, x, m, (k, self.k), n, range, out, isa),
+            Panels::Bf16(w) => run_panels(w, false, x, m, (k, self.k), n, range, out, isa),
         };
         // SAFETY: with k > 0 the first K block of every tile overwrites its elements, and the tiles cover
         // all m rows and n columns (all panels, in one task or spread over the pool).
@@ -413,19 +425,47 @@ impl PackedRows {
     }
 }
 
-fn pack_into<T: Elem>(w: &[T], n: usize, k: usize, out: &mut [T]) {
+fn pack_into<T: Elem>(w: &[T], n: usize, k: usize, out: &mut [T], split: bool) {
     for (p, panel) in out.chunks_mut(k * NR).enumerate() {
         for c in 0..NR {
             let row = p * NR + c;
             if row >= n {
                 break;
             }
-            let slot = T::slot(c);
             let src = &w[row * k..(row + 1) * k];
             for (kk, &v) in src.iter().enumerate() {
-                panel[kk * NR + slot] = v;
+                panel[panel_index::<T>(k, kk, c, split)] = v;
             }
         }
+    }
+}
+
+/// Whether f32 panels are packed in halves ([`block_index`]) for the kernel `isa`: for AVX2's, whose
+/// passes read one half of a panel at a time. With rows of 32 columns a pass read one of each row's two
+/// 64-byte lines, every other line of the stream, and the hardware prefetchers fetched the block from L3
+/// or memory at a fraction of its bandwidth; in halves each pass reads one sequential stream. The AVX-512
+/// tile reads whole rows and keeps them (not measured in halves: no such CPU here).
+fn split_halves(isa: Isa) -> bool {
+    isa == Isa::Avx2
+}
+
+/// Where element (`kk`, `col`) of a panel of `k` inputs lies in it: `kk * NR + slot(col)`, or, for f32 in
+/// halves, within `kk`'s K block at [`block_index`].
+fn panel_index<T: Elem>(k: usize, kk: usize, col: usize, split: bool) -> usize {
+    if !split || T::IS_BF16 {
+        return kk * NR + T::slot(col);
+    }
+    let kc = kk / KC * KC;
+    kc * NR + block_index(KC.min(k - kc), kk - kc, col, true)
+}
+
+/// Where element (`kk`, `col`) of an f32 K block of `kl` stored rows lies in it: `kk * NR + col`, or, in
+/// halves, the 16 columns of `col`'s half `[kl][16]` after those of the first half.
+fn block_index(kl: usize, kk: usize, col: usize, split: bool) -> usize {
+    if split {
+        (col / 16) * kl * 16 + kk * 16 + col % 16
+    } else {
+        kk * NR + col
     }
 }
 
@@ -527,6 +567,7 @@ enum Rows<'a> {
 #[allow(clippy::too_many_arguments)]
 fn run_panels<T: Elem>(
     w: &[T],
+    split: bool,
     x: Rows<'_>,
     m: usize,
     (k, stride): (usize, usize),
@@ -535,7 +576,8 @@ fn run_panels<T: Elem>(
     out: &SyncPtr,
     isa: Isa,
 ) {
-    // `k` inputs are summed; `stride` is the packed K of the panels (and of packed rows).
+    // `k` inputs are summed; `stride` is the packed K of the panels (and of packed rows). bf16 panels are
+    // read in their own layout (few rows) or widened into f32 blocks, in halves for the AVX2 kernel.
     let ctx = Blocks {
         x,
         stride,
@@ -543,11 +585,14 @@ fn run_panels<T: Elem>(
         out,
         stream: m <= FEW_ROWS,
         isa,
+        split: if T::IS_BF16 { split_halves(isa) } else { split },
     };
-    // Panel `p`'s K block at `kc`: `kl x 32` values.
+    // Rows stored in the K block at `kc` (the last one may be shorter), of which the first `kl` are summed.
+    let stored = |kc: usize| KC.min(stride - kc);
+    // Panel `p`'s K block at `kc`: `stored(kc) x 32` values.
     let slice = |p: usize, kc: usize| {
         let base = p * stride * NR;
-        &w[base + kc * NR..base + (kc + KC.min(k - kc)) * NR]
+        &w[base + kc * NR..base + (kc + stored(kc)) * NR]
     };
     // Both orders add the same K blocks in the same order to every output element; they differ only in
     // which data stays in cache.
@@ -560,10 +605,9 @@ fn run_panels<T: Elem>(
         for g in panels.clone().step_by(side) {
             let count = side.min(panels.end - g);
             for kc in (0..k).step_by(KC) {
-                let kl = KC.min(k - kc);
                 let start = g * step + kc * NR;
-                let blocks = &w[start..start + (count - 1) * step + kl * NR];
-                ctx.block(blocks, (count, step), g, kc, 0, m);
+                let blocks = &w[start..start + (count - 1) * step + stored(kc) * NR];
+                ctx.block(blocks, (count, step), g, (kc, KC.min(k - kc)), 0, m);
             }
         }
         return;
@@ -573,22 +617,24 @@ fn run_panels<T: Elem>(
     // widened once per group into f32 (exact), not once per row tile in registers: the widening's shifts
     // and permutes took FMA ports, and a bf16 prefill ran ~20 % slower than an f32 one.
     // One panel's slice per `ks` values, for the group's panels (fewer in a small product).
-    let ks = KC.min(k) * NR;
+    let ks = KC.min(stride) * NR;
     let mut wide = if T::IS_BF16 {
         vec![0f32; GROUP.min(panels.len()) * ks]
     } else {
         Vec::new()
     };
     for kc in (0..k).step_by(KC) {
+        let kl = (kc, KC.min(k - kc));
         for g in panels.clone().step_by(GROUP) {
             let group = g..(g + GROUP).min(panels.end);
             if T::IS_BF16 {
+                let rows = stored(kc);
                 for p in group.clone() {
                     let src = slice(p, kc);
                     let dst = &mut wide[(p - g) * ks..][..src.len()];
-                    for (d, s) in dst.chunks_exact_mut(NR).zip(src.chunks_exact(NR)) {
-                        for (c, d) in d.iter_mut().enumerate() {
-                            *d = s[T::slot(c)].widen();
+                    for (kk, s) in src.chunks_exact(NR).enumerate() {
+                        for c in 0..NR {
+                            dst[block_index(rows, kk, c, ctx.split)] = s[T::slot(c)].widen();
                         }
                     }
                 }
@@ -599,9 +645,9 @@ fn run_panels<T: Elem>(
                 for p in group.clone() {
                     let panel = slice(p, kc);
                     if T::IS_BF16 {
-                        ctx.block(&wide[(p - g) * ks..][..panel.len()], (1, 0), p, kc, r, r1);
+                        ctx.block(&wide[(p - g) * ks..][..panel.len()], (1, 0), p, kl, r, r1);
                     } else {
-                        ctx.block(panel, (1, 0), p, kc, r, r1);
+                        ctx.block(panel, (1, 0), p, kl, r, r1);
                     }
                 }
             }
@@ -619,6 +665,8 @@ struct Blocks<'a> {
     /// Few rows: the panels are read once, as a stream from memory.
     stream: bool,
     isa: Isa,
+    /// The f32 blocks read are in halves ([`block_index`]).
+    split: bool,
 }
 
 impl Blocks<'_> {
@@ -645,22 +693,28 @@ impl Blocks<'_> {
         self.stream && self.isa == Isa::Avx2 && !E::IS_BF16 && rows > FEW_PANEL_ROWS
     }
 
-    /// Rows `r0..r1` of `count` panels from panel `p` on, over their K blocks at `kc`, in tiles of
-    /// [`Self::tile_rows`] rows:
-    /// `blocks` runs from the first panel's block start to the last one's end, each block `kl x 32` values,
-    /// `step` elements from one panel's block to the next (unused for one panel). More than one panel only
-    /// for up to [`FEW_PANEL_ROWS`] rows, read side by side in one tile.
+    /// Rows `r0..r1` of `count` panels from panel `p` on, over the first `kl` rows of their K blocks at
+    /// `kc`, in tiles of [`Self::tile_rows`] rows:
+    /// `blocks` runs from the first panel's block start to the last one's end, each block its stored rows x
+    /// 32 values, `step` elements from one panel's block to the next (unused for one panel). More than one
+    /// panel only for up to [`FEW_PANEL_ROWS`] rows, read side by side in one tile.
     fn block<E: Elem>(
         &self,
         blocks: &[E],
         (count, step): (usize, usize),
         p: usize,
-        kc: usize,
+        (kc, kl): (usize, usize),
         r0: usize,
         r1: usize,
     ) {
         let (n, stride) = (self.n, self.stride);
-        let kl = (blocks.len() - (count - 1) * step) / NR;
+        let stored = (blocks.len() - (count - 1) * step) / NR;
+        debug_assert!(kl <= stored);
+        let (row, half) = if self.split && !E::IS_BF16 {
+            (16, stored * 16)
+        } else {
+            (NR, 16)
+        };
         let cols = (count * NR).min(n - p * NR);
         let mr = self.tile_rows();
         // A spread prefetch (`Prefetch::Spread`) counts the AVX2 tiles' passes over the block: all of them,
@@ -706,6 +760,8 @@ impl Blocks<'_> {
                 kl,
                 panels: count,
                 next: step,
+                row,
+                half,
                 c,
                 ldc: n,
                 cols,

@@ -199,9 +199,11 @@ fn the_vector_kernels_sum_in_the_portable_order() {
                     },
                 )
             }));
+            // f32 panels in both layouts (rows of 32 columns, and halves), whichever this CPU packs.
             for ((mr, rows), pw) in layouts.into_iter().flat_map(|layout| {
                 [
-                    PackedWeight::from_f32(&w, n, k),
+                    PackedWeight::pack_f32(&w, n, k, false),
+                    PackedWeight::pack_f32(&w, n, k, true),
                     PackedWeight::from_bf16(&wb, n, k),
                 ]
                 .map(|pw| (layout, pw))
@@ -211,8 +213,12 @@ fn the_vector_kernels_sum_in_the_portable_order() {
                     let out = SyncPtr(y.as_mut_ptr());
                     let panels = 0..n.div_ceil(NR);
                     match &pw.panels {
-                        Panels::F32(w) => run_panels(w, rows, m, (k, k), n, panels, &out, isa),
-                        Panels::Bf16(w) => run_panels(w, rows, m, (k, k), n, panels, &out, isa),
+                        Panels::F32(w) => {
+                            run_panels(w, pw.split, rows, m, (k, k), n, panels, &out, isa)
+                        }
+                        Panels::Bf16(w) => {
+                            run_panels(w, false, rows, m, (k, k), n, panels, &out, isa)
+                        }
                     }
                     y
                 };
@@ -222,8 +228,10 @@ fn the_vector_kernels_sum_in_the_portable_order() {
                     fast.iter()
                         .zip(&slow)
                         .all(|(a, b)| a.to_bits() == b.to_bits()),
-                    "{isa:?} m = {m}, n = {n}, k = {k}, bf16 {}, packed in tiles of {mr} rows (0: k-major)",
-                    pw.is_bf16()
+                    "{isa:?} m = {m}, n = {n}, k = {k}, bf16 {}, halves {}, packed in tiles of {mr} rows \
+                     (0: k-major)",
+                    pw.is_bf16(),
+                    pw.split
                 );
                 if isa == Isa::detect() {
                     assert_eq!(pw.matmul(&x, m, None), slow, "matmul, m = {m}");

@@ -23,7 +23,14 @@ pub(super) struct Tile<'a, T> {
     /// The K blocks of `panels` consecutive panels, `next` elements apart, each `kl x 32`: from the first
     /// block's start to the last block's end.
     pub(super) panel: &'a [T],
+    /// Panel rows summed (the block stores at least as many).
     pub(super) kl: usize,
+    /// f32 panels: elements from one panel row of a 16-column half to the next ([`NR`], or 16 when the
+    /// block stores its halves one after the other, see `super::block_index`), and from a row's first
+    /// half to its second (16, or 16 x the block's stored rows). bf16 panels keep rows of [`NR`] with the
+    /// halves interleaved (`Elem::slot`) and ignore both.
+    pub(super) row: usize,
+    pub(super) half: usize,
     /// Panels side by side in this tile (1 to [`MAX_PANELS`], more than 1 for up to [`FEW_PANEL_ROWS`] rows).
     pub(super) panels: usize,
     /// Elements from one panel's block to the next one's (unused for one panel).
@@ -63,9 +70,13 @@ pub(super) fn portable_tile<T: Elem>(t: &Tile<'_, T>, rows: usize) {
             let mut acc = [0f32; NR];
             for kk in 0..t.kl {
                 let xv = t.x[kk * t.xs + r];
-                let wrow = &panel[kk * NR..(kk + 1) * NR];
                 for (col, a) in acc.iter_mut().enumerate() {
-                    *a = xv.mul_add(wrow[T::slot(col)].widen(), *a);
+                    let at = if T::IS_BF16 {
+                        kk * NR + T::slot(col)
+                    } else {
+                        kk * t.row + (col / 16) * t.half + col % 16
+                    };
+                    *a = xv.mul_add(panel[at].widen(), *a);
                 }
             }
             let cols = t.cols.saturating_sub(j * NR).min(NR);
@@ -85,11 +96,16 @@ pub(super) mod avx512 {
     use super::{Elem, Prefetch, Tile, FEW_PANEL_ROWS, MAX_PANELS, MR, NR};
     use std::arch::x86_64::*;
 
-    /// Panel row `kk` of the panel at `panel`, widened to f32: columns 0..16 and 16..32.
+    /// Panel row `kk` of the panel at `panel`, widened to f32: columns 0..16 and 16..32 (f32 halves `half`
+    /// elements apart, rows `row` apart: see [`Tile::row`]).
     #[inline(always)]
-    unsafe fn load_w<T: Elem>(panel: *const T, kk: usize) -> (__m512, __m512) {
-        let p = panel.add(kk * NR);
+    unsafe fn load_w<T: Elem>(
+        panel: *const T,
+        kk: usize,
+        (row, half): (usize, usize),
+    ) -> (__m512, __m512) {
         if T::IS_BF16 {
+            let p = panel.add(kk * NR);
             // Lane c: column c in the low half, column c + 16 in the high half (`Elem::slot`).
             let v = _mm512_loadu_si512(p as *const __m512i);
             (
@@ -97,8 +113,8 @@ pub(super) mod avx512 {
                 _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(-65536))),
             )
         } else {
-            let f = p as *const f32;
-            (_mm512_loadu_ps(f), _mm512_loadu_ps(f.add(16)))
+            let f = (panel as *const f32).add(kk * row);
+            (_mm512_loadu_ps(f), _mm512_loadu_ps(f.add(half)))
         }
     }
 
@@ -145,24 +161,23 @@ pub(super) mod avx512 {
         // 8 KiB ahead in f32 (64 panel rows; beyond this slice lies the next slice or panel of the stream).
         // Into L2 (T1): a decode step's weight stream then ran ~5-10 % faster than prefetching into L1
         // (`step_probe`, batch 1), the L1 fill buffers no longer being held by prefetches.
-        const AHEAD: usize = 64 * NR;
-        let line = 64 / std::mem::size_of::<T>();
+        // In f32 the line of each half: the row's two lines, or the two halves' streams.
+        const AHEAD: usize = 64;
+        let row = if T::IS_BF16 { NR } else { t.row };
         for kk in 0..t.kl {
             if t.prefetch == Prefetch::Ahead {
                 for j in 0..P {
-                    let p = panel.wrapping_add(j * t.next + kk * NR + AHEAD) as *const i8;
-                    _mm_prefetch::<_MM_HINT_T1>(p);
+                    let p = panel.wrapping_add(j * t.next + (kk + AHEAD) * row);
+                    _mm_prefetch::<_MM_HINT_T1>(p as *const i8);
                     if !T::IS_BF16 {
-                        _mm_prefetch::<_MM_HINT_T1>(
-                            p.wrapping_add(line * std::mem::size_of::<T>()),
-                        );
+                        _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(t.half) as *const i8);
                     }
                 }
             }
             let mut w0 = [_mm512_setzero_ps(); P];
             let mut w1 = [_mm512_setzero_ps(); P];
             for j in 0..P {
-                (w0[j], w1[j]) = load_w(panel.add(j * t.next), kk);
+                (w0[j], w1[j]) = load_w(panel.add(j * t.next), kk, (t.row, t.half));
             }
             for r in 0..R {
                 let xb = _mm512_set1_ps(*x.add(kk * t.xs + r));
@@ -243,11 +258,17 @@ pub(super) mod avx2 {
         }
     }
 
-    /// Half `h` of panel row `kk` at `panel`, widened to f32: the columns of [`half_cols`].
+    /// Half `h` of panel row `kk` at `panel`, widened to f32: the columns of [`half_cols`] (f32 halves
+    /// `half` elements apart, rows `row` apart: see [`Tile::row`]).
     #[inline(always)]
-    unsafe fn load_half<T: Elem>(panel: *const T, kk: usize, h: usize) -> (__m256, __m256) {
-        let p = panel.add(kk * NR);
+    unsafe fn load_half<T: Elem>(
+        panel: *const T,
+        kk: usize,
+        h: usize,
+        (row, half): (usize, usize),
+    ) -> (__m256, __m256) {
         if T::IS_BF16 {
+            let p = panel.add(kk * NR);
             // u32 lane c of the row: column c in the low half, c + 16 in the high half.
             let v = _mm256_loadu_si256(p.add(16 * h) as *const __m256i);
             (
@@ -255,7 +276,7 @@ pub(super) mod avx2 {
                 _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(-65536))),
             )
         } else {
-            let f = (p as *const f32).add(16 * h);
+            let f = (panel as *const f32).add(kk * row + h * half);
             (_mm256_loadu_ps(f), _mm256_loadu_ps(f.add(8)))
         }
     }
@@ -346,20 +367,25 @@ pub(super) mod avx2 {
         let mut a1 = [[_mm256_setzero_ps(); R]; S];
         let x = t.x.as_ptr().add(r0);
         let panel = t.panel.as_ptr();
-        // As in the AVX-512 tile: 64 panel rows ahead, into L2, once per panel (by its first half).
-        const ROWS_AHEAD: usize = 64 * NR;
+        // As in the AVX-512 tile: 64 panel rows ahead, into L2, once per panel (by its first half; in f32
+        // the line of each half).
+        const ROWS_AHEAD: usize = 64;
+        let row = if T::IS_BF16 { NR } else { t.row };
         let lines = if T::IS_BF16 { 1 } else { 2 };
         for kk in 0..t.kl {
             if PF == AHEAD {
                 for &(j, h) in &slots {
                     if h == 0 {
-                        let p = panel.wrapping_add(j * t.next + kk * NR + ROWS_AHEAD) as *const i8;
-                        for l in 0..lines {
-                            _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(64 * l));
+                        let p = panel.wrapping_add(j * t.next + (kk + ROWS_AHEAD) * row);
+                        _mm_prefetch::<_MM_HINT_T1>(p as *const i8);
+                        if !T::IS_BF16 {
+                            _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(t.half) as *const i8);
                         }
                     }
                 }
             } else if PF == SPREAD && kk == due {
+                // The next block's bytes as one range, whatever their layout: over all the block's passes,
+                // each 128-byte piece of it once.
                 let p = panel.wrapping_add(kk * NR + SPREAD_AHEAD) as *const i8;
                 for l in 0..lines {
                     _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(64 * l));
@@ -369,7 +395,7 @@ pub(super) mod avx2 {
             let mut w0 = [_mm256_setzero_ps(); S];
             let mut w1 = [_mm256_setzero_ps(); S];
             for (s, &(j, h)) in slots.iter().enumerate() {
-                (w0[s], w1[s]) = load_half(panel.add(j * t.next), kk, h);
+                (w0[s], w1[s]) = load_half(panel.add(j * t.next), kk, h, (t.row, t.half));
             }
             for r in 0..R {
                 let xb = _mm256_set1_ps(*x.add(kk * t.xs + r));
