@@ -61,6 +61,26 @@ pub(super) enum Prefetch {
     Spread { first: usize, passes: usize },
 }
 
+impl<T> Tile<'_, T> {
+    /// Where the software prefetch of a streamed tile aims, `ahead` panel rows past row `kk` of half `h`
+    /// (bf16: of the row), as an offset from the block's start. Rows of 32 columns are one stream; f32
+    /// halves are two, and past its block's end a half's target is the same half of the next block (taken
+    /// as a whole K block), where that half's rows will be read, not the other half of this block.
+    #[inline(always)]
+    fn ahead(&self, kk: usize, h: usize, ahead: usize) -> usize {
+        let r = kk + ahead;
+        if self.row == NR {
+            return r * NR + h * 16;
+        }
+        let stored = self.half / 16;
+        if r < stored {
+            h * self.half + r * 16
+        } else {
+            stored * NR + h * super::KC * 16 + (r - stored) * 16
+        }
+    }
+}
+
 /// The reference summation order, also the fallback: per (row, column), k in order, one f32 accumulator per K
 /// block, added to the previous blocks' sum.
 pub(super) fn portable_tile<T: Elem>(t: &Tile<'_, T>, rows: usize) {
@@ -161,16 +181,15 @@ pub(super) mod avx512 {
         // 8 KiB ahead in f32 (64 panel rows; beyond this slice lies the next slice or panel of the stream).
         // Into L2 (T1): a decode step's weight stream then ran ~5-10 % faster than prefetching into L1
         // (`step_probe`, batch 1), the L1 fill buffers no longer being held by prefetches.
-        // In f32 the line of each half: the row's two lines, or the two halves' streams.
+        // In f32 the line of each half (`Tile::ahead`).
         const AHEAD: usize = 64;
-        let row = if T::IS_BF16 { NR } else { t.row };
+        let halves = if T::IS_BF16 { 1 } else { 2 };
         for kk in 0..t.kl {
             if t.prefetch == Prefetch::Ahead {
                 for j in 0..P {
-                    let p = panel.wrapping_add(j * t.next + (kk + AHEAD) * row);
-                    _mm_prefetch::<_MM_HINT_T1>(p as *const i8);
-                    if !T::IS_BF16 {
-                        _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(t.half) as *const i8);
+                    for h in 0..halves {
+                        let p = panel.wrapping_add(j * t.next + t.ahead(kk, h, AHEAD));
+                        _mm_prefetch::<_MM_HINT_T1>(p as *const i8);
                     }
                 }
             }
@@ -368,18 +387,16 @@ pub(super) mod avx2 {
         let x = t.x.as_ptr().add(r0);
         let panel = t.panel.as_ptr();
         // As in the AVX-512 tile: 64 panel rows ahead, into L2, once per panel (by its first half; in f32
-        // the line of each half).
+        // the line of each half, `Tile::ahead`).
         const ROWS_AHEAD: usize = 64;
-        let row = if T::IS_BF16 { NR } else { t.row };
         let lines = if T::IS_BF16 { 1 } else { 2 };
         for kk in 0..t.kl {
             if PF == AHEAD {
                 for &(j, h) in &slots {
                     if h == 0 {
-                        let p = panel.wrapping_add(j * t.next + (kk + ROWS_AHEAD) * row);
-                        _mm_prefetch::<_MM_HINT_T1>(p as *const i8);
-                        if !T::IS_BF16 {
-                            _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(t.half) as *const i8);
+                        for hh in 0..lines {
+                            let p = panel.wrapping_add(j * t.next + t.ahead(kk, hh, ROWS_AHEAD));
+                            _mm_prefetch::<_MM_HINT_T1>(p as *const i8);
                         }
                     }
                 }
