@@ -4,11 +4,12 @@
 //! one-row products are far from the memory bandwidth (docs/PERFORMANCE.md). This kernel:
 //!
 //! * packs `W` `[N, K]` into panels of [`NR`] = 32 output columns stored k-major (`[K][32]`, the last panel
-//!   zero-padded; for the AVX2 kernel, f32 panels store each K block's two halves of 16 columns one after the
-//!   other, `[kl][16]` twice: see [`block_index`]), in f32 or bf16 (bf16 is widened to f32 exactly: in registers with a shift and a mask
-//!   for few rows, its panel rows being stored interleaved for that (`Elem::slot`), a group of panels at a
-//!   time into an f32 buffer for many), held in memory of their own on huge pages where the system allows
-//!   (`crate::page_buf`: a decode step streams them all from memory);
+//!   zero-padded; for the AVX2 kernel, f32 panels store each K block's two halves of 16 columns one after
+//!   the other, `[kl][16]` twice: see [`block_index`]), in f32 or bf16 (bf16 is widened to f32 exactly: in
+//!   registers with a shift and a mask for few rows, its panel rows being stored interleaved for that
+//!   (`Elem::slot`), a group of panels at a time into an f32 buffer for many), held in memory of their
+//!   own on huge pages where the system allows (`crate::page_buf`: a decode step streams them all from
+//!   memory);
 //! * computes an `MR x 32` tile of `y` (MR <= 14 rows) with 2 x MR AVX-512 accumulators, broadcasting one `x`
 //!   element per row and FMA-ing it with two vectors of the panel;
 //! * for many rows, blocks K by [`KC`] and runs in BLIS's order: a row tile's KC slice stays in L1 while the
@@ -624,7 +625,8 @@ fn run_panels<T: Elem>(
         Vec::new()
     };
     for kc in (0..k).step_by(KC) {
-        let kl = (kc, KC.min(k - kc));
+        // This K block: its start and the rows summed.
+        let kb = (kc, KC.min(k - kc));
         for g in panels.clone().step_by(GROUP) {
             let group = g..(g + GROUP).min(panels.end);
             if T::IS_BF16 {
@@ -645,9 +647,9 @@ fn run_panels<T: Elem>(
                 for p in group.clone() {
                     let panel = slice(p, kc);
                     if T::IS_BF16 {
-                        ctx.block(&wide[(p - g) * ks..][..panel.len()], (1, 0), p, kl, r, r1);
+                        ctx.block(&wide[(p - g) * ks..][..panel.len()], (1, 0), p, kb, r, r1);
                     } else {
-                        ctx.block(panel, (1, 0), p, kl, r, r1);
+                        ctx.block(panel, (1, 0), p, kb, r, r1);
                     }
                 }
             }

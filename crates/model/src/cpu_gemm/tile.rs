@@ -20,8 +20,8 @@ pub(super) struct Tile<'a, T> {
     pub(super) x: &'a [f32],
     /// `x`'s stride in k ([`MR`] when packed).
     pub(super) xs: usize,
-    /// The K blocks of `panels` consecutive panels, `next` elements apart, each `kl x 32`: from the first
-    /// block's start to the last block's end.
+    /// The K blocks of `panels` consecutive panels, `next` elements apart, each its stored rows (`kl` or
+    /// more) x 32: from the first block's start to the last block's end.
     pub(super) panel: &'a [T],
     /// Panel rows summed (the block stores at least as many).
     pub(super) kl: usize,
