@@ -3,10 +3,12 @@
 //! model`). Run: `RAYON_NUM_THREADS=2 cargo run --release -p afnext-model --example gemm_probe [MxNxK;...]`.
 //! Prints the best and median GFLOP/s of repeated `y = x W^T` products. `gemm_probe amx [MxNxK;...]` times
 //! the bf16 AMX kernel of `cpu_amx` instead (where the CPU has it); `gemm_probe bf16 [MxNxK;...]` the same
-//! kernel with bf16 weights (what a bf16 model runs on a CPU without AMX). `AFNEXT_PROBE_COLD_MB=N` cycles
+//! kernel with bf16 weights (what a bf16 model runs on a CPU without AMX); `gemm_probe dp [MxNxK;...]` the
+//! bf16 kernel of `cpu_dpbf16` (`vdpbf16ps`, where the CPU has AVX512-BF16). `AFNEXT_PROBE_COLD_MB=N` cycles
 //! through copies of the weight, N MiB in all, so that every product streams it from memory.
 
 use afnext_model::cpu_amx::AmxWeight;
+use afnext_model::cpu_dpbf16::DpWeight;
 use afnext_model::cpu_gemm::PackedWeight;
 use half::bf16;
 use std::time::Instant;
@@ -23,6 +25,11 @@ fn main() {
     let bf16_weights = args.first().map(String::as_str) == Some("bf16");
     if bf16_weights {
         args.remove(0);
+    }
+    let dp = args.first().map(String::as_str) == Some("dp");
+    if dp {
+        args.remove(0);
+        assert!(afnext_model::cpu_dpbf16::available(), "no AVX512-BF16 here");
     }
     let shapes: Vec<(usize, usize, usize)> = args
         .first()
@@ -54,6 +61,9 @@ fn main() {
             if amx {
                 let (aw, ax) = (AmxWeight::pack(&to_bf16(&w), n, k), to_bf16(&x));
                 Box::new(move || aw.matmul(&ax, m, None))
+            } else if dp {
+                let (dw, dx) = (DpWeight::pack(&to_bf16(&w), n, k), to_bf16(&x));
+                Box::new(move || dw.matmul(&dx, m, None))
             } else if bf16_weights {
                 let pw = PackedWeight::from_bf16(&to_bf16(&w), n, k);
                 Box::new(move || pw.matmul(&x, m, None))
@@ -64,7 +74,7 @@ fn main() {
         };
         // Copies of the weight, taken in turn, so that each product reads it from memory as a decode step
         // does (`AFNEXT_PROBE_COLD_MB` in all, beyond the last-level cache); one copy by default.
-        let elem = if amx || bf16_weights { 2 } else { 4 };
+        let elem = if amx || dp || bf16_weights { 2 } else { 4 };
         let copies = std::env::var("AFNEXT_PROBE_COLD_MB")
             .ok()
             .and_then(|v| v.parse::<usize>().ok())

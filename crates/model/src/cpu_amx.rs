@@ -5,7 +5,7 @@
 //! 32 x 16 one into 16 x 16 f32 accumulators. This is what torch (oneDNN) uses for bf16 on these CPUs.
 //!
 //! * Weights are packed once at load into panels of 32 output columns in AMX's pair layout
-//!   (`[K/2][32][2]`, K padded to a multiple of 32 with zeros).
+//!   (`[K/2][32][2]`, K padded to a multiple of 32 with zeros; the packing of [`crate::cpu_dpbf16`]).
 //! * Activations are packed per call into tiles: `[M/16][K/32][16][32]` bf16 (rows padded to 16, zeros).
 //! * Each task (a range of panels) configures the tiles (tmm0-1: two 16 x 16 f32 accumulators, tmm2: 16 rows x
 //!   32 bf16 of x, tmm3-4: 16 pair-rows x 16 columns of W), walks its panels, and for every 16-row block
@@ -51,18 +51,8 @@ pub struct AmxWeight {
 
 impl AmxWeight {
     pub fn pack(w: &[bf16], n: usize, k: usize) -> Self {
-        assert_eq!(w.len(), n * k, "weight buffer size");
         let kp = k.div_ceil(KB) * KB;
-        let np = n.div_ceil(NR);
-        let mut panels = PageBuf::zeroed(np * kp * NR);
-        for (p, panel) in panels.chunks_mut(kp * NR).enumerate() {
-            for c in 0..NR.min(n - p * NR) {
-                let row = &w[(p * NR + c) * k..(p * NR + c + 1) * k];
-                for (kk, v) in row.iter().enumerate() {
-                    panel[((kk / 2) * NR + c) * 2 + kk % 2] = v.to_bits();
-                }
-            }
-        }
+        let panels = crate::cpu_dpbf16::pack_pairs(w, n, k, kp);
         AmxWeight { panels, n, k, kp }
     }
 

@@ -7,6 +7,7 @@ pub mod alloc;
 mod attn_cpu;
 pub mod config;
 pub mod cpu_amx;
+pub mod cpu_dpbf16;
 mod cpu_exp;
 mod cpu_features;
 pub mod cpu_gemm;

@@ -7,7 +7,8 @@
 //!   partial products are summed over the group (in f32, before rounding to the activation dtype, so a
 //!   bf16 model rounds once as it does whole), then the bias is added once.
 //!
-//! On the CPU, f32 and bf16 weights are packed once at load for [`crate::cpu_gemm`] (the original tensor is
+//! On the CPU, f32 and bf16 weights are packed once at load for [`crate::cpu_gemm`], or bf16 ones for
+//! [`crate::cpu_amx`] or [`crate::cpu_dpbf16`] where the CPU has AMX or AVX512-BF16 (the original tensor is
 //! dropped, so the packed copy is the only one); other devices and dtypes use candle's matmul.
 
 use std::ops::Range;
@@ -18,6 +19,7 @@ use candle_core::{DType, Device, Module, Storage, Tensor, WithDType};
 use half::bf16;
 
 use crate::cpu_amx::AmxWeight;
+use crate::cpu_dpbf16::DpWeight;
 use crate::cpu_gemm::PackedWeight;
 use crate::error::Result;
 use crate::weights::{Part, Weights};
@@ -36,12 +38,55 @@ enum Kernel {
         w: Arc<PackedWeight>,
         bias: Option<Arc<Vec<f32>>>,
     },
-    /// A bf16 layer on a CPU with AMX: packed for [`crate::cpu_amx`] (activations are rounded to bf16, which
-    /// is exact in a bf16 model).
-    Amx {
-        w: Arc<AmxWeight>,
+    /// A bf16 layer on a CPU with bf16 products (activations are rounded to bf16, which is exact in a bf16
+    /// model).
+    Bf16 {
+        w: Arc<Bf16Weight>,
         bias: Option<Arc<Vec<f32>>>,
     },
+}
+
+/// A bf16 weight packed for the CPU's bf16 product instructions.
+#[derive(Debug)]
+enum Bf16Weight {
+    /// AMX tiles ([`crate::cpu_amx`]).
+    Amx(AmxWeight),
+    /// AVX512-BF16's `vdpbf16ps` on a CPU without AMX ([`crate::cpu_dpbf16`]).
+    Dp(DpWeight),
+}
+
+impl Bf16Weight {
+    /// `weight` `[n, k]` (bf16, on the CPU) for the CPU's kernel, if it has one.
+    fn pack(weight: &Tensor) -> Result<Option<Self>> {
+        let amx = crate::cpu_amx::available();
+        if !weight.device().is_cpu()
+            || weight.dtype() != DType::BF16
+            || !(amx || crate::cpu_dpbf16::available())
+        {
+            return Ok(None);
+        }
+        let (n, k) = weight.dims2()?;
+        let v: Vec<bf16> = weight.flatten_all()?.to_vec1()?;
+        Ok(Some(if amx {
+            Bf16Weight::Amx(AmxWeight::pack(&v, n, k))
+        } else {
+            Bf16Weight::Dp(DpWeight::pack(&v, n, k))
+        }))
+    }
+
+    fn dims(&self) -> (usize, usize) {
+        match self {
+            Bf16Weight::Amx(w) => (w.in_dim(), w.out_dim()),
+            Bf16Weight::Dp(w) => (w.in_dim(), w.out_dim()),
+        }
+    }
+
+    fn matmul(&self, x: &[bf16], m: usize, bias: Option<&[f32]>) -> Vec<f32> {
+        match self {
+            Bf16Weight::Amx(w) => w.matmul(x, m, bias),
+            Bf16Weight::Dp(w) => w.matmul(x, m, bias),
+        }
+    }
 }
 
 /// One layer of [`ParallelLinear::load_column_stacked`]: `{prefix}.weight` `[out_dim, in]` (and
@@ -190,14 +235,9 @@ impl ParallelLinear {
                 .transpose()?
                 .map(Arc::new))
         };
-        let kernel = if weight.device().is_cpu()
-            && weight.dtype() == DType::BF16
-            && crate::cpu_amx::available()
-        {
-            let (n, k) = weight.dims2()?;
-            let v: Vec<bf16> = weight.flatten_all()?.to_vec1()?;
-            Kernel::Amx {
-                w: Arc::new(AmxWeight::pack(&v, n, k)),
+        let kernel = if let Some(w) = Bf16Weight::pack(&weight)? {
+            Kernel::Bf16 {
+                w: Arc::new(w),
                 bias: f32_bias(bias)?,
             }
         } else if let Some(packed) = pack(&weight)? {
@@ -283,13 +323,16 @@ impl ParallelLinear {
                 finish(&mut y, w.out_dim())?;
                 Ok(y)
             }),
-            Kernel::Amx { w, bias } => cpu_forward(x, w.in_dim(), w.out_dim(), |m| {
-                let mut y = with_slice(x, |xs: &[bf16]| {
-                    Ok(w.matmul(xs, m, bias.as_deref().map(|b| b.as_slice())))
-                })?;
-                finish(&mut y, w.out_dim())?;
-                Ok(y)
-            }),
+            Kernel::Bf16 { w, bias } => {
+                let (in_dim, out_dim) = w.dims();
+                cpu_forward(x, in_dim, out_dim, |m| {
+                    let mut y = with_slice(x, |xs: &[bf16]| {
+                        Ok(w.matmul(xs, m, bias.as_deref().map(|b| b.as_slice())))
+                    })?;
+                    finish(&mut y, out_dim)?;
+                    Ok(y)
+                })
+            }
         }
     }
 }
