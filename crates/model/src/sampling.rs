@@ -187,15 +187,38 @@ impl Sampler {
     }
 }
 
-/// Index of the largest value; the first wins ties (torch.argmax).
+/// Index of the largest value; the first wins ties (torch.argmax). NaN never wins, except as the first value,
+/// which then stays (what a scan that keeps the first strictly larger value gives).
+///
+/// The maximum is found in 16 independent lanes, then the first index holding it. The scan's comparisons
+/// form one dependent chain: ~83 us per row of a 151 672-id vocabulary against ~58 us this way (Zen 4 VM),
+/// paid for each of a 16-row decode step's rows on the engine's thread. Keeping each lane's index in the
+/// same pass was slower (~68 us).
 pub fn argmax(x: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in x.iter().enumerate() {
-        if v > x[best] {
-            best = i;
+    const LANES: usize = 16;
+    let Some(&first) = x.first() else {
+        return 0;
+    };
+    if first.is_nan() {
+        return 0;
+    }
+    let mut lanes = [first; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (m, &v) in lanes.iter_mut().zip(c) {
+            if v > *m {
+                *m = v;
+            }
         }
     }
-    best as u32
+    let top = lanes
+        .iter()
+        .chain(rest)
+        .fold(first, |m, &v| if v > m { v } else { m });
+    // The first value equal to the maximum: equal values (0.0 and -0.0 among them) do not replace one
+    // another in a scan, so the scan's answer is the first of them.
+    x.iter().position(|&v| v == top).unwrap_or(0) as u32
 }
 
 fn softmax(x: &[f32]) -> Vec<f32> {
@@ -223,6 +246,49 @@ mod tests {
         let mut l = vec![-1.0, 4.0, 3.0, -2.0];
         s.penalize(&mut l);
         assert_eq!(l, vec![-2.0, 2.0, 3.0, -2.0]);
+    }
+
+    /// The scan [`argmax`] replaces: keep the first strictly larger value.
+    fn scan(x: &[f32]) -> u32 {
+        let mut best = 0;
+        for (i, &v) in x.iter().enumerate() {
+            if v > x[best] {
+                best = i;
+            }
+        }
+        best as u32
+    }
+
+    #[test]
+    fn argmax_is_the_scan() {
+        let mut s = 9u64;
+        let mut next = || {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            s >> 33
+        };
+        for len in [0, 1, 2, 15, 16, 17, 33, 1000, 151_672] {
+            for case in 0..6 {
+                // Few distinct values (many ties, signed zeros), NaNs here and there, a NaN first, all NaN.
+                let x: Vec<f32> = (0..len)
+                    .map(|i| {
+                        let r = next();
+                        match case {
+                            0 => (r % 1000) as f32 - 500.0,
+                            1 => [0.0, -0.0, 1.0, -1.0][(r % 4) as usize],
+                            2 if r % 7 == 0 => f32::NAN,
+                            3 if i == 0 => f32::NAN,
+                            4 => f32::NAN,
+                            _ => (r % 5) as f32 * if r % 2 == 0 { 1.0 } else { -1.0 },
+                        }
+                    })
+                    .collect();
+                assert_eq!(argmax(&x), scan(&x), "length {len}, case {case}");
+            }
+        }
+        assert_eq!(argmax(&[-0.0, 0.0]), 0);
+        assert_eq!(argmax(&[1.0, f32::NAN, 2.0]), 2);
     }
 
     #[test]
