@@ -401,7 +401,7 @@ mod avx512 {
                 w1[j] = _mm512_loadu_ps(p.add(32) as *const f32);
             }
             for r in 0..R {
-                // The pair as the third operand: a broadcast from memory folded into the instruction.
+                // The row's pair in every lane (a broadcast load, no arithmetic).
                 let xb = _mm512_castsi512_ps(_mm512_set1_epi32(*x.add(q * t.xs + r) as i32));
                 for j in 0..P {
                     a0[j][r] = dp(a0[j][r], w0[j], xb);
@@ -409,22 +409,7 @@ mod avx512 {
                 }
             }
         }
-        for j in 0..P {
-            // Columns 0..16 and 16..32 of panel j, masked to the valid ones.
-            let valid = t.cols.saturating_sub(j * NR).min(NR) as u32;
-            let m0: __mmask16 = ((1u32 << valid.min(16)) - 1) as u16;
-            let m1: __mmask16 = ((1u32 << valid.saturating_sub(16)) - 1) as u16;
-            for r in 0..R {
-                let c = t.c.add(r * t.ldc + j * NR);
-                let (mut v0, mut v1) = (a0[j][r], a1[j][r]);
-                if t.accumulate {
-                    v0 = _mm512_add_ps(_mm512_maskz_loadu_ps(m0, c), v0);
-                    v1 = _mm512_add_ps(_mm512_maskz_loadu_ps(m1, c.add(16)), v1);
-                }
-                _mm512_mask_storeu_ps(c, m0, v0);
-                _mm512_mask_storeu_ps(c.add(16), m1, v1);
-            }
-        }
+        crate::cpu_gemm::store_tile(&a0, &a1, t.c, t.ldc, t.cols, t.accumulate);
     }
 
     /// `vdpbf16ps`: `acc` plus the pairs of `w` times those of `x`, lane by lane.

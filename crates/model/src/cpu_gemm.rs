@@ -39,6 +39,10 @@ use rayon::prelude::*;
 mod pack;
 mod tile;
 #[cfg(target_arch = "x86_64")]
+pub(crate) use pack::avx512::transpose as transpose16;
+#[cfg(target_arch = "x86_64")]
+pub(crate) use tile::avx512::store_tile;
+#[cfg(target_arch = "x86_64")]
 use tile::{avx2, avx512};
 use tile::{portable_tile, Prefetch, Tile, FEW_PANEL_ROWS, MAX_PANELS};
 

@@ -48,9 +48,10 @@ pub(super) mod avx512 {
         }
     }
 
-    /// The 16 x 16 transpose: lane `r` of result `c` is lane `c` of `v[r]`.
+    /// The 16 x 16 transpose: lane `r` of result `c` is lane `c` of `v[r]` (also the decode attention's, for
+    /// a block of keys: `crate::paged_cpu`).
     #[inline(always)]
-    unsafe fn transpose(v: [__m512; 16]) -> [__m512; 16] {
+    pub(crate) unsafe fn transpose(v: [__m512; 16]) -> [__m512; 16] {
         // 32-bit, then 64-bit interleaves within 128-bit lanes: `u[4 i + c]`'s lane L holds rows 4i..4i+3
         // of column 4 L + c.
         let mut t = [_mm512_setzero_ps(); 16];

@@ -206,25 +206,30 @@ pub(super) mod avx512 {
                 }
             }
         }
+        store_tile(&a0, &a1, t.c, t.ldc, t.cols, t.accumulate);
+    }
+
+    /// Stores an `R x 32P` tile's accumulators (`a0`: columns 0..16 of each panel, `a1`: 16..32) into `c`,
+    /// rows `ldc` apart, only the first `cols` columns; with `accumulate`, adds them to what `c` holds (a
+    /// later K block). Shared with [`crate::cpu_dpbf16`]'s tile.
+    #[inline(always)]
+    pub(crate) unsafe fn store_tile<const R: usize, const P: usize>(
+        a0: &[[__m512; R]; P],
+        a1: &[[__m512; R]; P],
+        c: *mut f32,
+        ldc: usize,
+        cols: usize,
+        accumulate: bool,
+    ) {
         for j in 0..P {
             // Columns 0..16 and 16..32 of panel j, masked to the valid ones.
-            let valid = t.cols.saturating_sub(j * NR).min(NR) as u32;
-            let m0: __mmask16 = if valid >= 16 {
-                0xffff
-            } else {
-                ((1u32 << valid) - 1) as u16
-            };
-            let m1: __mmask16 = if valid >= 32 {
-                0xffff
-            } else if valid <= 16 {
-                0
-            } else {
-                ((1u32 << (valid - 16)) - 1) as u16
-            };
+            let valid = cols.saturating_sub(j * NR).min(NR) as u32;
+            let m0: __mmask16 = ((1u32 << valid.min(16)) - 1) as u16;
+            let m1: __mmask16 = ((1u32 << valid.saturating_sub(16)) - 1) as u16;
             for r in 0..R {
-                let c = t.c.add(r * t.ldc + j * NR);
+                let c = c.add(r * ldc + j * NR);
                 let (mut v0, mut v1) = (a0[j][r], a1[j][r]);
-                if t.accumulate {
+                if accumulate {
                     v0 = _mm512_add_ps(_mm512_maskz_loadu_ps(m0, c), v0);
                     v1 = _mm512_add_ps(_mm512_maskz_loadu_ps(m1, c.add(16)), v1);
                 }

@@ -3,7 +3,7 @@
 //!
 //! `dot_heads` puts a GQA group's heads in the lanes (7 of 8 lanes of a 256-bit vector for Qwen2.5's groups of
 //! 7) and broadcasts every element of every key: ~4 instructions per key element for the group. Here a block
-//! of 16 keys is transposed once (16 x 16 blocks of f32, in registers), so each head multiplies a broadcast
+//! of 16 keys is transposed once (16 x 16 blocks of f32, in registers, by `cpu_gemm`'s packing transpose), so each head multiplies a broadcast
 //! query element by 16 keys at once; the 16 partial sums of `dot_heads` become 16 accumulators whose lanes
 //! are keys, added in the same order, then the tail past the last 16 elements. Every score is the same
 //! operations on the same values in the same order, so a row's numbers do not change. One (row, kv head)
@@ -32,46 +32,6 @@ unsafe fn widen16<T: Kv>(src: &[T]) -> __m512 {
                 _mm512_cvtph_ps(h)
             }
         }
-    }
-}
-
-/// Transposes 16 rows of 16 f32 in place: `r[i]` lane `j` becomes `r[j]` lane `i`.
-#[inline(always)]
-unsafe fn transpose16(r: &mut [__m512; 16]) {
-    let mut t = [_mm512_setzero_ps(); 16];
-    for i in 0..8 {
-        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-    }
-    // Within each 128-bit lane: t[4g] holds rows 4g, 4g + 1 of columns 0 and 1 interleaved, t[4g + 1]
-    // columns 2 and 3, t[4g + 2] and t[4g + 3] those of rows 4g + 2, 4g + 3.
-    let mut u = [_mm512_setzero_ps(); 16];
-    for g in 0..4 {
-        let (a, b, c, d) = (t[4 * g], t[4 * g + 1], t[4 * g + 2], t[4 * g + 3]);
-        let pd = _mm512_castps_pd;
-        let ps = _mm512_castpd_ps;
-        u[4 * g] = ps(_mm512_unpacklo_pd(pd(a), pd(c)));
-        u[4 * g + 1] = ps(_mm512_unpackhi_pd(pd(a), pd(c)));
-        u[4 * g + 2] = ps(_mm512_unpacklo_pd(pd(b), pd(d)));
-        u[4 * g + 3] = ps(_mm512_unpackhi_pd(pd(b), pd(d)));
-    }
-    // u[4g + c] lane q (a 128-bit lane) holds rows 4g..4g + 4 of column 4q + c.
-    let mut v = [_mm512_setzero_ps(); 16];
-    for h in 0..2 {
-        for c in 0..4 {
-            let (a, b) = (u[8 * h + c], u[8 * h + 4 + c]);
-            // Lanes 0 and 2 of each: columns c and 8 + c; lanes 1 and 3: columns 4 + c and 12 + c.
-            v[8 * h + c] = _mm512_shuffle_f32x4::<0x88>(a, b);
-            v[8 * h + 4 + c] = _mm512_shuffle_f32x4::<0xdd>(a, b);
-        }
-    }
-    // v[8h + c]: rows 8h..8h + 4 and 8h + 4..8h + 8 of columns c, then 8 + c; v[8h + 4 + c] the same of
-    // columns 4 + c and 12 + c.
-    for c in 0..8 {
-        // v[c] covers columns c and c + 8 (for c >= 4: v[4 + (c - 4)], columns 4 + (c - 4) and 12 + (c - 4)).
-        let (a, b) = (v[c], v[8 + c]);
-        r[c] = _mm512_shuffle_f32x4::<0x88>(a, b);
-        r[c + 8] = _mm512_shuffle_f32x4::<0xdd>(a, b);
     }
 }
 
@@ -106,7 +66,7 @@ pub(super) unsafe fn scores<T: Kv>(
             for (j, &a) in keys.iter().enumerate() {
                 r[j] = widen16(&k[a + c..]);
             }
-            transpose16(&mut r);
+            let r = crate::cpu_gemm::transpose16(r);
             for (l, v) in r.iter().enumerate() {
                 _mm512_storeu_ps(kt.as_mut_ptr().add((c + l) * KEYS), *v);
             }
@@ -147,34 +107,4 @@ pub(super) unsafe fn scores<T: Kv>(
         }
     }
     blocks * KEYS
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn transpose16_transposes() {
-        if !crate::cpu_features::avx512f() {
-            eprintln!("skipped: no AVX-512F on this CPU");
-            return;
-        }
-        let m: Vec<f32> = (0..256).map(|i| i as f32).collect();
-        // SAFETY: AVX-512F was detected.
-        let got: Vec<f32> = unsafe {
-            let mut r = [_mm512_setzero_ps(); 16];
-            for (i, v) in r.iter_mut().enumerate() {
-                *v = _mm512_loadu_ps(m[i * 16..].as_ptr());
-            }
-            transpose16(&mut r);
-            r.iter()
-                .flat_map(|v| std::mem::transmute::<__m512, [f32; 16]>(*v))
-                .collect()
-        };
-        for i in 0..16 {
-            for j in 0..16 {
-                assert_eq!(got[i * 16 + j], m[j * 16 + i], "[{i}][{j}]");
-            }
-        }
-    }
 }
